@@ -1,0 +1,306 @@
+"""Reading, converting and writing MedVAE weights.
+
+Conversions are pure ``state_dict → state_dict`` functions (:func:`merge_lora`,
+:func:`inflate_2d_to_3d`, :func:`convert_official_state_dict`); models are then loaded with ``strict=True``.
+Our own format is a directory with ``config.json`` and ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from medlatent.model.autoencoder import MedVAE
+from medlatent.model.config import MedVAEConfig
+from medlatent.registry import ModelInfo, get_model_info, list_models
+
+logger = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+# Keys of training-only modules (e.g. the discriminator/LPIPS of an LDM training checkpoint).
+_TRAINING_ONLY_PREFIXES = ("loss.",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read or does not fit the model."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu") -> StateDict:
+    """Read a state dict from an official ``.ckpt``/``.pt`` (a dict with ``state_dict`` or a raw state
+    dict) without executing pickled code (``weights_only=True``), or from a ``.safetensors`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device=str(map_location))
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from e
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: the checkpoint holds Python objects beyond tensors, which medlatent does not unpickle "
+            f"(weights_only=True, for safety). Re-save only its state_dict: "
+            f"torch.save({{'state_dict': ckpt['state_dict']}}, 'clean.ckpt') in a trusted environment. ({e})"
+        ) from e
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {type(e).__name__}: {e}") from e
+    sd = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
+    if not isinstance(sd, Mapping) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: expected a state dict (or a dict with 'state_dict'), got {type(obj).__name__}")
+    return dict(sd)
+
+
+# ---------------------------------------------------------------------------------------------- conversions
+def merge_lora(sd: Mapping[str, torch.Tensor], scale: float = 1.0) -> StateDict:
+    """Fold LoRA adapters into the wrapped layers: ``W' = W + scale · up ∘ down``.
+
+    Adapters are stored as ``<layer>.conv.{weight,bias}``, ``<layer>.lora_down.weight`` (``r×in×k…``)
+    and ``<layer>.lora_up.weight`` (``out×r×1…``); linear layers use ``<layer>.linear.*``. The result
+    holds plain ``<layer>.weight``/``<layer>.bias`` keys, so inference costs nothing extra and outputs are
+    unchanged (the adapter's dropout is inactive at inference).
+    """
+    out = dict(sd)
+    for key in [k for k in sd if k.endswith(".lora_down.weight")]:
+        base = key[: -len(".lora_down.weight")]
+        down = out.pop(key)
+        up = out.pop(f"{base}.lora_up.weight", None)
+        if up is None:
+            raise CheckpointError(f"LoRA adapter {base!r} has lora_down but no lora_up weight")
+        inner = "conv" if f"{base}.conv.weight" in out else "linear"
+        weight = out.pop(f"{base}.{inner}.weight", None)
+        if weight is None:
+            raise CheckpointError(f"LoRA adapter {base!r} wraps no '{base}.conv.weight' / '{base}.linear.weight'")
+        r = down.shape[0]
+        if up.shape[1] != r or up.shape[0] != weight.shape[0] or down.shape[1:] != weight.shape[1:]:
+            raise CheckpointError(
+                f"LoRA adapter {base!r}: shapes do not chain (weight {tuple(weight.shape)}, "
+                f"down {tuple(down.shape)}, up {tuple(up.shape)})"
+            )
+        delta = up.reshape(up.shape[0], r).double() @ down.reshape(r, -1).double()
+        out[f"{base}.weight"] = (weight.double() + scale * delta.reshape(weight.shape)).to(weight.dtype)
+        bias = out.pop(f"{base}.{inner}.bias", None)
+        if bias is not None:
+            out[f"{base}.bias"] = bias
+        out.pop(f"{base}.selector.weight", None)  # an identity-initialised selector, if one was saved
+    return out
+
+
+def inflate_2d_to_3d(sd: Mapping[str, torch.Tensor], axis: int = -1) -> StateDict:
+    """Lift 2D conv kernels to 3D by kernel centring (paper §3, 3D stage 2).
+
+    Each ``O×I×kh×kw`` kernel becomes ``O×I×…×…×…`` with the 2D kernel in the centre slice of a new
+    spatial axis of size ``kw`` and zeros elsewhere, so the 3D model initially acts slice by slice.
+    ``axis`` is where the new kernel axis goes among the three spatial axes (default: last, the slice
+    axis of medlatent's ``B×C×X×Y×Z`` volumes — as the official 3D training did). Biases, norms and all
+    other parameters are copied.
+    """
+    if axis not in (-1, -2, -3, 0, 1, 2):
+        raise ValueError(f"axis must index one of the three spatial axes (0, 1, 2 or -3, -2, -1), got {axis}")
+    pos = 2 + (axis % 3)  # index in O×I×D×H×W
+    out: StateDict = {}
+    for key, t in sd.items():
+        if key.endswith(".weight") and t.ndim == 4:
+            k = t.shape[-1]
+            w = t.new_zeros(*t.shape, k).movedim(-1, pos)  # O×I×(3 spatial), new axis at `pos`
+            w.narrow(pos, k // 2, 1).copy_(t.unsqueeze(pos))
+            out[key] = w.contiguous()
+        else:
+            out[key] = t.clone()
+    return out
+
+
+def strip_training_keys(sd: Mapping[str, torch.Tensor]) -> StateDict:
+    dropped = [k for k in sd if k.startswith(_TRAINING_ONLY_PREFIXES)]
+    if dropped:
+        logger.info("ignoring %d training-only tensors (%s…)", len(dropped), dropped[0])
+    return {k: v for k, v in sd.items() if not k.startswith(_TRAINING_ONLY_PREFIXES)}
+
+
+def convert_official_state_dict(sd: Mapping[str, torch.Tensor]) -> StateDict:
+    """Official MedVAE / LDM checkpoint → medlatent state dict (training-only keys dropped, LoRA merged)."""
+    return merge_lora(strip_training_keys(sd))
+
+
+def infer_config(sd: Mapping[str, torch.Tensor]) -> MedVAEConfig:
+    """Recover the architecture from a (merged) state dict's shapes."""
+    try:
+        conv_in = sd["encoder.conv_in.weight"]
+        levels = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
+        blocks = {int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))}
+        ch = conv_in.shape[0]
+        mult = [sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels]
+        return MedVAEConfig(
+            spatial_dims=conv_in.ndim - 2,
+            in_channels=conv_in.shape[1],
+            out_channels=sd["decoder.conv_out.weight"].shape[0],
+            ch=ch,
+            ch_mult=tuple(mult),
+            num_res_blocks=len(blocks),
+            z_channels=sd["decoder.conv_in.weight"].shape[1],
+            embed_dim=sd["post_quant_conv.weight"].shape[1],
+            stage2_head="channel_proj.weight" in sd,
+        )
+    except (KeyError, IndexError) as e:
+        raise CheckpointError(f"cannot infer a MedVAE architecture from this state dict (missing {e})") from e
+
+
+def load_state_dict_strict(model: MedVAE, sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that names the file, the keys and the shapes."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        def show(items: list[str]) -> str:
+            return ", ".join(items[:8]) + (f" … (+{len(items) - 8})" if len(items) > 8 else "")
+
+        parts = [f"missing keys: {show(missing)}" if missing else "",
+                 f"unexpected keys: {show(unexpected)}" if unexpected else "",
+                 f"shape mismatches: {show(shapes)}" if shapes else ""]
+        raise CheckpointError(
+            f"{source} does not fit the model architecture ({'; '.join(p for p in parts if p)}). "
+            "Check that the model name matches the checkpoint (see `medlatent models`)."
+        )
+    model.load_state_dict(sd, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------- our format
+def save_pretrained(model: MedVAE, directory: str | Path, name: str | None = None) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed)."""
+    from safetensors.torch import save_file
+
+    from medlatent import __version__
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = name or model.weights_info.get("model")
+    meta = {"format": "medlatent", "format_version": FORMAT_VERSION, "medlatent_version": __version__,
+            "model": name, "config": model.config.to_dict(),
+            "source": {k: v for k, v in model.weights_info.items() if k != "model"}}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tmp = directory / (WEIGHTS_FILE + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, directory / WEIGHTS_FILE)
+    tmp = directory / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, directory / CONFIG_FILE)
+    return directory
+
+
+def _load_directory(directory: Path, map_location: str | torch.device) -> MedVAE:
+    cfg_path = directory / CONFIG_FILE
+    try:
+        meta = json.loads(cfg_path.read_text())
+        config = MedVAEConfig.from_dict(meta["config"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path}: not a medlatent model config: {e}") from e
+    weights = directory / WEIGHTS_FILE
+    model = MedVAE(config)
+    load_state_dict_strict(model, read_state_dict(weights, map_location), str(weights))
+    model.weights_info = {"model": meta.get("model") or directory.name, "file": str(weights),
+                          "sha256": sha256_file(weights)}
+    return model.eval()
+
+
+def load_checkpoint(path: str | Path, name: str | ModelInfo | None = None,
+                    map_location: str | torch.device = "cpu") -> MedVAE:
+    """Build a model from an official checkpoint (``.ckpt``/``.pt``/``.safetensors``).
+
+    With ``name``, the registry architecture is used and the file must match it exactly; without, the
+    architecture is inferred from the tensor shapes.
+    """
+    path = Path(path)
+    sd = convert_official_state_dict(read_state_dict(path, map_location))
+    info = get_model_info(name) if isinstance(name, str) else name
+    config = info.config if info is not None else infer_config(sd)
+    model = MedVAE(config)
+    load_state_dict_strict(model, sd, str(path))
+    model.weights_info = {"model": info.name if info else path.stem, "file": str(path), "sha256": sha256_file(path)}
+    return model.eval()
+
+
+def load_pretrained(
+    name_or_dir: str | Path,
+    checkpoint: str | Path | None = None,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool | None = None,
+    map_location: str | torch.device = "cpu",
+) -> MedVAE:
+    """Load trained weights.
+
+    ``name_or_dir`` is one of:
+      * a registry name (``medlatent.list_models()``): the official checkpoint is taken from
+        ``checkpoint`` if given, else from the Hugging Face Hub (cached; ``HF_HUB_OFFLINE`` honoured),
+        and the hub's YAML config, when it can be had, is checked against the registry;
+      * a directory written by :meth:`MedVAE.save_pretrained`;
+      * a checkpoint file (architecture inferred from its shapes).
+
+    The model is returned in eval mode.
+    """
+    p = Path(name_or_dir)
+    if p.is_dir():
+        return _load_directory(p, map_location)
+    if p.is_file():
+        return load_checkpoint(p, None, map_location)
+    name = str(name_or_dir)
+    try:
+        info = get_model_info(name)
+    except KeyError as e:
+        raise KeyError(f"{e.args[0]} ({name!r} is also not an existing directory or file)") from None
+    if checkpoint is not None:
+        return load_checkpoint(checkpoint, info, map_location)
+
+    from medlatent.hub import WeightsNotFoundError, check_official_yaml, hub_download
+
+    kw = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    ckpt = hub_download(info, info.hub_checkpoint, **kw)
+    try:
+        check_official_yaml(info, hub_download(info, info.hub_config, **kw))
+    except WeightsNotFoundError as e:
+        logger.warning("could not check %s against the official config: %s", info.name, e)
+    if info.sha256 and sha256_file(ckpt) != info.sha256:
+        raise CheckpointError(f"{ckpt}: SHA-256 differs from the registry's; the download may be corrupt")
+    return load_checkpoint(ckpt, info, map_location)
+
+
+__all__ = [
+    "CheckpointError",
+    "convert_official_state_dict",
+    "infer_config",
+    "inflate_2d_to_3d",
+    "list_models",
+    "load_checkpoint",
+    "load_pretrained",
+    "load_state_dict_strict",
+    "merge_lora",
+    "read_state_dict",
+    "save_pretrained",
+    "sha256_file",
+]

@@ -1,0 +1,155 @@
+"""Building blocks of the MedVAE encoder/decoder, written once for 2D and 3D.
+
+Every block takes ``spatial_dims`` (2 or 3) and picks ``Conv2d``/``Conv3d`` from a tiny lookup, so the
+same code serves both dimensionalities. Attribute names (``norm1``, ``conv1``, ``nin_shortcut``, ``q``,
+``k``, ``v``, ``proj_out``, ``conv``) follow the released MedVAE / latent-diffusion weights so that
+official state dicts load with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def conv_nd(spatial_dims: int, *args, **kwargs) -> nn.Module:
+    """``nn.Conv2d`` or ``nn.Conv3d`` depending on ``spatial_dims``."""
+    try:
+        return _CONV[spatial_dims](*args, **kwargs)
+    except KeyError:
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}") from None
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm(32, eps=1e-6) whose statistics are computed in float32.
+
+    Under bf16/fp16 autocast the mean/variance over large images lose precision; computing the
+    normalisation in float32 and casting back keeps reduced-precision inference close to float32.
+    In float32 this is exactly ``nn.GroupNorm``.
+    """
+
+    def __init__(self, num_channels: int, num_groups: int = 32, eps: float = 1e-6) -> None:
+        super().__init__(num_groups=num_groups, num_channels=num_channels, eps=eps, affine=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        y = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+        return y.to(x.dtype)
+
+
+def swish(x: torch.Tensor) -> torch.Tensor:
+    """SiLU; in place when autograd is off, which saves one activation-sized buffer per call."""
+    return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm → swish → conv3 → GroupNorm → swish → dropout → conv3, plus a (1×1) shortcut."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.norm1 = GroupNorm32(in_channels)
+        self.conv1 = conv_nd(spatial_dims, in_channels, out_channels, kernel_size=3, padding=1)
+        self.norm2 = GroupNorm32(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = conv_nd(spatial_dims, out_channels, out_channels, kernel_size=3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = conv_nd(spatial_dims, in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(self.dropout(swish(self.norm2(h))))
+        if self.in_channels != self.out_channels:
+            x = self.nin_shortcut(x)
+        return h.add_(x) if not torch.is_grad_enabled() else x + h
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_scores: int = 2**26) -> torch.Tensor:
+    """Single-head softmax attention over tokens, memory linear in the number of tokens.
+
+    Args:
+        q, k, v: ``B×N×C`` token tensors.
+        max_scores: upper bound on ``rows × N`` attention scores held at once should the backend
+            materialise them; queries are processed in chunks of ``max_scores // N`` rows.
+
+    Uses ``scaled_dot_product_attention`` (flash / memory-efficient kernels where available) on query
+    chunks, so even the plain math backend never allocates the dense ``N×N`` matrix of the official code.
+    The scale is ``C**-0.5`` as in the released models.
+    """
+    n = k.shape[1]
+    rows = max(1, max_scores // max(n, 1))
+    q4, k4, v4 = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)  # B×1×N×C: one head
+    if q.shape[1] <= rows:
+        return F.scaled_dot_product_attention(q4, k4, v4).squeeze(1)
+    out = torch.empty_like(q4)
+    for start in range(0, q.shape[1], rows):
+        sl = slice(start, start + rows)
+        out[:, :, sl] = F.scaled_dot_product_attention(q4[:, :, sl], k4, v4)
+    return out.squeeze(1)
+
+
+class AttnBlock(nn.Module):
+    """Self-attention over all spatial positions (the mid-block attention), residual.
+
+    The released models use 1×1 convolutions for q/k/v/proj_out and one head of width C.
+    """
+
+    def __init__(self, spatial_dims: int, channels: int) -> None:
+        super().__init__()
+        self.norm = GroupNorm32(channels)
+        self.q = conv_nd(spatial_dims, channels, channels, kernel_size=1)
+        self.k = conv_nd(spatial_dims, channels, channels, kernel_size=1)
+        self.v = conv_nd(spatial_dims, channels, channels, kernel_size=1)
+        self.proj_out = conv_nd(spatial_dims, channels, channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        b, c = h.shape[:2]
+        spatial = h.shape[2:]
+        # B×C×(spatial) → B×N×C tokens
+        q, k, v = (t.reshape(b, c, -1).transpose(1, 2) for t in (self.q(h), self.k(h), self.v(h)))
+        out = attention(q, k, v)
+        out = out.transpose(1, 2).reshape(b, c, *spatial)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3×3 convolution after zero padding of one voxel on the high side of every axis.
+
+    The asymmetric (0, 1) padding is what the released weights were trained with.
+    """
+
+    def __init__(self, spatial_dims: int, channels: int) -> None:
+        super().__init__()
+        self.pad = (0, 1) * spatial_dims
+        self.conv = conv_nd(spatial_dims, channels, channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, self.pad))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour ×2 upsampling followed by a 3×3 convolution."""
+
+    def __init__(self, spatial_dims: int, channels: int) -> None:
+        super().__init__()
+        self.conv = conv_nd(spatial_dims, channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+__all__ = [
+    "AttnBlock",
+    "Downsample",
+    "GroupNorm32",
+    "ResnetBlock",
+    "Upsample",
+    "attention",
+    "conv_nd",
+]

@@ -1,0 +1,129 @@
+"""The MedVAE family, each member declared once: architecture next to its weight metadata.
+
+Names follow the official release: ``medvae_{s}_{C}_{2d|3d}`` where ``s`` is the reduction per axis and
+``C`` the latent channels. ``f`` (the paper's downsizing factor) is ``s**2`` in 2D and ``s**3`` in 3D.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+from medlatent.model.config import MedVAEConfig
+
+HF_REPO = "stanfordmimi/MedVAE"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One member of the family.
+
+    Attributes:
+        name: registry name (the official model name).
+        config: architecture.
+        hub_config: path of the official YAML config in the hub repo.
+        hub_checkpoint: path of the official checkpoint in the hub repo.
+        lora: whether the official checkpoint stores rank-4 LoRA adapters (merged at load).
+        modalities: modalities the model was trained on.
+        description: one line for ``medlatent models``.
+        repo_id: Hugging Face repo holding the weights.
+        sha256: expected SHA-256 of the checkpoint file, when known.
+    """
+
+    name: str
+    config: MedVAEConfig
+    hub_config: str
+    hub_checkpoint: str
+    lora: bool = False
+    modalities: tuple[str, ...] = ()
+    description: str = ""
+    repo_id: str = HF_REPO
+    sha256: str | None = None
+    tags: tuple[str, ...] = field(default=())
+
+    @property
+    def f(self) -> int:
+        return self.config.f
+
+    @property
+    def C(self) -> int:  # noqa: N802 - the paper's name
+        return self.config.embed_dim
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.config.spatial_dims
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(info: ModelInfo) -> ModelInfo:
+    if info.name in _REGISTRY:
+        raise ValueError(f"model {info.name!r} is already registered")
+    _REGISTRY[info.name] = info
+    return info
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_model_info(name: str) -> ModelInfo:
+    """Look up a registry entry; unknown names answer with the closest valid names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(str(name), _REGISTRY, n=3, cutoff=0.4)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise KeyError(f"unknown model {name!r}.{hint} Available: {', '.join(list_models())}") from None
+
+
+_F4 = (1, 2, 4)  # two downsamplings: ÷4 per axis
+_F8 = (1, 2, 4, 4)  # three downsamplings: ÷8 per axis
+_2D_MODALITIES = ("xray", "mammography", "ct-slice", "mri-slice")
+
+
+def _member(
+    s: int, c: int, dims: int, *, rgb: bool = False, lora: bool = False, ckpt: str, yaml: str, desc: str
+) -> ModelInfo:
+    io_ch = 3 if rgb else 1
+    cfg = MedVAEConfig(
+        spatial_dims=dims,
+        in_channels=io_ch,
+        out_channels=io_ch,
+        ch=128,
+        ch_mult=_F4 if s == 4 else _F8,
+        num_res_blocks=2,
+        z_channels=c,
+        embed_dim=c,
+    )
+    return ModelInfo(
+        name=f"medvae_{s}_{c}_{dims}d",
+        config=cfg,
+        hub_config=yaml,
+        hub_checkpoint=ckpt,
+        lora=lora,
+        modalities=_2D_MODALITIES if dims == 2 else ("ct", "mri"),
+        description=desc,
+    )
+
+
+for _info in (
+    _member(4, 1, 2, ckpt="model_weights/vae_4x_1c_2D.ckpt", yaml="model_weights/medvae_4x1.yaml",
+            desc="2D, f=16 (H/4×W/4), C=1, trained from scratch"),
+    _member(4, 3, 2, rgb=True, lora=True, ckpt="model_weights/vae_4x_3c_2D.ckpt",
+            yaml="model_weights/medvae_4x3.yaml",
+            desc="2D, f=16 (H/4×W/4), C=3, LoRA on the LDM KL-f4 VAE (3-channel image input)"),
+    _member(4, 4, 2, ckpt="model_weights/vae_4x_4c_2D.ckpt", yaml="model_weights/medvae_4x4.yaml",
+            desc="2D, f=16 (H/4×W/4), C=4"),
+    _member(8, 1, 2, ckpt="model_weights/vae_8x_1c_2D.ckpt", yaml="model_weights/medvae_8x1.yaml",
+            desc="2D, f=64 (H/8×W/8), C=1, trained from scratch"),
+    _member(8, 4, 2, rgb=True, lora=True, ckpt="model_weights/vae_8x_4c_2D.ckpt",
+            yaml="model_weights/medvae_8x4.yaml",
+            desc="2D, f=64 (H/8×W/8), C=4, LoRA on the LDM KL-f8 VAE (3-channel image input)"),
+    _member(4, 1, 3, ckpt="model_weights/vae_4x_1c_3D.ckpt", yaml="model_weights/medvae_4x1.yaml",
+            desc="3D, f=64 (÷4 per axis), C=1, inflated from 2D and trained on CT/MRI"),
+    _member(8, 1, 3, ckpt="model_weights/vae_8x_1c_3D.ckpt", yaml="model_weights/medvae_8x1.yaml",
+            desc="3D, f=512 (÷8 per axis), C=1, inflated from 2D and trained on CT/MRI"),
+):
+    register_model(_info)
