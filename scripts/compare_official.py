@@ -19,6 +19,7 @@ stack, whose pinned wandb fails under NumPy 2).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import subprocess
@@ -42,6 +43,7 @@ CONFIGS = {
 TOLERANCE = 1e-4
 
 
+@functools.lru_cache(maxsize=None)
 def _import_official():
     """Import the official model modules without running ``medvae/__init__``."""
     spec = importlib.util.find_spec("medvae")
@@ -68,17 +70,29 @@ def _randomise(model: torch.nn.Module, gen: torch.Generator) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
 
 
+def _official_model(name: str) -> torch.nn.Module:
+    ae2d, ae3d, inject_lora = _import_official()
+    mult, c, io, dims, lora, _ = CONFIGS[name]
+    dd = dict(double_z=True, z_channels=c, resolution=256, in_channels=io, out_ch=io, ch=128,
+              ch_mult=list(mult), num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+    model = (ae2d if dims == 2 else ae3d)(ddconfig=dd, embed_dim=c)
+    if lora:
+        inject_lora(model, {"ResnetBlock", "AttnBlock"}, r=4)
+    return model
+
+
+def dump_keys(path: Path) -> None:
+    """Write the official state-dict keys and shapes of every model (the fixture of tests/test_keys.py)."""
+    keys = {name: [[k, list(v.shape)] for k, v in _official_model(name).state_dict().items()] for name in CONFIGS}
+    path.write_text(json.dumps(keys, separators=(",", ":")) + "\n")
+
+
 @torch.no_grad()
 def make_reference(out: Path) -> None:
-    ae2d, ae3d, inject_lora = _import_official()
     out.mkdir(parents=True, exist_ok=True)
-    for i, (name, (mult, c, io, dims, lora, shape)) in enumerate(CONFIGS.items()):
+    for i, (name, (_, _, io, _, _, shape)) in enumerate(CONFIGS.items()):
         gen = torch.Generator().manual_seed(1000 + i)
-        dd = dict(double_z=True, z_channels=c, resolution=256, in_channels=io, out_ch=io, ch=128,
-                  ch_mult=list(mult), num_res_blocks=2, attn_resolutions=[], dropout=0.0)
-        model = (ae2d if dims == 2 else ae3d)(ddconfig=dd, embed_dim=c)
-        if lora:
-            inject_lora(model, {"ResnetBlock", "AttnBlock"}, r=4)
+        model = _official_model(name)
         _randomise(model, gen)
         model.eval()
         torch.save({"state_dict": model.state_dict()}, out / f"{name}.ckpt")
@@ -115,7 +129,11 @@ def main() -> int:
     ap.add_argument("--check", type=Path, help="(medlatent venv) compare with a reference directory")
     ap.add_argument("--ref-python", help="interpreter of the reference venv (runs both halves)")
     ap.add_argument("--json", type=Path, help="write the max-abs-difference report here")
+    ap.add_argument("--dump-keys", type=Path, help="(reference venv) write official keys/shapes as JSON")
     args = ap.parse_args()
+    if args.dump_keys:
+        dump_keys(args.dump_keys)
+        return 0
     if args.make_reference:
         make_reference(args.make_reference)
         return 0

@@ -179,8 +179,12 @@ class MedVAE(nn.Module):
         return self.config.latent_shape(tuple(spatial_shape))
 
     # ------------------------------------------------------------------ checks
-    def _param_dtype(self) -> torch.dtype:
-        return self.quant_conv.weight.dtype
+    def _cast_in(self, t: torch.Tensor) -> torch.Tensor:
+        """Match the weights' dtype, unless autocast chooses the compute dtype."""
+        dev = t.device.type
+        if dev in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(dev):
+            return t
+        return t.to(self.quant_conv.weight.dtype)
 
     def _check(self, x: torch.Tensor, what: str, channels: tuple[int, ...], multiple: int) -> None:
         rank = self.spatial_dims + 2
@@ -203,7 +207,7 @@ class MedVAE(nn.Module):
                 f"{what} spatial sizes {tuple(x.shape[2:])} must be positive multiples of {multiple}; "
                 "pad the input first (medlatent's preprocessing pads and records the padding)"
             )
-        if not torch.isfinite(x).all():
+        if x.device.type != "meta" and not torch.isfinite(x).all():
             raise ValueError(f"{what} contains NaN or infinite values")
 
     # ------------------------------------------------------------------ inference API
@@ -222,7 +226,7 @@ class MedVAE(nn.Module):
         self._check(x, "image", allowed, self.downsample_per_axis)
         if x.shape[1] != self.config.in_channels:
             x = x.expand(-1, self.config.in_channels, *x.shape[2:])
-        x = x.to(self._param_dtype()) if not torch.is_autocast_enabled(x.device.type) else x
+        x = self._cast_in(x)
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
 
     def decode(self, z: torch.Tensor, grayscale: bool = False) -> torch.Tensor:
@@ -233,7 +237,7 @@ class MedVAE(nn.Module):
             grayscale: average the output channels to one (for grayscale use of 3-channel models).
         """
         self._check(z, "latent z", (self.C,), 1)
-        z = z.to(self._param_dtype()) if not torch.is_autocast_enabled(z.device.type) else z
+        z = self._cast_in(z)
         out = self.decoder(self.post_quant_conv(z))
         return out.mean(dim=1, keepdim=True) if grayscale and out.shape[1] > 1 else out
 
@@ -245,7 +249,7 @@ class MedVAE(nn.Module):
         if not self.config.stage2_head:
             raise RuntimeError("this model was built without the stage-2 projection head (stage2_head=False)")
         self._check(z, "latent z", (self.C,), 1)
-        z = z.to(self._param_dtype()) if not torch.is_autocast_enabled(z.device.type) else z
+        z = self._cast_in(z)
         return self.channel_proj(self.channel_ds(z) + z)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

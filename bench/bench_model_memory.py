@@ -1,0 +1,176 @@
+"""Peak memory and time of one encode / one decode, medlatent vs the official MedVAE code (CPU).
+
+Both implementations run the *same random weights* (one official-format checkpoint per model) in fresh
+worker processes of the *same interpreter*, so torch version and threads are identical. Each case is
+watched from outside: its resident memory is sampled and the worker is killed when it passes
+``--limit-gb`` (reported as OOM), which is how the official dense attention fails on large images.
+
+Usage (the interpreter needs torch, and the official ``medvae`` package for the official side):
+
+    python bench/bench_model_memory.py --models medvae_4_1_2d medvae_8_1_2d --sizes 512 1024 \
+        --repeats 1 --out bench/results/model_memory.json
+
+medlatent is imported from ``src/`` of this checkout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rss_gb(pid: int, field: str = "VmRSS") -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+# ------------------------------------------------------------------------------------------ worker side
+def _official_model(name: str, ckpt: str):
+    import torch
+
+    spec = importlib.util.find_spec("medvae")
+    if spec is None:
+        raise SystemExit("official package 'medvae' not installed in this interpreter")
+    pkg = types.ModuleType("medvae")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules["medvae"] = pkg  # skip medvae/__init__ (imports the whole training stack)
+    from medvae.models.autoencoder_kl import AutoencoderKL
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from medlatent.registry import get_model_info
+
+    c = get_model_info(name).config
+    dd = dict(double_z=True, z_channels=c.z_channels, resolution=256, in_channels=c.in_channels,
+              out_ch=c.out_channels, ch=c.ch, ch_mult=list(c.ch_mult), num_res_blocks=c.num_res_blocks,
+              attn_resolutions=[], dropout=0.0)
+    model = AutoencoderKL(ddconfig=dd, embed_dim=c.embed_dim)
+    model.load_state_dict(torch.load(ckpt, weights_only=True)["state_dict"], strict=True)
+    return model.eval(), lambda x: model.encode(x).sample(), model.decode
+
+
+def _medlatent_model(name: str, ckpt: str):
+    sys.path.insert(0, str(ROOT / "src"))
+    from medlatent import MedVAE
+
+    model = MedVAE.from_pretrained(name, checkpoint=ckpt)
+    return model, lambda x: model.encode(x).mean, model.decode
+
+
+def worker(impl: str, name: str, size: int, op: str, ckpt: str, repeats: int) -> None:
+    import resource
+
+    import torch
+
+    model, enc, dec = (_official_model if impl == "official" else _medlatent_model)(name, ckpt)
+    cfg_s = 2 ** (len(model.encoder.down) - 1)
+    c = model.quant_conv.out_channels // 2
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand((1, model.encoder.conv_in.in_channels, size, size), generator=g) * 2 - 1
+    z = torch.randn((1, c, size // cfg_s, size // cfg_s), generator=g)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = enc(x) if op == "encode" else dec(z)
+            times.append(time.perf_counter() - t0)
+            del out
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps({"seconds": statistics.median(times), "times": times, "baseline_gb": base, "peak_gb": peak,
+                      "torch": torch.__version__, "threads": torch.get_num_threads()}))
+
+
+# ------------------------------------------------------------------------------------------ parent side
+def run_case(python: str, impl: str, name: str, size: int, op: str, ckpt: Path, repeats: int,
+             limit_gb: float, timeout: float) -> dict:
+    cmd = [python, __file__, "--worker", impl, name, str(size), op, str(ckpt), str(repeats)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watched, status, t0 = 0.0, "ok", time.time()
+    while proc.poll() is None:
+        rss = _rss_gb(proc.pid)
+        watched = max(watched, rss)
+        if rss > limit_gb:
+            proc.kill()
+            status = f"OOM (> {limit_gb:g} GB)"
+        elif time.time() - t0 > timeout:
+            proc.kill()
+            status = f"timeout (> {timeout:g} s)"
+        time.sleep(0.02)
+    out, err = proc.communicate()
+    row = {"impl": impl, "model": name, "size": size, "op": op, "status": status, "watched_peak_gb": watched}
+    if status == "ok":
+        if proc.returncode != 0:
+            row["status"] = f"error (rc {proc.returncode}): {err.strip().splitlines()[-1] if err.strip() else ''}"
+        else:
+            row.update(json.loads(out.strip().splitlines()[-1]))
+    return row
+
+
+def make_checkpoint(name: str, directory: Path) -> Path:
+    sys.path.insert(0, str(ROOT / "src"))
+    import torch
+
+    from medlatent import MedVAE
+
+    torch.manual_seed(0)
+    model = MedVAE.from_config(name)
+    path = directory / f"{name}.ckpt"
+    torch.save({"state_dict": model.state_dict()}, path)  # official key layout
+    return path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    ap.add_argument("--models", nargs="+", default=["medvae_4_1_2d", "medvae_8_1_2d"])
+    ap.add_argument("--sizes", nargs="+", type=int, default=[512, 1024])
+    ap.add_argument("--ops", nargs="+", default=["encode", "decode"])
+    ap.add_argument("--impls", nargs="+", default=["official", "medlatent"])
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--limit-gb", type=float, default=20.0)
+    ap.add_argument("--timeout", type=float, default=1800.0)
+    ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    if args.worker:
+        impl, name, size, op, ckpt, repeats = args.worker
+        worker(impl, name, int(size), op, ckpt, int(repeats))
+        return 0
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            ckpt = make_checkpoint(name, Path(tmp))
+            for size in args.sizes:
+                for op in args.ops:
+                    for impl in args.impls:
+                        row = run_case(args.python, impl, name, size, op, ckpt, args.repeats, args.limit_gb,
+                                       args.timeout)
+                        rows.append(row)
+                        secs = f"{row['seconds']:.2f} s" if "seconds" in row else "-"
+                        peak = f"{row.get('peak_gb', row['watched_peak_gb']):.2f} GB"
+                        print(f"{name} {size}² {op:6s} {impl:9s} {row['status']:>20s} {secs:>10s} peak {peak}",
+                              flush=True)
+                        if args.out:
+                            args.out.parent.mkdir(parents=True, exist_ok=True)
+                            args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,168 @@
+"""Behaviour of the one 2D/3D implementation on tiny configs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import image_for, randomise, tiny_config
+from medlatent import DiagonalGaussian, MedVAE
+from medlatent.model import layers
+
+
+def test_shapes(tiny_model):
+    x = image_for(tiny_model, size=8)
+    with torch.no_grad():
+        post = tiny_model.encode(x)
+        z = post.mean
+        assert z.shape == (2, 2) + (4,) * tiny_model.spatial_dims
+        assert post.std.shape == z.shape
+        assert tiny_model.stage2_features(z).shape == z.shape
+        assert tiny_model.decode(z).shape == x.shape
+        out = tiny_model(x)
+    assert out.reconstruction.shape == x.shape
+    assert torch.equal(out.z, z)
+
+
+def test_encode_is_deterministic_and_sampling_is_explicit(tiny_model):
+    x = image_for(tiny_model)
+    with torch.no_grad():
+        a, b = tiny_model.encode(x), tiny_model.encode(x.clone())
+        assert torch.equal(a.mean, b.mean)  # same bits: the latent of record is the posterior mean
+        assert torch.equal(tiny_model(x).reconstruction, tiny_model(x).reconstruction)
+        s1 = a.sample(torch.Generator().manual_seed(3))
+        s2 = a.sample(torch.Generator().manual_seed(3))
+        s3 = a.sample(torch.Generator().manual_seed(4))
+    assert torch.equal(s1, s2) and not torch.equal(s1, s3)
+    assert not torch.equal(s1, a.mean)
+
+
+def test_grad_mode_gives_same_outputs_as_inference(tiny_model):
+    """In-place activations are used only without autograd; both paths must agree."""
+    x = image_for(tiny_model)
+    with torch.no_grad():
+        ref = tiny_model(x).reconstruction
+    out = tiny_model(x).reconstruction
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), ref, rtol=0, atol=1e-6)
+    assert tiny_model.decoder.conv_out.weight.grad is not None
+
+
+def test_grayscale_into_three_channel_model():
+    model = randomise(MedVAE(tiny_config(in_channels=3, out_channels=3))).eval()
+    gray = image_for(model, channels=1)
+    with torch.no_grad():
+        z_gray = model.encode(gray).mean
+        z_rgb = model.encode(gray.repeat(1, 3, 1, 1)).mean
+        assert torch.equal(z_gray, z_rgb)  # replication, documented
+        rgb_out = model.decode(z_gray)
+        assert rgb_out.shape[1] == 3
+        torch.testing.assert_close(model.reconstruct(gray), rgb_out.mean(1, keepdim=True))
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda m: torch.zeros(2, 1, 8), "4-D tensor"),
+        (lambda m: torch.zeros(1, 8, 8), r"x\[None\]"),
+        (lambda m: torch.zeros(1, 2, 8, 8), "1 channel"),
+        (lambda m: torch.zeros(1, 1, 8, 8, dtype=torch.uint8), "floating-point"),
+        (lambda m: torch.full((1, 1, 8, 8), float("nan")), "NaN"),
+        (lambda m: torch.zeros(1, 1, 8, 7), "multiples of 2"),
+        (lambda m: [[0.0]], "torch.Tensor"),
+    ],
+)
+def test_bad_images_are_refused_clearly(make, match):
+    model = MedVAE(tiny_config())
+    with pytest.raises((ValueError, TypeError), match=match):
+        model.encode(make(model))
+
+
+def test_bad_latents_are_refused_clearly():
+    model = MedVAE(tiny_config(spatial_dims=3))
+    with pytest.raises(ValueError, match="5-D tensor B×C×X×Y×Z"):
+        model.decode(torch.zeros(1, 2, 4, 4))
+    with pytest.raises(ValueError, match="2 channel"):
+        model.stage2_features(torch.zeros(1, 3, 4, 4, 4))
+
+
+def test_no_stage2_head():
+    model = MedVAE(tiny_config(stage2_head=False))
+    assert not any(k.startswith("channel_") for k in model.state_dict())
+    with pytest.raises(RuntimeError, match="stage-2"):
+        model.stage2_features(torch.zeros(1, 2, 4, 4))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="spatial_dims"):
+        tiny_config(spatial_dims=4)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        tiny_config(ch=48)
+    with pytest.raises(ValueError, match="unknown MedVAEConfig keys"):
+        type(tiny_config()).from_dict({**tiny_config().to_dict(), "colour": 1})
+    cfg = tiny_config()
+    assert type(cfg).from_dict(cfg.to_dict()) == cfg
+
+
+def _dense_attention(q, k, v):
+    w = torch.softmax(q @ k.transpose(1, 2) * q.shape[-1] ** -0.5, dim=-1)
+    return w @ v
+
+
+@pytest.mark.parametrize("max_scores", [2**26, 1000])
+def test_attention_equals_dense(max_scores):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 300, 64, generator=g) for _ in range(3))
+    out = layers.attention(q, k, v, max_scores=max_scores)
+    torch.testing.assert_close(out, _dense_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_never_materialises_more_than_the_budget(monkeypatch):
+    """Even if the backend fell back to explicit scores, no call sees more than `max_scores` of them."""
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        seen.append(q.shape[-2] * k.shape[-2])
+        return real(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", spy)
+    q = torch.randn(1, 4096, 8)
+    layers.attention(q, q, q, max_scores=4096 * 100)
+    assert max(seen) <= 4096 * 100 and len(seen) == 41
+
+
+def test_attn_block_matches_the_dense_formulation_in_2d_and_3d():
+    for dims, shape in ((2, (2, 32, 5, 7)), (3, (1, 32, 3, 4, 5))):
+        block = randomise(layers.AttnBlock(dims, 32)).eval()
+        x = torch.randn(shape)
+        h = block.norm(x)
+        q, k, v = (t.flatten(2).transpose(1, 2) for t in (block.q(h), block.k(h), block.v(h)))
+        ref = x + block.proj_out(_dense_attention(q, k, v).transpose(1, 2).reshape(shape))
+        with torch.no_grad():
+            torch.testing.assert_close(block(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_downsample_pads_high_side():
+    down = layers.Downsample(2, 32)
+    x = torch.randn(1, 32, 6, 6)
+    ref = F.conv2d(F.pad(x, (0, 1, 0, 1)), down.conv.weight, down.conv.bias, stride=2)
+    torch.testing.assert_close(down(x), ref)
+
+
+def test_groupnorm_keeps_float32_statistics_under_bfloat16():
+    norm = layers.GroupNorm32(64)
+    x = torch.randn(1, 64, 16, 16) * 50 + 300
+    xb = x.bfloat16()
+    out = norm(xb)
+    assert out.dtype == torch.bfloat16
+    # only the final rounding to bfloat16 differs from float32 normalisation of the same input
+    torch.testing.assert_close(out.float(), norm(xb.float()), rtol=0.01, atol=0.02)
+
+
+def test_posterior_kl_reduces_all_non_batch_axes():
+    moments = torch.zeros(2, 4, 3, 3, 3)  # 3D: mean 0, logvar 0 → KL 0
+    assert torch.equal(DiagonalGaussian(moments).kl(), torch.zeros(2))
+    moments[:, :2] = 1.0  # mean 1 → KL = 0.5 per element, 2·27 elements
+    torch.testing.assert_close(DiagonalGaussian(moments).kl(), torch.full((2,), 27.0))
+    clamp = DiagonalGaussian(torch.cat([torch.zeros(1, 1, 2, 2), torch.full((1, 1, 2, 2), 99.0)], 1))
+    assert clamp.logvar.max() == 20.0
