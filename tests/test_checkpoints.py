@@ -53,11 +53,11 @@ def test_lora_merge_keeps_outputs(dims):
     assert not any(".downsample.conv.lora" in k or "conv_in.lora" in k for k in sd)
     merged = MedVAE(cfg).eval()
     merged.load_state_dict(merge_lora(sd), strict=True)
-    _assert_outputs_close(_outputs(merged, x), with_adapters)
+    _assert_outputs_close(_outputs(merged, x), with_adapters, atol=1e-4)
 
     merge_lora_modules(model)  # module-level merge agrees with the state-dict merge
     assert not any(isinstance(m, LoRAConv) for m in model.modules())
-    _assert_outputs_close(_outputs(model, x), with_adapters)
+    _assert_outputs_close(_outputs(model, x), with_adapters, atol=1e-4)
 
 
 def test_lora_merge_rejects_broken_adapters():

@@ -21,7 +21,7 @@ def test_convert_then_profile(tmp_path):
     res = runner.invoke(app, ["convert", str(ckpt), "-o", str(tmp_path / "conv")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "conv" / "model.safetensors").is_file()
-    res = runner.invoke(app, ["profile", str(tmp_path / "conv"), "--size", "16", "--size", "8"])
+    res = runner.invoke(app, ["profile", str(tmp_path / "conv"), "--size", "16x8"])
     assert res.exit_code == 0, res.output
     assert "(1, 2, 8, 4)" in res.output
 
@@ -33,5 +33,7 @@ def test_errors_exit_nonzero_with_a_message(tmp_path):
     bad.write_text("garbage")
     res = runner.invoke(app, ["convert", str(bad), "-o", str(tmp_path / "out")])
     assert res.exit_code == 1 and "bad.ckpt" in res.output and not (tmp_path / "out").exists()
-    res = runner.invoke(app, ["profile", "medvae_4_1_2d", "--random-weights", "--size", "30", "--size", "30"])
+    res = runner.invoke(app, ["profile", "medvae_4_1_2d", "--random-weights", "--size", "30x30"])
     assert res.exit_code == 1 and "multiples of 4" in res.output
+    res = runner.invoke(app, ["profile", "medvae_4_1_3d", "--random-weights", "--size", "64x64"])
+    assert res.exit_code == 1 and "3 numbers" in res.output

@@ -77,7 +77,7 @@ def convert(
 @app.command()
 def profile(
     model: str = typer.Argument("medvae_4_1_2d", help="Registry name, model directory or checkpoint file."),
-    size: list[int] = typer.Option([512, 512], "--size", "-s", help="Input spatial size (2 or 3 numbers)."),
+    size: str = typer.Option("512x512", "--size", "-s", help="Input spatial size: HxW (2D) or XxYxZ (3D)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Official checkpoint file."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Skip weights: build from the registry."),
     batch: int = typer.Option(1, "--batch", "-b", min=1),
@@ -89,10 +89,14 @@ def profile(
 
     import torch
 
+    try:
+        dims = [int(n) for n in size.lower().split("x")]
+    except ValueError:
+        _fail(f"--size must look like 512x512 or 128x128x128, got {size!r}")
     net = _load(model, checkpoint, random_weights).to(device)
-    if len(size) != net.spatial_dims:
-        _fail(f"--size needs {net.spatial_dims} numbers for this {net.spatial_dims}D model, got {len(size)}")
-    x = torch.rand(batch, net.config.in_channels, *size, device=device) * 2 - 1
+    if len(dims) != net.spatial_dims:
+        _fail(f"--size needs {net.spatial_dims} numbers for this {net.spatial_dims}D model, got {size!r}")
+    x = torch.rand(batch, net.config.in_channels, *dims, device=device) * 2 - 1
     try:
         with torch.inference_mode():
             t0 = time.perf_counter()
@@ -112,3 +116,4 @@ def profile(
     typer.echo(f"model     {net.weights_info.get('model', model)} ({src})")
     typer.echo(f"input     {tuple(x.shape)} → z {tuple(z.shape)} → {tuple(y.shape)}  (f={net.f}, C={net.C})")
     typer.echo(f"encode    {t1 - t0:.3f} s\ndecode    {t2 - t1:.3f} s\npeak mem  {peak}")
+

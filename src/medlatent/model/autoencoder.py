@@ -154,6 +154,9 @@ class MedVAE(nn.Module):
             self.channel_proj = conv_nd(d, c, c, kernel_size=1)
         #: where the weights came from (model name, file, sha256); filled by the loaders.
         self.weights_info: dict[str, str] = {}
+        # Channels-last activations run the convolutions ~15-25% faster on CPU (oneDNN) and suit cuDNN;
+        # weights in this layout make every conv produce it. Values are unchanged; state dicts are too.
+        self.to(memory_format=torch.channels_last if d == 2 else torch.channels_last_3d)
 
     # ------------------------------------------------------------------ properties
     @property

@@ -69,19 +69,21 @@ class ResnetBlock(nn.Module):
         return h.add_(x) if not torch.is_grad_enabled() else x + h
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_scores: int = 2**26) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_scores: int | None = None) -> torch.Tensor:
     """Single-head softmax attention over tokens, memory linear in the number of tokens.
 
     Args:
         q, k, v: ``B×N×C`` token tensors.
-        max_scores: upper bound on ``rows × N`` attention scores held at once should the backend
-            materialise them; queries are processed in chunks of ``max_scores // N`` rows.
+        max_scores: process queries in chunks so that at most ``max_scores`` query–key scores exist at once,
+            should the backend materialise them. Default: no chunking on CPU (PyTorch's fused flash kernel
+            never materialises the scores there), ``2**28`` (1 GiB of float32 scores) on other devices.
 
-    Uses ``scaled_dot_product_attention`` (flash / memory-efficient kernels where available) on query
-    chunks, so even the plain math backend never allocates the dense ``N×N`` matrix of the official code.
-    The scale is ``C**-0.5`` as in the released models.
+    Uses ``scaled_dot_product_attention`` instead of the dense ``N×N`` matrix of the official code; the
+    scale is ``C**-0.5`` as in the released models.
     """
     n = k.shape[1]
+    if max_scores is None:
+        max_scores = n * q.shape[1] if q.device.type == "cpu" else 2**28
     rows = max(1, max_scores // max(n, 1))
     q4, k4, v4 = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)  # B×1×N×C: one head
     if q.shape[1] <= rows:
