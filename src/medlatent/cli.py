@@ -117,3 +117,269 @@ def profile(
     typer.echo(f"input     {tuple(x.shape)} → z {tuple(z.shape)} → {tuple(y.shape)}  (f={net.f}, C={net.C})")
     typer.echo(f"encode    {t1 - t0:.3f} s\ndecode    {t2 - t1:.3f} s\npeak mem  {peak}")
 
+
+
+# ================================================================================== images ⇄ latents
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _progress_printer(console, total: int):
+    counter = {"n": 0}
+
+    def show(res) -> None:
+        counter["n"] += 1
+        style = {"ok": "green", "skipped": "yellow", "failed": "red"}[res.status]
+        extra = f" — {res.reason}" if res.status == "failed" else ""
+        console.print(f"[{counter['n']}/{total}] [{style}]{res.status:7s}[/{style}] {res.item}{extra}",
+                      highlight=False)
+
+    return show
+
+
+def _finish(console, report, out: Path, skipped_inputs) -> None:
+    """Summary, failures listed with reasons, non-zero exit if anything failed."""
+    import json
+
+    from medlatent.batch import MANIFEST
+
+    if skipped_inputs:
+        with open(out / MANIFEST, "a") as mf:
+            for p, why in skipped_inputs:
+                mf.write(json.dumps({"item": str(p), "status": "failed", "reason": why}) + "\n")
+    counts = report.counts()
+    failures = [(r.item, r.reason) for r in report.failed] + [(str(p), why) for p, why in skipped_inputs]
+    console.print(f"done: {counts.get('ok', 0)} written, {counts.get('skipped', 0)} already complete, "
+                  f"{len(failures)} failed — manifest {out / MANIFEST}", highlight=False)
+    if failures:
+        console.print("[red]failures:[/red]")
+        for item, why in failures:
+            console.print(f"  {item}: {why}", highlight=False, markup=False)
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def encode(
+    inputs: list[Path] = typer.Argument(..., help="Image files and/or folders (walked recursively)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder (mirrors the input tree)."),
+    model: str = typer.Option("medvae_4_1_2d", "--model", "-m", help="Registry name or model directory."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Official checkpoint file."),
+    modality: str = typer.Option("auto", help="ct, mri, xray, other, or auto (from the file; 3D ≤-900 → CT)."),
+    device: str = typer.Option("cpu", "--device", "-d"),
+    precision: str = typer.Option("fp32", help="fp32 (default, matches the official outputs), bf16 or fp16."),
+    latent_dtype: str = typer.Option("float16", help="Storage dtype of z: float16 or float32."),
+    stage2: Optional[bool] = typer.Option(None, "--stage2/--no-stage2", help="Store stage-2 features (2D default)."),
+    nifti: bool = typer.Option(False, "--nifti", help="Also write z as NIfTI aligned with the source image."),
+    uneven: str = typer.Option("refuse", help="DICOM series with uneven slices: refuse or resample."),
+    resume: bool = typer.Option(True, "--resume/--overwrite", help="Skip inputs whose outputs are complete."),
+    prefetch: int = typer.Option(2, min=1, help="Inputs read ahead while the model runs."),
+) -> None:
+    """Encode images into latent files (``<name>.latent.safetensors``), one per input or DICOM series."""
+    import numpy as np
+    import torch
+
+    from medlatent.batch import Job, run_jobs
+    from medlatent.io.discover import discover
+    from medlatent.io.image import ImageData
+    from medlatent.io.writers import write_image
+    from medlatent.latentfile import SUFFIX, write_latent
+    from medlatent.pipeline import EncodeOptions, encode_image
+
+    if latent_dtype not in ("float16", "float32"):
+        _fail(f"--latent-dtype must be float16 or float32, got {latent_dtype!r}")
+    net = _load(model, checkpoint).to(device)
+    opts = EncodeOptions(modality=modality, latent_dtype=latent_dtype, stage2=stage2, precision=precision)
+    items, skipped_inputs = discover(inputs)
+    console = _console()
+
+    def make_job(item):
+        latent_path = output / (item.name + SUFFIX)
+        outs = [latent_path] + ([output / (item.name + ".latent.nii.gz")] if nifti else [])
+
+        def run(img):
+            lf = encode_image(net, img, opts)
+            write_latent(latent_path, lf, dtype=getattr(torch, latent_dtype))
+            if nifti:
+                z = lf.z.float().numpy()
+                arr = z[0] if z.shape[0] == 1 else np.moveaxis(z, 0, -1)
+                write_image(ImageData(arr[None] if lf.spatial_dims == 2 and arr.ndim == 2 else arr,
+                                      lf.latent_affine), outs[1], "nifti")
+            return {"shape": list(img.array.shape), "latent_shape": list(lf.z.shape)}
+
+        return Job(item.name, outs, lambda: load_item(item, uneven), run)
+
+    report = run_jobs([make_job(it) for it in items], output, resume=resume, prefetch=prefetch,
+                      progress=_progress_printer(console, len(items)))
+    _finish(console, report, output, skipped_inputs)
+
+
+def load_item(item, uneven: str = "refuse"):
+    """Read one discovered input (a file or the files of one DICOM series)."""
+    from medlatent.io.readers import read_image, validate
+
+    if item.kind == "dicom-series":
+        from medlatent.io.dicom import read_dicom_series
+
+        return validate(read_dicom_series(item.paths[0].parent, uneven=uneven, files=item.paths))
+    return read_image(item.paths[0], uneven=uneven)
+
+
+def _model_for_latent(lf, model: Optional[str], checkpoint: Optional[Path], cache: dict):
+    name = model or lf.model.get("name")
+    key = (name, checkpoint)
+    if key not in cache:
+        cache[key] = _load(name, checkpoint)
+    return cache[key]
+
+
+@app.command()
+def decode(
+    latents: list[Path] = typer.Argument(..., help="Latent files or folders of them."),
+    output: Path = typer.Option(..., "--output", "-o"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Default: the model named in each latent."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c"),
+    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="nifti, png, tiff or npy (default: nifti 3D, png 2D)."),
+    device: str = typer.Option("cpu", "--device", "-d"),
+    precision: str = typer.Option("fp32"),
+    ignore_weights: bool = typer.Option(False, help="Decode even if the weights differ from the encoder's."),
+    resume: bool = typer.Option(True, "--resume/--overwrite"),
+) -> None:
+    """Decode latent files back to images on the original grid, orientation and intensity units."""
+    from medlatent.batch import Job, run_jobs
+    from medlatent.io.writers import default_format, output_suffix
+    from medlatent.latentfile import SUFFIX, read_latent
+    from medlatent.pipeline import decode_latent
+
+    if fmt is not None:
+        try:
+            output_suffix(fmt)
+        except ValueError as e:
+            _fail(str(e))
+    files: list[tuple[str, Path]] = []
+    for p in latents:
+        if p.is_dir():
+            files += [(str(f.relative_to(p))[: -len(SUFFIX)], f) for f in sorted(p.rglob("*" + SUFFIX))]
+        else:
+            files.append((p.name[: -len(SUFFIX)] if p.name.endswith(SUFFIX) else p.stem, p))
+    cache: dict = {}
+    console = _console()
+
+    def make_job(name: str, path: Path):
+        # the suffix depends on the latent (2D/3D) when no format is given: peek at the header cheaply
+        out_fmt = fmt
+        if out_fmt is None:
+            try:
+                out_fmt = "nifti" if read_latent(path).spatial_dims == 3 else "png"
+            except Exception:
+                out_fmt = "nifti"
+        target = output / (name + output_suffix(out_fmt))
+
+        def run(lf):
+            net = _model_for_latent(lf, model, checkpoint, cache).to(device)
+            img = decode_latent(net, lf, source=path, precision=precision, strict_weights=not ignore_weights)
+            from medlatent.io.writers import write_image
+
+            write_image(img, target, out_fmt or default_format(img))
+            return {"shape": list(img.array.shape)}
+
+        return Job(name, [target], lambda: read_latent(path), run)
+
+    report = run_jobs([make_job(n, p) for n, p in files], output, resume=resume,
+                      progress=_progress_printer(console, len(files)))
+    _finish(console, report, output, [])
+
+
+@app.command()
+def info(file: Path = typer.Argument(..., help="A latent file.")) -> None:
+    """Show what a latent file holds."""
+    import json
+
+    from medlatent.latentfile import LatentFileError, read_latent
+
+    try:
+        lf = read_latent(file)
+    except LatentFileError as e:
+        _fail(str(e))
+    rec = lf.preprocessing
+    m = lf.model
+    typer.echo(f"file            {file}")
+    typer.echo(f"model           {m.get('name')}  (f={m.get('f')}, C={m.get('C')}, {m.get('spatial_dims')}D, "
+               f"weights sha256 {str(m.get('weights_sha256', ''))[:12]})")
+    typer.echo(f"z               {tuple(lf.z.shape)} {str(lf.z.dtype).replace('torch.', '')}")
+    typer.echo(f"stage-2         {'none' if lf.stage2 is None else tuple(lf.stage2.shape)}")
+    typer.echo(f"original        shape {tuple(rec.original_shape)}, dtype {rec.original_dtype}, modality {rec.modality}")
+    typer.echo(f"intensity       {json.dumps(rec.intensity)}")
+    typer.echo(f"orientation     {'unchanged' if rec.orientation is None else rec.orientation}")
+    typer.echo(f"padding         {rec.pad} → model shape {tuple(rec.model_shape)}")
+    typer.echo("original affine " + np_fmt(rec.original_affine))
+    typer.echo("latent affine   " + np_fmt(lf.latent_affine.tolist()))
+    typer.echo(f"medlatent       {lf.medlatent_version}")
+
+
+def np_fmt(rows) -> str:
+    return " | ".join(" ".join(f"{v:9.3f}" for v in r) for r in rows)
+
+
+@app.command()
+def roundtrip(
+    inputs: list[Path] = typer.Argument(..., help="Image files and/or folders."),
+    output: Path = typer.Option(..., "--output", "-o"),
+    model: str = typer.Option("medvae_4_1_2d", "--model", "-m"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c"),
+    modality: str = typer.Option("auto"),
+    device: str = typer.Option("cpu", "--device", "-d"),
+    precision: str = typer.Option("fp32"),
+    uneven: str = typer.Option("refuse"),
+    resume: bool = typer.Option(True, "--resume/--overwrite"),
+) -> None:
+    """Encode and decode: writes the latent, the reconstruction, a comparison PNG and PSNR / MS-SSIM per file."""
+    import csv
+    import json
+
+    from medlatent.batch import Job, run_jobs
+    from medlatent.io.discover import discover
+    from medlatent.io.writers import default_format, output_suffix, write_image
+    from medlatent.latentfile import SUFFIX, write_latent
+    from medlatent.pipeline import EncodeOptions, decode_latent, encode_image
+    from medlatent.report import comparison_png, roundtrip_metrics
+
+    net = _load(model, checkpoint).to(device)
+    opts = EncodeOptions(modality=modality, precision=precision)
+    items, skipped_inputs = discover(inputs)
+    console = _console()
+
+    def make_job(item):
+        base = output / item.name
+        latent_path = base.with_name(base.name + SUFFIX)
+        fmt = "nifti" if net.spatial_dims == 3 else "png"
+        recon = base.with_name(base.name + ".recon" + output_suffix(fmt))
+        compare = base.with_name(base.name + ".compare.png")
+
+        def run(img):
+            lf = encode_image(net, img, opts)
+            write_latent(latent_path, lf)
+            rec_img = decode_latent(net, lf, source=latent_path, precision=precision, out_dtype="float32")
+            write_image(rec_img, recon, fmt or default_format(rec_img))
+            metrics = roundtrip_metrics(img.array, rec_img.array, lf.preprocessing)
+            comparison_png(img.array, rec_img.array, lf.preprocessing, compare)
+            stored = lf.z.numel() * 2
+            return {**metrics, "image_bytes": int(img.array.nbytes), "latent_bytes_fp16": int(stored),
+                    "storage_ratio": img.array.nbytes / stored}
+
+        return Job(item.name, [latent_path, recon, compare], lambda: load_item(item, uneven), run)
+
+    report = run_jobs([make_job(it) for it in items], output, resume=resume,
+                      progress=_progress_printer(console, len(items)))
+    rows = [{"item": r.item, **r.info} for r in report.results if r.status == "ok"]
+    if rows:
+        with open(output / "metrics.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r}, key=lambda k: (k != "item", k)))
+            w.writeheader()
+            w.writerows(rows)
+        for r in rows:
+            console.print(f"  {r['item']}: PSNR {r['psnr']:.2f} dB, MS-SSIM {r['ms_ssim']:.4f}, "
+                          f"storage ÷{r['storage_ratio']:.1f}", highlight=False)
+        (output / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    _finish(console, report, output, skipped_inputs)

@@ -1,0 +1,100 @@
+"""Image ⇄ latent for one item: read → preprocess → encode → latent file, and latent file → decode → image."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medlatent.io.image import ImageData
+from medlatent.latentfile import LatentFile, LatentFileError
+from medlatent.model.autoencoder import MedVAE
+from medlatent.preprocessing import preprocess, restore
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class EncodeOptions:
+    """How to encode. ``stage2=None`` stores stage-2 features for 2D models only (what the paper used)."""
+
+    modality: str = "auto"
+    latent_dtype: str = "float16"
+    stage2: bool | None = None
+    precision: str = "fp32"
+    mri_percentiles: tuple[float, float] | None = None
+
+
+def model_record(model: MedVAE) -> dict:
+    """What a latent file says about the model that made it."""
+    return {
+        "name": model.weights_info.get("model", "unknown"),
+        "weights_sha256": model.weights_info.get("sha256", model.weights_info.get("weights", "")),
+        "f": model.f,
+        "C": model.C,
+        "spatial_dims": model.spatial_dims,
+        "downsample_per_axis": model.downsample_per_axis,
+        "config": model.config.to_dict(),
+    }
+
+
+def _device(model: MedVAE) -> torch.device:
+    return model.quant_conv.weight.device
+
+
+def _autocast(model: MedVAE, precision: str):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    dev = _device(model).type
+    return torch.autocast(dev, dtype=dtype, enabled=dtype is not None)
+
+
+@torch.inference_mode()
+def encode_image(model: MedVAE, img: ImageData, opts: EncodeOptions | None = None) -> LatentFile:
+    """Encode one image; the latent of record is the posterior mean ``z``."""
+    opts = opts or EncodeOptions()
+    x, rec = preprocess(img, spatial_dims=model.spatial_dims, in_channels=model.config.in_channels,
+                        downsample=model.downsample_per_axis, modality=opts.modality,
+                        mri_percentiles=opts.mri_percentiles)
+    xt = torch.from_numpy(x)[None].to(_device(model))
+    with _autocast(model, opts.precision):
+        z = model.encode(xt).mean
+        want_stage2 = opts.stage2 if opts.stage2 is not None else model.spatial_dims == 2
+        feats = model.stage2_features(z) if want_stage2 and model.config.stage2_head else None
+    return LatentFile(z=z[0].float().cpu(), stage2=None if feats is None else feats[0].float().cpu(),
+                      preprocessing=rec, model=model_record(model))
+
+
+def check_compatible(model: MedVAE, lf: LatentFile, source: str | Path, strict_weights: bool = True) -> None:
+    """Refuse to decode a latent with a model other than the one that made it."""
+    m = lf.model
+    mine = model_record(model)
+    for key in ("spatial_dims", "downsample_per_axis", "C"):
+        if int(m.get(key, -1)) != int(mine[key]):
+            raise LatentFileError(source, f"was made by model {m.get('name')!r} ({key}={m.get(key)}), which does "
+                                          f"not fit model {mine['name']!r} ({key}={mine[key]})")
+    if strict_weights and m.get("weights_sha256") and mine["weights_sha256"] and \
+            m["weights_sha256"] != mine["weights_sha256"]:
+        raise LatentFileError(source, f"was made with other weights of {m.get('name')!r} "
+                                      f"(sha256 {str(m['weights_sha256'])[:12]}… vs {mine['weights_sha256'][:12]}…); "
+                                      "decode with the same weights, or pass --ignore-weights to override")
+
+
+@torch.inference_mode()
+def decode_latent(model: MedVAE, lf: LatentFile, *, source: str | Path = "latent", precision: str = "fp32",
+                  strict_weights: bool = True, out_dtype: str | None = None) -> ImageData:
+    """Decode a latent file's ``z`` back onto the original grid, orientation and intensity units."""
+    check_compatible(model, lf, source, strict_weights)
+    z = lf.z.float()[None].to(_device(model))
+    rec = lf.preprocessing
+    with _autocast(model, precision):
+        y = model.decode(z, grayscale=rec.channel_mean or (rec.spatial_dims == 2 and rec.original_shape[0] == 1))
+    arr = restore(y[0].float().cpu().numpy(), rec, out_dtype)
+    return ImageData(arr, np.array(rec.original_affine), modality=rec.modality, source=str(source),
+                     meta={"format": "decoded"})
