@@ -68,14 +68,17 @@ def run_jobs(jobs: Iterable[Job], manifest_dir: Path, *, resume: bool = True, pr
     manifest_dir.mkdir(parents=True, exist_ok=True)
     report = BatchReport()
     todo: list[Job] = []
-    for job in jobs:
-        if resume and job.outputs and all(p.is_file() for p in job.outputs):
-            res = ItemResult(job.name, "skipped", [str(p) for p in job.outputs], "outputs already complete")
-            report.results.append(res)
-            if progress:
-                progress(res)
-        else:
-            todo.append(job)
+    with open(manifest_dir / MANIFEST, "a") as mf:
+        for job in jobs:
+            _remove_stale_temporaries(job.outputs)
+            if resume and job.outputs and all(p.is_file() for p in job.outputs):
+                res = ItemResult(job.name, "skipped", [str(p) for p in job.outputs], "outputs already complete")
+                report.results.append(res)
+                mf.write(json.dumps(res.__dict__, default=str) + "\n")
+                if progress:
+                    progress(res)
+            else:
+                todo.append(job)
     with ThreadPoolExecutor(max_workers=max(1, prefetch)) as pool, open(manifest_dir / MANIFEST, "a") as mf:
         pending: list[Future] = [pool.submit(j.load) for j in todo[:prefetch]]
         for i, job in enumerate(todo):
@@ -100,3 +103,13 @@ def run_jobs(jobs: Iterable[Job], manifest_dir: Path, *, resume: bool = True, pr
             if progress:
                 progress(res)
     return report
+
+
+def _remove_stale_temporaries(outputs: list[Path]) -> None:
+    """Temporary files of a killed run (``.name.<pid>.tmp`` / ``.tmp-<pid>-name``) next to the outputs."""
+    for p in outputs:
+        if p.parent.is_dir():
+            for tmp in p.parent.glob(f".{p.name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
+            for tmp in p.parent.glob(f".tmp-*-{p.name}"):
+                tmp.unlink(missing_ok=True)

@@ -16,7 +16,11 @@ def _fail(msg: str) -> None:
     raise typer.Exit(code=1)
 
 
-def _load(model: str, checkpoint: Optional[Path], random_weights: bool = False):
+class ModelLoadError(RuntimeError):
+    """A model could not be built or loaded; the message says why and what to do."""
+
+
+def _load_model(model: str, checkpoint: Optional[Path], random_weights: bool = False):
     from medlatent import MedVAE
     from medlatent.checkpoints import CheckpointError
     from medlatent.hub import ConfigMismatchError, WeightsNotFoundError
@@ -26,7 +30,14 @@ def _load(model: str, checkpoint: Optional[Path], random_weights: bool = False):
             return MedVAE.from_config(model).eval()
         return MedVAE.from_pretrained(model, checkpoint=checkpoint)
     except (KeyError, FileNotFoundError, CheckpointError, ConfigMismatchError, WeightsNotFoundError) as e:
-        _fail(e.args[0] if isinstance(e, KeyError) else str(e))
+        raise ModelLoadError(e.args[0] if isinstance(e, KeyError) else str(e)) from e
+
+
+def _load(model: str, checkpoint: Optional[Path], random_weights: bool = False):
+    try:
+        return _load_model(model, checkpoint, random_weights)
+    except ModelLoadError as e:
+        _fail(str(e))
 
 
 @app.callback()
@@ -123,7 +134,7 @@ def profile(
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, soft_wrap=True)
 
 
 def _progress_printer(console, total: int):
@@ -132,8 +143,10 @@ def _progress_printer(console, total: int):
     def show(res) -> None:
         counter["n"] += 1
         style = {"ok": "green", "skipped": "yellow", "failed": "red"}[res.status]
-        extra = f" — {res.reason}" if res.status == "failed" else ""
-        console.print(f"[{counter['n']}/{total}] [{style}]{res.status:7s}[/{style}] {res.item}{extra}",
+        from rich.markup import escape
+
+        extra = f" — {escape(res.reason)}" if res.status == "failed" else ""
+        console.print(f"[{counter['n']}/{total}] [{style}]{res.status:7s}[/{style}] {escape(res.item)}{extra}",
                       highlight=False)
 
     return show
@@ -230,7 +243,11 @@ def _model_for_latent(lf, model: Optional[str], checkpoint: Optional[Path], cach
     name = model or lf.model.get("name")
     key = (name, checkpoint)
     if key not in cache:
-        cache[key] = _load(name, checkpoint)
+        try:
+            cache[key] = _load_model(name, checkpoint)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"cannot load model {name!r} named in the latent file: {e} "
+                                 "(pass --model NAME|DIR to choose the decoder)") from e
     return cache[key]
 
 
@@ -383,3 +400,7 @@ def roundtrip(
                           f"storage ÷{r['storage_ratio']:.1f}", highlight=False)
         (output / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     _finish(console, report, output, skipped_inputs)
+
+
+if __name__ == "__main__":
+    app()

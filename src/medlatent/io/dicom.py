@@ -38,10 +38,9 @@ def _pixels(ds, path: Path) -> np.ndarray:
     except Exception as e:
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(ts, "name", str(ts))
-        raise ImageReadError(
-            path, f"pixel data cannot be decoded (transfer syntax {name}): {e}. For compressed DICOM install "
-                  "the decoders: pip install 'medlatent[formats]'"
-        ) from e
+        hint = (" For compressed DICOM install the decoders: pip install 'medlatent[formats]'"
+                if getattr(ts, "is_compressed", False) else "")
+        raise ImageReadError(path, f"pixel data cannot be decoded (transfer syntax {name}): {e}.{hint}") from e
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         out = apply_modality_lut(arr, ds)
