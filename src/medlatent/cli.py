@@ -137,19 +137,30 @@ def _console():
     return Console(stderr=True, soft_wrap=True)
 
 
-def _progress_printer(console, total: int):
-    counter = {"n": 0}
+class _Progress:
+    """A rich progress bar over items; failures are printed as they happen, above the bar."""
 
-    def show(res) -> None:
-        counter["n"] += 1
-        style = {"ok": "green", "skipped": "yellow", "failed": "red"}[res.status]
+    def __init__(self, console, total: int, verb: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn(f"{verb} [progress.description]{{task.description}}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+        self.task = self.progress.add_task("", total=total)
+
+    def __enter__(self) -> "_Progress":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def __call__(self, res) -> None:
         from rich.markup import escape
 
-        extra = f" — {escape(res.reason)}" if res.status == "failed" else ""
-        console.print(f"[{counter['n']}/{total}] [{style}]{res.status:7s}[/{style}] {escape(res.item)}{extra}",
-                      highlight=False)
-
-    return show
+        if res.status == "failed":
+            self.progress.console.print(f"[red]failed[/red]  {escape(res.item)} — {escape(res.reason)}",
+                                        highlight=False)
+        self.progress.update(self.task, advance=1, description=escape(res.item))
 
 
 def _finish(console, report, out: Path, skipped_inputs) -> None:
@@ -223,8 +234,8 @@ def encode(
 
         return Job(item.name, outs, lambda: load_item(item, uneven), run)
 
-    report = run_jobs([make_job(it) for it in items], output, resume=resume, prefetch=prefetch,
-                      progress=_progress_printer(console, len(items)))
+    with _Progress(console, len(items), "encoding") as bar:
+        report = run_jobs([make_job(it) for it in items], output, resume=resume, prefetch=prefetch, progress=bar)
     _finish(console, report, output, skipped_inputs)
 
 
@@ -303,8 +314,8 @@ def decode(
 
         return Job(name, [target], lambda: read_latent(path), run)
 
-    report = run_jobs([make_job(n, p) for n, p in files], output, resume=resume,
-                      progress=_progress_printer(console, len(files)))
+    with _Progress(console, len(files), "decoding") as bar:
+        report = run_jobs([make_job(n, p) for n, p in files], output, resume=resume, progress=bar)
     _finish(console, report, output, [])
 
 
@@ -381,14 +392,16 @@ def roundtrip(
             write_image(rec_img, recon, fmt or default_format(rec_img))
             metrics = roundtrip_metrics(img.array, rec_img.array, lf.preprocessing)
             comparison_png(img.array, rec_img.array, lf.preprocessing, compare)
-            stored = lf.z.numel() * 2
-            return {**metrics, "image_bytes": int(img.array.nbytes), "latent_bytes_fp16": int(stored),
-                    "storage_ratio": img.array.nbytes / stored}
+            source_bytes = sum(p.stat().st_size for p in item.paths)
+            latent_bytes = latent_path.stat().st_size
+            return {**metrics, "pixels": int(img.array.size), "latent_values": int(lf.z.numel()),
+                    "source_file_bytes": source_bytes, "latent_file_bytes": latent_bytes,
+                    "storage_ratio": source_bytes / latent_bytes}
 
         return Job(item.name, [latent_path, recon, compare], lambda: load_item(item, uneven), run)
 
-    report = run_jobs([make_job(it) for it in items], output, resume=resume,
-                      progress=_progress_printer(console, len(items)))
+    with _Progress(console, len(items), "roundtrip") as bar:
+        report = run_jobs([make_job(it) for it in items], output, resume=resume, progress=bar)
     rows = [{"item": r.item, **r.info} for r in report.results if r.status == "ok"]
     if rows:
         with open(output / "metrics.csv", "w", newline="") as fh:
@@ -397,9 +410,29 @@ def roundtrip(
             w.writerows(rows)
         for r in rows:
             console.print(f"  {r['item']}: PSNR {r['psnr']:.2f} dB, MS-SSIM {r['ms_ssim']:.4f}, "
-                          f"storage ÷{r['storage_ratio']:.1f}", highlight=False)
+                          f"{r['pixels']} pixels → {r['latent_values']} latent values, "
+                          f"file {r['source_file_bytes']} B → latent file {r['latent_file_bytes']} B "
+                          f"(÷{r['storage_ratio']:.1f})", highlight=False)
         (output / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     _finish(console, report, output, skipped_inputs)
+
+
+
+@app.command()
+def samples(
+    output: Path = typer.Option(Path("samples"), "--output", "-o"),
+    max_size_2d: int = typer.Option(256, help="Block-average 2D images to at most this many pixels per axis (0: keep)."),
+    max_size_3d: int = typer.Option(64, help="Block-average volumes to at most this many voxels per axis (0: keep)."),
+) -> None:
+    """Gather real public sample images from installed packages (pip install 'medlatent[samples]')."""
+    from medlatent.samples import gather
+
+    found = gather(output, max_size_2d, max_size_3d)
+    if not found:
+        _fail("no sample sources found; install them with: pip install 'medlatent[samples]'")
+    for s in found:
+        typer.echo(f"{s.path}  ← {s.note}")
+    typer.echo(f"{len(found)} samples in {output} (2D: {output / '2d'}, 3D: {output / '3d'})")
 
 
 if __name__ == "__main__":

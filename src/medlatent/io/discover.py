@@ -56,8 +56,8 @@ def discover(inputs: list[str | Path]) -> tuple[list[InputItem], list[tuple[Path
         for p in sorted(root.rglob("*")):
             if not p.is_file() or p.name.startswith("."):
                 continue
-            if p.name.endswith(".mhd") is False and p.suffix.lower() in (".raw", ".zraw"):
-                continue  # MetaImage pixel files are read through their header
+            if p.suffix.lower() in (".raw", ".zraw"):
+                continue  # MetaImage pixel files are read through their .mhd header
             if is_dicom(p):
                 by_folder.setdefault(p.parent, []).append(p)
             elif is_supported(p):
