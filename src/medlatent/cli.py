@@ -40,6 +40,18 @@ def _load(model: str, checkpoint: Optional[Path], random_weights: bool = False):
         _fail(str(e))
 
 
+def _tiles(tile: Optional[int], overlap: Optional[int], max_memory: Optional[float], tile_batch: int):
+    from medlatent.engine.tiled import TileSettings
+
+    return TileSettings(tile=tile, overlap=overlap, max_memory_gb=max_memory, batch_size=tile_batch)
+
+
+TILE_OPT = typer.Option(None, "--tile", help="Tile edge in image pixels/voxels (default: from --max-memory).")
+OVERLAP_OPT = typer.Option(None, "--overlap", help="Tile overlap in image pixels/voxels (default: from the receptive field).")
+MEMORY_OPT = typer.Option(None, "--max-memory", help="Activation memory budget in GB (default: what fits the device).")
+TILE_BATCH_OPT = typer.Option(1, "--tile-batch", min=1, help="Tiles per forward pass.")
+
+
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details.")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -93,6 +105,11 @@ def profile(
     random_weights: bool = typer.Option(False, "--random-weights", help="Skip weights: build from the registry."),
     batch: int = typer.Option(1, "--batch", "-b", min=1),
     device: str = typer.Option("cpu", "--device", "-d"),
+    tile: Optional[int] = TILE_OPT,
+    overlap: Optional[int] = OVERLAP_OPT,
+    max_memory: Optional[float] = MEMORY_OPT,
+    tile_batch: int = TILE_BATCH_OPT,
+    untiled: bool = typer.Option(False, "--untiled", help="Run the whole image at once (no tiling)."),
 ) -> None:
     """Encode and decode one random batch: latent shape, time and peak memory for your image size."""
     import resource
@@ -108,12 +125,17 @@ def profile(
     if len(dims) != net.spatial_dims:
         _fail(f"--size needs {net.spatial_dims} numbers for this {net.spatial_dims}D model, got {size!r}")
     x = torch.rand(batch, net.config.in_channels, *dims, device=device) * 2 - 1
+    from medlatent.engine.tiled import TiledAutoencoder
+
+    runner = TiledAutoencoder(net, _tiles(tile, overlap, max_memory, tile_batch))
+    if not untiled and batch != 1:
+        _fail("tiled profiling takes --batch 1 (add --untiled to time a batch)")
     try:
         with torch.inference_mode():
             t0 = time.perf_counter()
-            z = net.encode(x).mean
+            z = net.encode(x).mean if untiled else runner.encode(x)
             t1 = time.perf_counter()
-            y = net.decode(z)
+            y = net.decode(z) if untiled else runner.decode(z)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             t2 = time.perf_counter()
@@ -199,6 +221,10 @@ def encode(
     uneven: str = typer.Option("refuse", help="DICOM series with uneven slices: refuse or resample."),
     resume: bool = typer.Option(True, "--resume/--overwrite", help="Skip inputs whose outputs are complete."),
     prefetch: int = typer.Option(2, min=1, help="Inputs read ahead while the model runs."),
+    tile: Optional[int] = TILE_OPT,
+    overlap: Optional[int] = OVERLAP_OPT,
+    max_memory: Optional[float] = MEMORY_OPT,
+    tile_batch: int = TILE_BATCH_OPT,
 ) -> None:
     """Encode images into latent files (``<name>.latent.safetensors``), one per input or DICOM series."""
     import numpy as np
@@ -214,7 +240,8 @@ def encode(
     if latent_dtype not in ("float16", "float32"):
         _fail(f"--latent-dtype must be float16 or float32, got {latent_dtype!r}")
     net = _load(model, checkpoint).to(device)
-    opts = EncodeOptions(modality=modality, latent_dtype=latent_dtype, stage2=stage2, precision=precision)
+    opts = EncodeOptions(modality=modality, latent_dtype=latent_dtype, stage2=stage2, precision=precision,
+                         tiles=_tiles(tile, overlap, max_memory, tile_batch))
     items, skipped_inputs = discover(inputs)
     console = _console()
 
@@ -273,6 +300,10 @@ def decode(
     precision: str = typer.Option("fp32"),
     ignore_weights: bool = typer.Option(False, help="Decode even if the weights differ from the encoder's."),
     resume: bool = typer.Option(True, "--resume/--overwrite"),
+    tile: Optional[int] = TILE_OPT,
+    overlap: Optional[int] = OVERLAP_OPT,
+    max_memory: Optional[float] = MEMORY_OPT,
+    tile_batch: int = TILE_BATCH_OPT,
 ) -> None:
     """Decode latent files back to images on the original grid, orientation and intensity units."""
     from medlatent.batch import Job, run_jobs
@@ -306,7 +337,8 @@ def decode(
 
         def run(lf):
             net = _model_for_latent(lf, model, checkpoint, cache).to(device)
-            img = decode_latent(net, lf, source=path, precision=precision, strict_weights=not ignore_weights)
+            img = decode_latent(net, lf, source=path, precision=precision, strict_weights=not ignore_weights,
+                                tiles=_tiles(tile, overlap, max_memory, tile_batch))
             from medlatent.io.writers import write_image
 
             write_image(img, target, out_fmt or default_format(img))
@@ -361,6 +393,10 @@ def roundtrip(
     precision: str = typer.Option("fp32"),
     uneven: str = typer.Option("refuse"),
     resume: bool = typer.Option(True, "--resume/--overwrite"),
+    tile: Optional[int] = TILE_OPT,
+    overlap: Optional[int] = OVERLAP_OPT,
+    max_memory: Optional[float] = MEMORY_OPT,
+    tile_batch: int = TILE_BATCH_OPT,
 ) -> None:
     """Encode and decode: writes the latent, the reconstruction, a comparison PNG and PSNR / MS-SSIM per file."""
     import csv
@@ -374,7 +410,8 @@ def roundtrip(
     from medlatent.report import comparison_png, roundtrip_metrics
 
     net = _load(model, checkpoint).to(device)
-    opts = EncodeOptions(modality=modality, precision=precision)
+    tiles = _tiles(tile, overlap, max_memory, tile_batch)
+    opts = EncodeOptions(modality=modality, precision=precision, tiles=tiles)
     items, skipped_inputs = discover(inputs)
     console = _console()
 
@@ -388,7 +425,8 @@ def roundtrip(
         def run(img):
             lf = encode_image(net, img, opts)
             write_latent(latent_path, lf)
-            rec_img = decode_latent(net, lf, source=latent_path, precision=precision, out_dtype="float32")
+            rec_img = decode_latent(net, lf, source=latent_path, precision=precision, out_dtype="float32",
+                                    tiles=tiles)
             write_image(rec_img, recon, fmt or default_format(rec_img))
             metrics = roundtrip_metrics(img.array, rec_img.array, lf.preprocessing)
             comparison_png(img.array, rec_img.array, lf.preprocessing, compare)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medlatent.engine.tiled import TiledAutoencoder, TileSettings
 from medlatent.io.image import ImageData
 from medlatent.latentfile import LatentFile, LatentFileError
 from medlatent.model.autoencoder import MedVAE
@@ -28,6 +29,7 @@ class EncodeOptions:
     stage2: bool | None = None
     precision: str = "fp32"
     mri_percentiles: tuple[float, float] | None = None
+    tiles: TileSettings | None = None
 
 
 def model_record(model: MedVAE) -> dict:
@@ -64,7 +66,7 @@ def encode_image(model: MedVAE, img: ImageData, opts: EncodeOptions | None = Non
                         mri_percentiles=opts.mri_percentiles)
     xt = torch.from_numpy(x)[None].to(_device(model))
     with _autocast(model, opts.precision):
-        z = model.encode(xt).mean
+        z = TiledAutoencoder(model, opts.tiles).encode(xt).to(xt.dtype)
         want_stage2 = opts.stage2 if opts.stage2 is not None else model.spatial_dims == 2
         feats = model.stage2_features(z) if want_stage2 and model.config.stage2_head else None
     return LatentFile(z=z[0].float().cpu(), stage2=None if feats is None else feats[0].float().cpu(),
@@ -88,13 +90,15 @@ def check_compatible(model: MedVAE, lf: LatentFile, source: str | Path, strict_w
 
 @torch.inference_mode()
 def decode_latent(model: MedVAE, lf: LatentFile, *, source: str | Path = "latent", precision: str = "fp32",
-                  strict_weights: bool = True, out_dtype: str | None = None) -> ImageData:
+                  strict_weights: bool = True, out_dtype: str | None = None,
+                  tiles: TileSettings | None = None) -> ImageData:
     """Decode a latent file's ``z`` back onto the original grid, orientation and intensity units."""
     check_compatible(model, lf, source, strict_weights)
     z = lf.z.float()[None].to(_device(model))
     rec = lf.preprocessing
     with _autocast(model, precision):
-        y = model.decode(z, grayscale=rec.channel_mean or (rec.spatial_dims == 2 and rec.original_shape[0] == 1))
+        gray = rec.channel_mean or (rec.spatial_dims == 2 and rec.original_shape[0] == 1)
+        y = TiledAutoencoder(model, tiles).decode(z, grayscale=gray)
     arr = restore(y[0].float().cpu().numpy(), rec, out_dtype)
     return ImageData(arr, np.array(rec.original_affine), modality=rec.modality, source=str(source),
                      meta={"format": "decoded"})

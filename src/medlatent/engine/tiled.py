@@ -1,0 +1,163 @@
+"""Any-size encode and decode with bounded memory: overlapping tiles blended with linear ramps.
+
+Each tile is computed independently, so the GroupNorm statistics and the mid-block attention of a tile see
+only that tile: tiled results approach the untiled ones as tiles grow (see ``bench/RESULTS.md``).
+
+Encode: tiles in image space → posterior means blended in latent space. Decode: tiles in latent space → images
+blended in image space. Memory is bounded by the tile (and the output buffer), not by the image.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from medlatent.engine.tiling import Tile, blend_weights, plan_tiles, receptive_radius, tile_for_budget
+from medlatent.model.autoencoder import MedVAE
+
+logger = logging.getLogger(__name__)
+
+# Peak activation bytes per image-space voxel per float32 value, measured on CPU for the released widths
+# (ch=128): encode ≈ 4 full-resolution tensors of ch·ch_mult[0] channels, decode ≈ 3 of ch·ch_mult[1].
+_ENCODE_TENSORS = 4
+_DECODE_TENSORS = 3
+
+
+@dataclass
+class TileSettings:
+    """Tile geometry in image-space voxels per axis (``None``: chosen from the memory budget).
+
+    Attributes:
+        tile: tile edge in image space (a multiple of the model's reduction).
+        overlap: overlap between neighbouring tiles in image space.
+        max_memory_gb: activation memory allowed for one batch of tiles.
+        batch_size: tiles per forward pass.
+    """
+
+    tile: int | None = None
+    overlap: int | None = None
+    max_memory_gb: float | None = None
+    batch_size: int = 1
+
+
+def default_budget_gb(device: torch.device) -> float:
+    """What fits the device: 60% of free GPU memory; on CPU a quarter of RAM, at most 6 GB."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 0.6 * free / 2**30
+    try:
+        import os
+
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        ram = 16.0
+    return min(6.0, ram / 4)
+
+
+class TiledAutoencoder:
+    """Wraps a :class:`MedVAE` for images of any size. Inputs/outputs are single images ``1×C×…``."""
+
+    def __init__(self, model: MedVAE, settings: TileSettings | None = None) -> None:
+        self.model = model
+        self.settings = settings or TileSettings()
+        if self.settings.batch_size < 1:
+            raise ValueError("batch_size must be ≥ 1")
+
+    # ----------------------------------------------------------------------------------------- geometry
+    @property
+    def s(self) -> int:
+        return self.model.downsample_per_axis
+
+    def _bytes_per_voxel(self, op: str, dtype: torch.dtype) -> float:
+        cfg = self.model.config
+        elem = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
+        if op == "encode":
+            return _ENCODE_TENSORS * cfg.ch * cfg.ch_mult[0] * elem
+        return _DECODE_TENSORS * cfg.ch * max(cfg.ch_mult[: 2]) * elem
+
+    def tile_and_overlap(self, op: str, dtype: torch.dtype = torch.float32) -> tuple[int, int]:
+        """Image-space tile edge and overlap for ``op`` (``encode``/``decode``)."""
+        st, s = self.settings, self.s
+        if st.tile is not None:
+            if st.tile % s or st.tile < 2 * s:
+                raise ValueError(f"tile must be a multiple of {s} and at least {2 * s}, got {st.tile}")
+            tile = st.tile
+        else:
+            budget = (st.max_memory_gb or default_budget_gb(self._device())) * 2**30 / st.batch_size
+            tile = tile_for_budget(budget, self._bytes_per_voxel(op, dtype), self.model.spatial_dims, s, 8 * s)
+        if st.overlap is not None:
+            overlap = st.overlap
+        else:  # a quarter of the tile, at most the theoretical receptive radius
+            r = receptive_radius(self.model.config.ch_mult, self.model.config.num_res_blocks)
+            overlap = min(tile // 4, r)
+        overlap = max(0, (overlap // s) * s)
+        if overlap >= tile:
+            raise ValueError(f"overlap {overlap} must be smaller than the tile {tile}")
+        return tile, overlap
+
+    def _device(self) -> torch.device:
+        return self.model.quant_conv.weight.device
+
+    # ----------------------------------------------------------------------------------------- core loop
+    def _run(self, x: torch.Tensor, fn, ratio: float, out_channels: int, tile: int, overlap: int,
+             multiple: int) -> torch.Tensor:
+        """Apply ``fn`` tile by tile to ``x`` (``1×C×…``); tile/overlap in voxels of ``x``.
+
+        ``ratio`` is output voxels per input voxel (``1/s`` to encode, ``s`` to decode).
+        """
+        if x.shape[0] != 1:
+            raise ValueError("tiled inference takes one image at a time (batch of 1)")
+        shape = tuple(x.shape[2:])
+        tiles = plan_tiles(shape, (tile,) * len(shape), (overlap,) * len(shape), multiple)
+        if len(tiles) == 1:
+            return fn(x).float()
+        logger.debug("%d tiles of %d (overlap %d) over %s", len(tiles), tile, overlap, shape)
+
+        def crop(batch: list[Tile]) -> torch.Tensor:
+            return torch.cat([x[(slice(None), slice(None), *t.slices())] for t in batch])
+
+        out_shape = tuple(int(round(n * ratio)) for n in shape)
+        out_overlap = (int(round(overlap * ratio)),) * len(shape)
+        out = torch.zeros((1, out_channels, *out_shape), dtype=torch.float32, device=x.device)
+        wsum = torch.zeros((1, 1, *out_shape), dtype=torch.float32, device=x.device)
+        for batch in self._batches(tiles):
+            y = fn(crop(batch)).float()
+            for t, yt in zip(batch, y):
+                ts = _scaled(t, ratio)
+                sl = (slice(None), slice(None), *ts.slices())
+                w = blend_weights(ts, out_shape, 1, out_overlap, x.device)
+                out[sl] += yt * w
+                wsum[sl] += w
+        return out / wsum
+
+    def _batches(self, tiles: list[Tile]):
+        bs = self.settings.batch_size
+        for i in range(0, len(tiles), bs):
+            yield tiles[i : i + bs]
+
+    # ----------------------------------------------------------------------------------------- API
+    @torch.inference_mode()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Posterior mean ``z`` (``1×C×…/s``) of an image ``1×C_in×…`` (sizes multiples of ``s``)."""
+        tile, overlap = self.tile_and_overlap("encode", x.dtype)
+        return self._run(x, lambda t: self.model.encode(t).mean, 1 / self.s, self.model.C, tile, overlap, self.s)
+
+    @torch.inference_mode()
+    def decode(self, z: torch.Tensor, grayscale: bool = False) -> torch.Tensor:
+        """Image ``1×C_out×…`` from a latent ``z`` (``1×C×…``); tiles planned in latent voxels."""
+        tile, overlap = self.tile_and_overlap("decode", z.dtype)
+        s = self.s
+        out_ch = 1 if grayscale else self.model.config.out_channels
+        return self._run(z, lambda t: self.model.decode(t, grayscale=grayscale), float(s), out_ch,
+                         max(2, tile // s), overlap // s, 1)
+
+
+def _scaled(t: Tile, ratio: float) -> Tile:
+    return Tile(tuple(int(a * ratio) for a in t.starts), tuple(int(n * ratio) for n in t.sizes), t.core)
+
+
+def n_tiles(shape: tuple[int, ...], tile: int, overlap: int) -> int:
+    return math.prod(len(plan_tiles((n,), (min(tile, n),), (overlap,))) for n in shape)
