@@ -62,13 +62,13 @@ class Job(Generic[T, R]):
 
 
 def run_jobs(jobs: Iterable[Job], manifest_dir: Path, *, resume: bool = True, prefetch: int = 2,
-             progress: Callable[[ItemResult], None] | None = None) -> BatchReport:
+             progress: Callable[[ItemResult], None] | None = None, manifest: str = MANIFEST) -> BatchReport:
     """Run jobs in order with ``prefetch`` loads in flight; record every outcome in the manifest."""
     jobs = list(jobs)
     manifest_dir.mkdir(parents=True, exist_ok=True)
     report = BatchReport()
     todo: list[Job] = []
-    with open(manifest_dir / MANIFEST, "a") as mf:
+    with open(manifest_dir / manifest, "a") as mf:
         for job in jobs:
             _remove_stale_temporaries(job.outputs)
             if resume and job.outputs and all(p.is_file() for p in job.outputs):
@@ -79,7 +79,7 @@ def run_jobs(jobs: Iterable[Job], manifest_dir: Path, *, resume: bool = True, pr
                     progress(res)
             else:
                 todo.append(job)
-    with ThreadPoolExecutor(max_workers=max(1, prefetch)) as pool, open(manifest_dir / MANIFEST, "a") as mf:
+    with ThreadPoolExecutor(max_workers=max(1, prefetch)) as pool, open(manifest_dir / manifest, "a") as mf:
         pending: list[Future] = [pool.submit(j.load) for j in todo[:prefetch]]
         for i, job in enumerate(todo):
             if i + prefetch < len(todo):

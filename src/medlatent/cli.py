@@ -185,16 +185,25 @@ class _Progress:
         self.progress.update(self.task, advance=1, description=escape(res.item))
 
 
-def _finish(console, report, out: Path, skipped_inputs) -> None:
-    """Summary, failures listed with reasons, non-zero exit if anything failed."""
+def _record_skipped(out: Path, skipped_inputs, manifest: str) -> None:
+    """Inputs that never became items (missing, unsupported, unreadable headers) go into the manifest too."""
     import json
 
-    from medlatent.batch import MANIFEST
-
     if skipped_inputs:
-        with open(out / MANIFEST, "a") as mf:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / manifest, "a") as mf:
             for p, why in skipped_inputs:
                 mf.write(json.dumps({"item": str(p), "status": "failed", "reason": why}) + "\n")
+
+
+def _finish(console, report, out: Path, skipped_inputs, manifest: Optional[str] = None,
+            recorded: bool = False) -> None:
+    """Summary, failures listed with reasons, non-zero exit if anything failed."""
+    from medlatent.batch import MANIFEST
+
+    manifest = manifest or MANIFEST
+    if not recorded:
+        _record_skipped(out, skipped_inputs, manifest)
     counts = report.counts()
     failures = [(r.item, r.reason) for r in report.failed] + [(str(p), why) for p, why in skipped_inputs]
     console.print(f"done: {counts.get('ok', 0)} written, {counts.get('skipped', 0)} already complete, "
@@ -221,6 +230,7 @@ def encode(
     uneven: str = typer.Option("refuse", help="DICOM series with uneven slices: refuse or resample."),
     resume: bool = typer.Option(True, "--resume/--overwrite", help="Skip inputs whose outputs are complete."),
     prefetch: int = typer.Option(2, min=1, help="Inputs read ahead while the model runs."),
+    shard: Optional[str] = typer.Option(None, help="Process shard R/N of the inputs (default: torchrun's RANK/WORLD_SIZE)."),
     tile: Optional[int] = TILE_OPT,
     overlap: Optional[int] = OVERLAP_OPT,
     max_memory: Optional[float] = MEMORY_OPT,
@@ -239,10 +249,18 @@ def encode(
 
     if latent_dtype not in ("float16", "float32"):
         _fail(f"--latent-dtype must be float16 or float32, got {latent_dtype!r}")
-    net = _load(model, checkpoint).to(device)
+    from medlatent.distributed import device_for, finish, shard_from
+
+    try:
+        part = shard_from(shard)
+    except ValueError as e:
+        _fail(str(e))
+    net = _load(model, checkpoint).to(device_for(device))
     opts = EncodeOptions(modality=modality, latent_dtype=latent_dtype, stage2=stage2, precision=precision,
                          tiles=_tiles(tile, overlap, max_memory, tile_batch))
     items, skipped_inputs = discover(inputs)
+    items = part.take(items)
+    skipped_inputs = part.take(skipped_inputs)
     console = _console()
 
     def make_job(item):
@@ -261,9 +279,15 @@ def encode(
 
         return Job(item.name, outs, lambda: load_item(item, uneven), run)
 
-    with _Progress(console, len(items), "encoding") as bar:
-        report = run_jobs([make_job(it) for it in items], output, resume=resume, prefetch=prefetch, progress=bar)
-    _finish(console, report, output, skipped_inputs)
+    label = f"encoding (shard {part.rank + 1}/{part.world})" if part.active else "encoding"
+    with _Progress(console, len(items), label) as bar:
+        report = run_jobs([make_job(it) for it in items], output, resume=resume, prefetch=prefetch, progress=bar,
+                          manifest=part.manifest_name)
+    _record_skipped(output, skipped_inputs, part.manifest_name)
+    failed_all = finish(part, output, len(report.failed) + len(skipped_inputs))
+    _finish(console, report, output, skipped_inputs, manifest=part.manifest_name, recorded=True)
+    if failed_all:
+        raise typer.Exit(code=1)
 
 
 def load_item(item, uneven: str = "refuse"):
