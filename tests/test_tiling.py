@@ -1,5 +1,6 @@
 """Tiling helpers and the tiled-vs-untiled contract (2D and 3D)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,3 +87,18 @@ def test_tiled_inference_is_close_and_seamless(dims, size, tile, overlap):
 def test_border_mask_marks_blend_centres():
     m = border_mask((64,), 32, 8)  # tiles start at 0, 16, 32: blend centres at 24 and 40
     assert m.nonzero().flatten().tolist() == [23, 24, 39, 40]
+
+
+def test_bfloat16_autocast_on_cpu_stays_close_to_float32():
+    from medlatent.io.image import ImageData, spacing_affine
+    from medlatent.pipeline import EncodeOptions, encode_image
+
+    model = randomise(MedVAE(tiny_config(2))).eval()
+    model.weights_info = {"model": "tiny"}
+    arr = (np.sin(np.linspace(0, 6, 64))[:, None] * np.cos(np.linspace(0, 4, 48))[None, :] * 1000).astype(np.int16)
+    img = ImageData(arr[None], spacing_affine((1.0, 1.0)))
+    z32 = encode_image(model, img, EncodeOptions(precision="fp32")).z
+    z16 = encode_image(model, img, EncodeOptions(precision="bf16")).z
+    assert z16.dtype == torch.float32
+    rel = float((z16 - z32).norm() / z32.norm())
+    assert 0 < rel < 0.05

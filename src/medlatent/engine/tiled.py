@@ -35,12 +35,16 @@ class TileSettings:
         overlap: overlap between neighbouring tiles in image space.
         max_memory_gb: activation memory allowed for one batch of tiles.
         batch_size: tiles per forward pass.
+        max_tokens: cap on the mid-block attention positions per tile (``(tile/s)**dims``) when the tile is
+            chosen automatically. Attention costs grow with the square of this number, so on large images
+            several moderate tiles are much faster than one huge tile (0: no cap).
     """
 
     tile: int | None = None
     overlap: int | None = None
     max_memory_gb: float | None = None
     batch_size: int = 1
+    max_tokens: int = 2**14
 
 
 def default_budget_gb(device: torch.device) -> float:
@@ -88,6 +92,9 @@ class TiledAutoencoder:
         else:
             budget = (st.max_memory_gb or default_budget_gb(self._device())) * 2**30 / st.batch_size
             tile = tile_for_budget(budget, self._bytes_per_voxel(op, dtype), self.model.spatial_dims, s, 8 * s)
+            if st.max_tokens:
+                cap = int(round(st.max_tokens ** (1 / self.model.spatial_dims))) * s
+                tile = max(8 * s, min(tile, cap))
         if st.overlap is not None:
             overlap = st.overlap
         else:  # a quarter of the tile, at most the theoretical receptive radius
