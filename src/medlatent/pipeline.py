@@ -64,7 +64,12 @@ def encode_image(model: MedVAE, img: ImageData, opts: EncodeOptions | None = Non
     x, rec = preprocess(img, spatial_dims=model.spatial_dims, in_channels=model.config.in_channels,
                         downsample=model.downsample_per_axis, modality=opts.modality,
                         mri_percentiles=opts.mri_percentiles)
-    xt = torch.from_numpy(x)[None].to(_device(model))
+    dev = _device(model)
+    xt = torch.from_numpy(x)[None]
+    if dev.type == "cuda":  # pinned host memory lets the copy overlap with compute already queued
+        xt = xt.pin_memory().to(dev, non_blocking=True)
+    else:
+        xt = xt.to(dev)
     with _autocast(model, opts.precision):
         z = TiledAutoencoder(model, opts.tiles).encode(xt).to(xt.dtype)
         want_stage2 = opts.stage2 if opts.stage2 is not None else model.spatial_dims == 2
