@@ -214,3 +214,18 @@ def test_bad_latent_corpus(tmp_path, model_dirs):
     res, text = _run("decode", good, "-o", tmp_path / "dec_other", "--model", model_dirs["other"])
     assert res.exit_code == 1 and "MR_small.latent.safetensors" in text and "does not fit" in text
     assert not list((tmp_path / "dec_other").glob("*.png"))
+
+
+def test_cli_tiling_options_give_full_size_outputs(tmp_path, model_dirs):
+    src = copy_to(tmp_path, sample_file("MR_small.dcm"))
+    res, out = _run("roundtrip", src, "-o", tmp_path / "rt", "--model", model_dirs[2], "--tile", "32",
+                    "--overlap", "8", "--tile-batch", "2")
+    assert res.exit_code == 0, out
+    from medlatent.latentfile import read_latent
+
+    lf = read_latent(tmp_path / "rt" / "MR_small.latent.safetensors")
+    assert tuple(lf.z.shape) == (2, 32, 32)
+    with PIL.open(tmp_path / "rt" / "MR_small.recon.png") as im:
+        assert im.size == (64, 64)
+    res, out = _run("encode", src, "-o", tmp_path / "bad", "--model", model_dirs[2], "--tile", "31")
+    assert res.exit_code == 1 and "multiple of 2" in out
