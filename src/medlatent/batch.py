@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from medlatent.io.atomic import remove_stale_temporaries
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -70,7 +72,8 @@ def run_jobs(jobs: Iterable[Job], manifest_dir: Path, *, resume: bool = True, pr
     todo: list[Job] = []
     with open(manifest_dir / manifest, "a") as mf:
         for job in jobs:
-            _remove_stale_temporaries(job.outputs)
+            for p in job.outputs:
+                remove_stale_temporaries(p)
             if resume and job.outputs and all(p.is_file() for p in job.outputs):
                 res = ItemResult(job.name, "skipped", [str(p) for p in job.outputs], "outputs already complete")
                 report.results.append(res)
@@ -104,12 +107,3 @@ def run_jobs(jobs: Iterable[Job], manifest_dir: Path, *, resume: bool = True, pr
                 progress(res)
     return report
 
-
-def _remove_stale_temporaries(outputs: list[Path]) -> None:
-    """Temporary files of a killed run (``.name.<pid>.tmp`` / ``.tmp-<pid>-name``) next to the outputs."""
-    for p in outputs:
-        if p.parent.is_dir():
-            for tmp in p.parent.glob(f".{p.name}.*.tmp"):
-                tmp.unlink(missing_ok=True)
-            for tmp in p.parent.glob(f".tmp-*-{p.name}"):
-                tmp.unlink(missing_ok=True)

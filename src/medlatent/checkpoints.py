@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import pickle
 import re
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Mapping
 
 import torch
 
+from medlatent.io.atomic import atomic_write
 from medlatent.model.autoencoder import MedVAE
 from medlatent.model.config import MedVAEConfig
 from medlatent.registry import ModelInfo, get_model_info, list_models
@@ -203,12 +203,10 @@ def save_pretrained(model: MedVAE, directory: str | Path, name: str | None = Non
             "model": name, "config": model.config.to_dict(),
             "source": {k: v for k, v in model.weights_info.items() if k != "model"}}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = directory / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, directory / WEIGHTS_FILE)
-    tmp = directory / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, directory / CONFIG_FILE)
+    with atomic_write(directory / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    with atomic_write(directory / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
     return directory
 
 

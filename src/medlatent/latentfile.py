@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medlatent.io.atomic import atomic_write
 from medlatent.preprocessing import Preprocessing
 
 FORMAT = "medlatent-latent"
@@ -61,11 +61,6 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def atomic_path(path: Path) -> Path:
-    """A temporary sibling of ``path``; rename it onto ``path`` when complete (same filesystem)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def write_latent(path: str | Path, lf: LatentFile, dtype: torch.dtype = torch.float16) -> Path:
     """Write atomically (temporary file + rename): a killed run never leaves a partial latent file."""
     from safetensors.torch import save_file
@@ -85,13 +80,8 @@ def write_latent(path: str | Path, lf: LatentFile, dtype: torch.dtype = torch.fl
         "latent_affine": lf.preprocessing.latent_affine(int(lf.model["downsample_per_axis"])).tolist(),
         "sha256": _digest(tensors),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata={"medlatent": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from medlatent.io.atomic import atomic_write
 from medlatent.io.image import ImageData
 
 FORMATS = ("nifti", "png", "tiff", "npy")
@@ -24,30 +24,19 @@ def default_format(img: ImageData) -> str:
     return "nifti" if img.spatial_dims == 3 else "png"
 
 
-def _tmp(path: Path) -> Path:
-    # keep the real suffix last so libraries that choose the format by extension still recognise it
-    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
-
-
 def write_image(img: ImageData, path: str | Path, fmt: str | None = None) -> Path:
-    """Write ``img`` to ``path`` (temporary file + rename, so a killed run leaves no partial file)."""
+    """Write ``img`` to ``path`` atomically (a killed run leaves no partial file)."""
     path = Path(path)
     fmt = fmt or default_format(img)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    try:
+    output_suffix(fmt)  # unknown formats fail before anything is written
+    with atomic_write(path) as tmp:
         if fmt == "nifti":
             _write_nifti(img, tmp)
         elif fmt in ("png", "tiff"):
             _write_raster(img, tmp, fmt)
-        elif fmt == "npy":
+        else:  # npy
             with open(tmp, "wb") as fh:
                 np.save(fh, img.array)
-        else:
-            output_suffix(fmt)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
