@@ -1,0 +1,1 @@
+"""Reading and writing medical images with their geometry."""
