@@ -331,8 +331,8 @@ def decode(
 ) -> None:
     """Decode latent files back to images on the original grid, orientation and intensity units."""
     from medlatent.batch import Job, run_jobs
-    from medlatent.io.writers import default_format, output_suffix
-    from medlatent.latentfile import SUFFIX, read_latent
+    from medlatent.io.writers import output_suffix, write_image
+    from medlatent.latentfile import SUFFIX, read_latent, read_latent_header
     from medlatent.pipeline import decode_latent
 
     if fmt is not None:
@@ -349,12 +349,15 @@ def decode(
     cache: dict = {}
     console = _console()
 
+    tiles = _tiles(tile, overlap, max_memory, tile_batch)
+
     def make_job(name: str, path: Path):
-        # the suffix depends on the latent (2D/3D) when no format is given: peek at the header cheaply
+        # the suffix depends on the latent (2D/3D) when no format is given: read the header only (no tensors);
+        # a damaged file fails later, in the job, with its reason
         out_fmt = fmt
         if out_fmt is None:
             try:
-                out_fmt = "nifti" if read_latent(path).spatial_dims == 3 else "png"
+                out_fmt = "nifti" if read_latent_header(path)[0].spatial_dims == 3 else "png"
             except Exception:
                 out_fmt = "nifti"
         target = output / (name + output_suffix(out_fmt))
@@ -362,10 +365,8 @@ def decode(
         def run(lf):
             net = _model_for_latent(lf, model, checkpoint, cache).to(device)
             img = decode_latent(net, lf, source=path, precision=precision, strict_weights=not ignore_weights,
-                                tiles=_tiles(tile, overlap, max_memory, tile_batch))
-            from medlatent.io.writers import write_image
-
-            write_image(img, target, out_fmt or default_format(img))
+                                tiles=tiles)
+            write_image(img, target, out_fmt)
             return {"shape": list(img.array.shape)}
 
         return Job(name, [target], lambda: read_latent(path), run)
@@ -428,7 +429,7 @@ def roundtrip(
 
     from medlatent.batch import Job, run_jobs
     from medlatent.io.discover import discover
-    from medlatent.io.writers import default_format, output_suffix, write_image
+    from medlatent.io.writers import output_suffix, write_image
     from medlatent.latentfile import SUFFIX, write_latent
     from medlatent.pipeline import EncodeOptions, decode_latent, encode_image
     from medlatent.report import comparison_png, roundtrip_metrics
@@ -451,7 +452,7 @@ def roundtrip(
             write_latent(latent_path, lf)
             rec_img = decode_latent(net, lf, source=latent_path, precision=precision, out_dtype="float32",
                                     tiles=tiles)
-            write_image(rec_img, recon, fmt or default_format(rec_img))
+            write_image(rec_img, recon, fmt)
             metrics = roundtrip_metrics(img.array, rec_img.array, lf.preprocessing)
             comparison_png(img.array, rec_img.array, lf.preprocessing, compare)
             source_bytes = sum(p.stat().st_size for p in item.paths)

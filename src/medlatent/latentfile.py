@@ -85,19 +85,21 @@ def write_latent(path: str | Path, lf: LatentFile, dtype: torch.dtype = torch.fl
     return path
 
 
-def read_latent(path: str | Path) -> LatentFile:
-    """Read and validate a latent file (format, integrity, shape consistency)."""
+def _open(path: Path, load_tensors: bool) -> tuple[str | None, dict[str, torch.Tensor]]:
     from safetensors import safe_open
 
-    path = Path(path)
     if not path.is_file():
         raise LatentFileError(path, "no such latent file")
     try:
         with safe_open(str(path), framework="pt") as fh:
             raw = (fh.metadata() or {}).get("medlatent")
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()} if load_tensors else {}
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
         raise LatentFileError(path, f"damaged or not a safetensors file ({type(e).__name__}: {e})") from e
+    return raw, tensors
+
+
+def _parse_metadata(path: Path, raw: str | None) -> tuple[dict[str, Any], Preprocessing, dict[str, Any]]:
     if raw is None:
         raise LatentFileError(path, "not a medlatent latent file (no 'medlatent' metadata)")
     try:
@@ -106,10 +108,23 @@ def read_latent(path: str | Path) -> LatentFile:
             raise ValueError(f"format is {meta.get('format')!r}")
         if int(meta.get("format_version", 0)) > FORMAT_VERSION:
             raise ValueError(f"format version {meta['format_version']} is newer than this medlatent supports")
-        rec = Preprocessing.from_dict(meta["preprocessing"])
-        model = dict(meta["model"])
+        return meta, Preprocessing.from_dict(meta["preprocessing"]), dict(meta["model"])
     except (ValueError, KeyError, TypeError) as e:
         raise LatentFileError(path, f"invalid latent metadata: {e}") from e
+
+
+def read_latent_header(path: str | Path) -> tuple[Preprocessing, dict[str, Any]]:
+    """The preprocessing record and model description of a latent file, without reading its tensors."""
+    path = Path(path)
+    _, rec, model = _parse_metadata(path, _open(path, load_tensors=False)[0])
+    return rec, model
+
+
+def read_latent(path: str | Path) -> LatentFile:
+    """Read and validate a latent file (format, integrity, shape consistency)."""
+    path = Path(path)
+    raw, tensors = _open(path, load_tensors=True)
+    meta, rec, model = _parse_metadata(path, raw)
     if "z" not in tensors:
         raise LatentFileError(path, "holds no 'z' tensor")
     if meta.get("sha256") != _digest(tensors):
