@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from medlatent.engine.tiling import plan_tiles
+from medlatent.engine.tiling import tile_starts
 from medlatent.metrics import psnr
 
 
@@ -16,7 +16,7 @@ def border_mask(shape: tuple[int, ...], tile: int, overlap: int, scale: int = 1,
     in_shape = tuple(n // scale for n in shape)
     mask = torch.zeros(shape, dtype=torch.bool)
     for ax, n in enumerate(in_shape):
-        starts = sorted({t.starts[0] for t in plan_tiles((n,), (min(tile, n),), (overlap,))})
+        starts = tile_starts(n, min(tile, n), overlap)
         for prev, nxt in zip(starts, starts[1:]):
             centre = int(round((nxt + prev + min(tile, n)) / 2 * scale))
             idx = [slice(None)] * len(shape)

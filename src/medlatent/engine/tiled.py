@@ -10,7 +10,6 @@ blended in image space. Memory is bounded by the tile (and the output buffer), n
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -135,7 +134,7 @@ class TiledAutoencoder:
             for t, yt in zip(batch, y):
                 ts = _scaled(t, ratio)
                 sl = (slice(None), slice(None), *ts.slices())
-                w = blend_weights(ts, out_shape, 1, out_overlap, x.device)
+                w = blend_weights(ts, out_shape, out_overlap, x.device)
                 out[sl] += yt * w
                 wsum[sl] += w
         return out / wsum
@@ -163,8 +162,4 @@ class TiledAutoencoder:
 
 
 def _scaled(t: Tile, ratio: float) -> Tile:
-    return Tile(tuple(int(a * ratio) for a in t.starts), tuple(int(n * ratio) for n in t.sizes), t.core)
-
-
-def n_tiles(shape: tuple[int, ...], tile: int, overlap: int) -> int:
-    return math.prod(len(plan_tiles((n,), (min(tile, n),), (overlap,))) for n in shape)
+    return Tile(tuple(int(a * ratio) for a in t.starts), tuple(int(n * ratio) for n in t.sizes))

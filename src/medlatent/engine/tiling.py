@@ -1,4 +1,4 @@
-"""Pure N-D helpers for tiled inference: tile positions, blending weights, core regions, sizes from budgets.
+"""Pure N-D helpers for tiled inference: tile positions, blending weights, sizes from budgets.
 
 Sizes are per spatial axis. "Image space" is the input of ``encode`` / output of ``decode``; "latent space" is
 ``1/s`` of it per axis, where ``s`` is the model's per-axis reduction.
@@ -31,42 +31,27 @@ def tile_starts(size: int, tile: int, overlap: int, multiple: int = 1) -> list[i
 
 @dataclass(frozen=True)
 class Tile:
-    """One tile: ``starts``/``sizes`` per axis; ``core`` the part it owns, as fractions of the tile (for statistics).
-
-    Cores of all tiles partition the image (boundaries at the midpoints of overlaps), so image-wide statistics
-    count every position once.
-    """
+    """One tile: ``starts``/``sizes`` per axis."""
 
     starts: tuple[int, ...]
     sizes: tuple[int, ...]
-    core: tuple[tuple[float, float], ...]
 
-    def slices(self, scale: int = 1) -> tuple[slice, ...]:
-        return tuple(slice(a * scale, (a + n) * scale) for a, n in zip(self.starts, self.sizes))
+    def slices(self) -> tuple[slice, ...]:
+        return tuple(slice(a, a + n) for a, n in zip(self.starts, self.sizes))
 
 
 def plan_tiles(shape: tuple[int, ...], tile: tuple[int, ...], overlap: tuple[int, ...],
                multiple: int = 1) -> list[Tile]:
-    """All tiles over ``shape`` (row-major order), with the core each owns between overlap midpoints."""
-    per_axis = []
+    """All tiles over ``shape`` (row-major order)."""
+    tiles = [Tile((), ())]
     for n, t, o in zip(shape, tile, overlap):
         t = min(t, n)
-        starts = tile_starts(n, t, o, multiple)
-        entries = []
-        for i, a in enumerate(starts):
-            lo = 0 if i == 0 else (a + starts[i - 1] + t) // 2
-            hi = n if i == len(starts) - 1 else (starts[i + 1] + a + t) // 2
-            entries.append((a, t, ((lo - a) / t, (hi - a) / t)))  # owned part, as fractions of the tile
-        per_axis.append(entries)
-    tiles = [Tile((), (), ())]
-    for entries in per_axis:
-        tiles = [Tile(tl.starts + (a,), tl.sizes + (t,), tl.core + (c,)) for tl in tiles for a, t, c in entries]
+        tiles = [Tile(tl.starts + (a,), tl.sizes + (t,)) for tl in tiles for a in tile_starts(n, t, o, multiple)]
     return tiles
 
 
-def blend_weights(tile: Tile, full_shape: tuple[int, ...], scale: int, overlap: tuple[int, ...],
-                  device=None) -> torch.Tensor:
-    """Blending weight of a tile's output (size ``tile.sizes × scale``), separable over axes.
+def blend_weights(tile: Tile, full_shape: tuple[int, ...], overlap: tuple[int, ...], device=None) -> torch.Tensor:
+    """Blending weight of a tile's output (size ``tile.sizes``), separable over axes.
 
     Along an axis, a side that touches another tile ramps linearly from ~0 to 1 across the overlap, after a
     dead zone of a quarter of the overlap (the outermost outputs see the least context and are dropped);
@@ -74,7 +59,7 @@ def blend_weights(tile: Tile, full_shape: tuple[int, ...], scale: int, overlap: 
     """
     w = None
     for ax, (a, n, o) in enumerate(zip(tile.starts, tile.sizes, overlap)):
-        length, ov = n * scale, o * scale
+        length, ov = n, o
         idx = torch.arange(length, dtype=torch.float32, device=device) + 0.5
         wa = torch.ones(length, device=device)
         if ov > 0:
