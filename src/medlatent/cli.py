@@ -196,14 +196,10 @@ def _record_skipped(out: Path, skipped_inputs, manifest: str) -> None:
                 mf.write(json.dumps({"item": str(p), "status": "failed", "reason": why}) + "\n")
 
 
-def _finish(console, report, out: Path, skipped_inputs, manifest: Optional[str] = None,
-            recorded: bool = False) -> None:
-    """Summary, failures listed with reasons, non-zero exit if anything failed."""
+def _finish(console, report, out: Path, skipped_inputs) -> None:
+    """Summary, failures listed with reasons, non-zero exit if anything failed (skipped inputs recorded first)."""
     from medlatent.batch import MANIFEST
 
-    manifest = manifest or MANIFEST
-    if not recorded:
-        _record_skipped(out, skipped_inputs, manifest)
     counts = report.counts()
     failures = [(r.item, r.reason) for r in report.failed] + [(str(p), why) for p, why in skipped_inputs]
     console.print(f"done: {counts.get('ok', 0)} written, {counts.get('skipped', 0)} already complete, "
@@ -285,7 +281,7 @@ def encode(
                           manifest=part.manifest_name)
     _record_skipped(output, skipped_inputs, part.manifest_name)
     failed_all = finish(part, output, len(report.failed) + len(skipped_inputs))
-    _finish(console, report, output, skipped_inputs, manifest=part.manifest_name, recorded=True)
+    _finish(console, report, output, skipped_inputs)
     if failed_all:
         raise typer.Exit(code=1)
 
@@ -427,7 +423,7 @@ def roundtrip(
     import csv
     import json
 
-    from medlatent.batch import Job, run_jobs
+    from medlatent.batch import MANIFEST, Job, run_jobs
     from medlatent.io.discover import discover
     from medlatent.io.writers import output_suffix, write_image
     from medlatent.latentfile import SUFFIX, write_latent
@@ -477,6 +473,7 @@ def roundtrip(
                           f"file {r['source_file_bytes']} B → latent file {r['latent_file_bytes']} B "
                           f"(÷{r['storage_ratio']:.1f})", highlight=False)
         (output / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    _record_skipped(output, skipped_inputs, MANIFEST)
     _finish(console, report, output, skipped_inputs)
 
 
