@@ -252,7 +252,7 @@ def encode(
     except ValueError as e:
         _fail(str(e))
     net = _load(model, checkpoint).to(device_for(device))
-    opts = EncodeOptions(modality=modality, latent_dtype=latent_dtype, stage2=stage2, precision=precision,
+    opts = EncodeOptions(modality=modality, stage2=stage2, precision=precision,
                          tiles=_tiles(tile, overlap, max_memory, tile_batch))
     items, skipped_inputs = discover(inputs)
     items = part.take(items)

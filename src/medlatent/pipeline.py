@@ -25,7 +25,6 @@ class EncodeOptions:
     """How to encode. ``stage2=None`` stores stage-2 features for 2D models only (what the paper used)."""
 
     modality: str = "auto"
-    latent_dtype: str = "float16"
     stage2: bool | None = None
     precision: str = "fp32"
     mri_percentiles: tuple[float, float] | None = None
