@@ -114,8 +114,6 @@ def _read_raster(path: Path) -> ImageData:
         if arr.shape[2] in (2, 4):
             arr = arr[..., :-1]
         arr = np.moveaxis(arr, -1, 0)
-        if arr.shape[0] == 1:
-            pass
     else:
         arr = arr[None]
     if arr.shape[0] not in (1, 3):
@@ -137,16 +135,13 @@ def _read_nifti(path: Path) -> ImageData:
     if len(shape) > 3:
         raise ImageReadError(path, f"is a {len(shape)}D image (shape {img.shape}); medlatent encodes 2D images "
                                    "and 3D volumes — split it into 3D volumes first")
-    data = np.asanyarray(img.dataobj)
-    slope, inter = img.dataobj.slope, img.dataobj.inter
-    scaled = not (slope in (None, 1) and inter in (None, 0)) if hasattr(img.dataobj, "slope") else False
-    arr = data.reshape(shape)
+    arr = np.asanyarray(img.dataobj).reshape(shape)  # scl_slope/scl_inter applied by nibabel
     if len(shape) == 2:  # a 2D NIfTI: (i, j) → one-channel image
         aff = img.affine
         sp = (float(np.linalg.norm(aff[:3, 0])), float(np.linalg.norm(aff[:3, 1])))
         return ImageData(arr[None], spacing_affine(sp), source=str(path), meta={"format": "nifti2d"})
     return ImageData(arr, np.asarray(img.affine, dtype=np.float64), source=str(path),
-                     meta={"format": "nifti", "scaled": scaled})
+                     meta={"format": "nifti"})
 
 
 # ------------------------------------------------------------------------------------------ ITK
