@@ -219,7 +219,8 @@ def _load_directory(directory: Path, map_location: str | torch.device) -> MedVAE
         raise CheckpointError(f"{cfg_path}: not a medlatent model config: {e}") from e
     weights = directory / WEIGHTS_FILE
     model = MedVAE(config)
-    load_state_dict_strict(model, read_state_dict(weights, map_location), str(weights))
+    # merge_lora: a directory written with the adapters kept (medlatent.training.export) loads as a plain member
+    load_state_dict_strict(model, merge_lora(read_state_dict(weights, map_location)), str(weights))
     model.weights_info = {"model": meta.get("model") or directory.name, "file": str(weights),
                           "sha256": sha256_file(weights)}
     return model.eval()

@@ -478,6 +478,41 @@ def roundtrip(
 
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def train(
+    config: Optional[str] = typer.Argument(None, help="A training YAML file or a preset name (see --presets)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="section.key=value settings, e.g. data.train=x.csv"),
+    presets: bool = typer.Option(False, "--presets", help="List the bundled presets and exit."),
+    show: bool = typer.Option(False, "--show", help="Print the resolved configuration as YAML and exit."),
+) -> None:
+    """Train or fine-tune a model: stage 1, stage 2 (2D) or stage 2-3D. Resumes from OUTPUT_DIR when possible.
+
+    Example: medlatent train medvae_4_1_2d-stage1 data.train=/data/train.csv train.output_dir=runs/mmg
+    """
+    from medlatent.training.config import ConfigError, load_config, preset_names
+
+    if presets:
+        for name in preset_names():
+            typer.echo(name)
+        return
+    if config is None:
+        _fail("give a YAML file or a preset name (medlatent train --presets lists them)")
+    try:
+        cfg = load_config(config, overrides or [], check=not show)
+    except ConfigError as e:
+        _fail(str(e))
+    if show:
+        typer.echo(cfg.to_yaml())
+        return
+    from medlatent.training.run import run
+
+    try:
+        summary = run(cfg)
+    except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"done: step {summary['step']}, metrics {summary['metrics']}, model in {summary['exported']}")
+
+
 @app.command()
 def samples(
     output: Path = typer.Option(Path("samples"), "--output", "-o"),

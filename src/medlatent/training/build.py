@@ -1,0 +1,100 @@
+"""Build the network a training run starts from: architecture, initial weights, LoRA, 2D→3D inflation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from medlatent.checkpoints import inflate_2d_to_3d, load_pretrained, load_state_dict_strict, strip_training_keys
+from medlatent.model import MedVAE, MedVAEConfig
+from medlatent.model.lora import inject_lora
+from medlatent.registry import get_model_info
+from medlatent.training.config import ConfigError, TrainConfig
+
+
+def architecture(cfg: TrainConfig) -> MedVAEConfig:
+    """The MedVAEConfig of the run: the registry member ``model.name`` with ``model.arch`` overrides."""
+    m = cfg.model
+    try:
+        if m.name:
+            base = get_model_info(m.name).config
+            arch = dataclasses.replace(base, **m.arch) if m.arch else base
+        else:
+            arch = MedVAEConfig(**m.arch)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"model: {e}") from None
+    if cfg.train.stage == "stage2_3d" and arch.spatial_dims != 3:
+        arch = dataclasses.replace(arch, spatial_dims=3)
+    if arch.spatial_dims != cfg.data.spatial_dims:
+        raise ConfigError(f"model is {arch.spatial_dims}D but data.spatial_dims is {cfg.data.spatial_dims}; "
+                          f"set data.spatial_dims={arch.spatial_dims}")
+    return arch
+
+
+def _load(source: str) -> MedVAE:
+    try:
+        return load_pretrained(source)
+    except Exception as e:  # noqa: BLE001 - re-raised with the config key that named it
+        raise ConfigError(f"cannot load {source!r}: {e}") from e
+
+
+def inflate(model2d: MedVAE, arch: MedVAEConfig) -> MedVAE:
+    """A 3D model whose kernels are the 2D kernels in the centre slice (zeros elsewhere)."""
+    sd = strip_training_keys(model2d.state_dict())
+    model = MedVAE(arch)
+    load_state_dict_strict(model, inflate_2d_to_3d(sd), "inflated 2D model")
+    return model
+
+
+def build_model(cfg: TrainConfig) -> tuple[MedVAE, list[nn.Parameter]]:
+    """The model and the parameters the stage trains.
+
+    * stage 1 — every autoencoder weight, or only the LoRA adapters when ``model.lora_rank > 0``;
+      the stage-2 head is frozen.
+    * stage 2 (2D) — only the stage-2 projection head (``channel_ds``/``channel_proj``); the VAE is frozen.
+    * stage 2 (3D) — the inflated 3D autoencoder, trained like stage 1 on 3D patches.
+    """
+    arch = architecture(cfg)
+    m, stage = cfg.model, cfg.train.stage
+    lora_params: list[nn.Parameter] | None = None
+    if m.init.startswith("natural:"):
+        from medlatent.training.natural import load_natural_vae
+
+        model, lora_params = load_natural_vae(m.init.split(":", 1)[1], lora_rank=m.lora_rank or None)
+        if model.config != arch:
+            raise ConfigError(f"model.init {m.init}: the natural-image VAE has architecture {model.config}, "
+                              f"the config asks for {arch}")
+    elif stage == "stage2_3d" and m.inflate_from:
+        model = inflate(_load(m.inflate_from), arch)
+    elif m.init == "random":
+        model = MedVAE(arch)
+    else:
+        model = _load(m.name if m.init == "pretrained" else m.init)
+        if model.config != arch:
+            raise ConfigError(f"model.init {m.init!r} has architecture {model.config.to_dict()}, "
+                              f"which differs from the config's {arch.to_dict()}")
+    model.weights_info = {"model": m.name or "custom", "weights": m.init}
+
+    if stage == "stage2":
+        if not arch.stage2_head:
+            raise ConfigError("stage2 trains the stage-2 head; the architecture has stage2_head: false")
+        model.requires_grad_(False)
+        params = [*model.channel_ds.parameters(), *model.channel_proj.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        return model, params
+    if lora_params is None and m.lora_rank > 0:
+        lora_params = inject_lora(model, rank=m.lora_rank)
+    if lora_params is not None:
+        return model, lora_params
+    if arch.stage2_head:  # untouched by the stage-1 losses; frozen so DDP sees no unused parameters
+        model.channel_ds.requires_grad_(False)
+        model.channel_proj.requires_grad_(False)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def count(params: list[nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)

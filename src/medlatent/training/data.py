@@ -1,0 +1,583 @@
+"""Training data: image sources (folders, CSV manifests), random crops/patches/slices, and resumable sampling.
+
+Every training image is normalised by :func:`medlatent.preprocessing.preprocess` — the same intensity maps
+inference uses (2D: per-image min–max; 3D CT: HU window [-1000, 1000]; 3D MRI: min–max or percentiles; 3D
+volumes reoriented to RAS) — so a model sees the same value range in training and at encode time. Then
+(Paper, App. A, "Stage 2" for 3D; official ``load_*_finetune`` loaders):
+
+* 3D: random cubic patches (64³ in the paper); a volume smaller than the patch along an axis is padded
+  with ``pad_value`` (-1, i.e. -1000 HU for CT, as the official loaders do), centred, before cropping.
+* 2D: ``random_crop`` (native resolution, padded with ``pad_value`` when smaller than the crop — the same
+  rule as 3D, so small images are never rescaled), ``resize`` (the whole image to ``size×size``, bilinear with
+  antialiasing — as the official 2D fine-tuning loader, which resized to 384²), or ``random_resized_crop``
+  (a random square of 50–100 % of the short side, resized to ``size×size``). 3D volumes in a 2D set give
+  random axial/coronal/sagittal slices, normalised with the volume's intensity map (CT keeps its HU window).
+
+Randomness is never global: a sample is a pure function of its key ``(index, item_seed)``, and the keys come
+from :class:`EpochSampler`, a function of ``(seed, epoch)``. So a run resumes exactly mid-epoch
+(``set_epoch(epoch, start_batch)``) and gives the same batches with any number of loader workers.
+
+Unlike the official loaders, an unreadable file is an error naming the file — never a blank image.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import difflib
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from medlatent.io.image import ImageReadError
+from medlatent.preprocessing import PreprocessingError, preprocess
+
+logger = logging.getLogger(__name__)
+
+MODES = ("random_crop", "resize", "random_resized_crop")
+MODALITIES = ("auto", "ct", "mri", "xray", "other")
+SPLITS = ("train", "val", "test")
+# random_resized_crop: the square crop's side, as a fraction of the image's short side
+RESIZED_CROP_SIDE = (0.5, 1.0)
+# slices from volumes: tries for a slice with some content (std in [-1, 1] units above SLICE_MIN_STD);
+# background-only slices (air, padding) would teach the model nothing
+SLICE_TRIES = 10
+SLICE_MIN_STD = 0.05
+DEFAULT_ITEM_SEED = 0  # the seed an int key uses
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the CSV, row or file and what to do."""
+
+
+# ------------------------------------------------------------------------------------------ config
+@dataclass
+class DataConfig:
+    """Where the training images are and how they are cut into training samples.
+
+    Attributes:
+        train: a folder (walked recursively; DICOM series become volumes) or a CSV manifest with columns
+            ``path`` (required; relative to the CSV's folder), ``split`` (train/val/test) and ``modality``
+            (ct/mri/xray/other; overrides ``modality``). A CSV with a ``split`` column trains on its
+            ``train`` rows.
+        val: folder or CSV for validation (a CSV's ``val`` rows when it has a split column). None: the
+            train CSV's ``val`` rows when there are any, else no validation.
+        spatial_dims: 2 or 3 (the model's).
+        in_channels: the model's input channels (1 or 3); RGB files are averaged for 1, gray repeated for 3.
+        size: crop side (2D) or cubic patch side (3D; 64 in the paper); a multiple of the model's reduction.
+        mode: 2D only: ``random_crop``, ``resize`` or ``random_resized_crop``. 3D always uses random patches.
+        flips: random flips (2D: horizontal and vertical; 3D: each axis), training only.
+        modality: ``auto`` (from the file) or ct/mri/xray/other for every image without a CSV modality.
+        mri_percentiles: clip 3D MRI to these percentiles before min–max (as at inference; None: min–max).
+        slices_from_volumes: 2D only: 3D files give random 2D slices (else a 3D file is an error).
+        cache: keep each preprocessed image in memory (per loader worker), so every file is read once.
+            Costs 4 bytes per pixel/voxel per worker.
+        num_workers: data loader processes (0: load in the training process).
+        pad_value: value of the padding around images smaller than the crop (-1: the bottom of the range).
+    """
+
+    train: str
+    val: str | None = None
+    spatial_dims: int = 2
+    in_channels: int = 1
+    size: int = 256
+    mode: str = "random_crop"
+    flips: bool = True
+    modality: str = "auto"
+    mri_percentiles: tuple[float, float] | None = None
+    slices_from_volumes: bool = True
+    cache: bool = True
+    num_workers: int = 2
+    pad_value: float = -1.0
+
+    def __post_init__(self) -> None:
+        # ``train`` may be empty here (a config being assembled); build_datasets refuses an empty one
+        self.train = str(self.train) if self.train is not None else ""
+        if self.val is not None:
+            self.val = str(self.val) or None
+        if self.mri_percentiles is not None:
+            self.mri_percentiles = tuple(float(v) for v in self.mri_percentiles)  # type: ignore[assignment]
+        check_options(spatial_dims=self.spatial_dims, in_channels=self.in_channels, size=self.size,
+                      mode=self.mode, modality=self.modality, mri_percentiles=self.mri_percentiles,
+                      pad_value=self.pad_value)
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise DataError(f"num_workers must be an integer ≥ 0, got {self.num_workers!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataConfig:
+        """Build from plain values (JSON/YAML); an unknown key is an error that names the closest valid key."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        for k in d:
+            if k not in known:
+                close = difflib.get_close_matches(k, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise DataError(f"unknown data option {k!r}{hint}; options: {', '.join(known)}")
+        return cls(**d)
+
+
+def check_options(*, spatial_dims: int, in_channels: int, size: int, mode: str, modality: str,
+                  mri_percentiles: tuple[float, float] | None, pad_value: float) -> None:
+    """Validate the sample options shared by :class:`DataConfig` and :class:`ImageDataset`."""
+    if spatial_dims not in (2, 3):
+        raise DataError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    if in_channels not in (1, 3):
+        raise DataError(f"in_channels must be 1 or 3 (the model's input channels), got {in_channels!r}")
+    if not isinstance(size, int) or size < 2:
+        raise DataError(f"size must be an integer ≥ 2 (crop side in pixels/voxels), got {size!r}")
+    if mode not in MODES:
+        raise DataError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if spatial_dims == 3 and mode != "random_crop":
+        raise DataError(f"mode {mode!r} is for 2D data; 3D training always uses random cubic patches "
+                        "(leave mode at random_crop)")
+    if modality not in MODALITIES:
+        raise DataError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
+    if mri_percentiles is not None and (
+            len(mri_percentiles) != 2 or not 0.0 <= mri_percentiles[0] < mri_percentiles[1] <= 100.0):
+        raise DataError(f"mri_percentiles must be (low, high) with 0 ≤ low < high ≤ 100, got {mri_percentiles}")
+    if not -1.0 <= float(pad_value) <= 1.0:
+        raise DataError(f"pad_value must lie in the model range [-1, 1], got {pad_value}")
+
+
+# ------------------------------------------------------------------------------------------ sources
+@dataclass(frozen=True)
+class Entry:
+    """One training image: a file, or a DICOM series folder (``files`` = its slices, when known)."""
+
+    path: Path
+    modality: str = "auto"
+    files: tuple[Path, ...] | None = None
+
+
+def is_manifest(source: str | Path) -> bool:
+    return Path(source).suffix.lower() == ".csv"
+
+
+def read_source(source: str | Path, *, split: str | None = None, modality: str = "auto",
+                required: bool = True) -> list[Entry]:
+    """The images of a folder or CSV manifest.
+
+    Args:
+        source: a folder (walked recursively with :func:`medlatent.io.discover.discover`), a single image
+            file, or a ``.csv`` manifest (columns ``path``, optional ``split`` and ``modality``).
+        split: with a CSV that has a ``split`` column, keep only rows of this split (ignored otherwise).
+        modality: the modality of entries the CSV gives none for.
+        required: an empty selection is an error (else an empty list).
+
+    Raises:
+        DataError: missing source, CSV without ``path`` column, a row naming a missing file, a bad
+            ``split``/``modality`` value, or (``required``) nothing selected.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise DataError(f"{source}: no such file or folder (give a folder of images or a CSV manifest)")
+    if is_manifest(source):
+        return _read_manifest(source, split=split, modality=modality, required=required)
+    from medlatent.io.discover import discover
+
+    items, skipped = discover([source])
+    if skipped:
+        logger.warning("%s: skipped %d files that are not readable images (first: %s: %s)",
+                       source, len(skipped), skipped[0][0], skipped[0][1])
+    if not items:
+        raise DataError(f"{source}: no readable images found (medlatent reads PNG/JPEG/TIFF/BMP, DICOM, NIfTI, "
+                        "NRRD and MHA/MHD)")
+    return [Entry(it.source, modality, tuple(it.paths) if it.kind == "dicom-series" else None) for it in items]
+
+
+def manifest_has_split(source: str | Path) -> bool:
+    return is_manifest(source) and "split" in _manifest_rows(Path(source))[0]
+
+
+def _manifest_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """(lower-cased column names, [(line number, row)])."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
+            rows = []
+            for row in reader:
+                clean = {(k or "").strip().lower(): (v or "").strip() if isinstance(v, str) else "" for k, v in
+                         row.items()}
+                rows.append((reader.line_num, clean))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{csv_path}: cannot be read as a CSV manifest ({type(e).__name__}: {e})") from e
+    return columns, rows
+
+
+def _read_manifest(csv_path: Path, *, split: str | None, modality: str, required: bool) -> list[Entry]:
+    columns, rows = _manifest_rows(csv_path)
+    if "path" not in columns:
+        raise DataError(f"{csv_path}: the manifest needs a 'path' column (found columns: "
+                        f"{', '.join(columns) or 'none'}); optional columns: split, modality")
+    has_split = "split" in columns
+    entries: list[Entry] = []
+    for line, row in rows:
+        where = f"{csv_path}, line {line}"
+        if not any(row.values()):
+            continue  # blank line
+        if has_split:
+            row_split = row.get("split", "").lower()
+            if row_split not in SPLITS:
+                raise DataError(f"{where}: split must be one of {', '.join(SPLITS)}, got {row.get('split')!r}")
+            if split is not None and row_split != split:
+                continue
+        raw = row.get("path", "")
+        if not raw:
+            raise DataError(f"{where}: empty path")
+        path = Path(raw).expanduser()
+        if not path.is_absolute():
+            path = csv_path.parent / path
+        if not path.exists():
+            raise DataError(f"{where}: file {path} does not exist (relative paths are relative to the CSV's "
+                            "folder)")
+        mod = row.get("modality", "").lower() or modality
+        if mod not in MODALITIES:
+            raise DataError(f"{where}: modality must be one of {', '.join(MODALITIES)}, got {row['modality']!r}")
+        entries.append(Entry(path, mod))
+    if not entries and required:
+        what = f" with split {split!r}" if has_split and split is not None else ""
+        raise DataError(f"{csv_path}: no rows{what} — nothing to train or validate on")
+    return entries
+
+
+# ------------------------------------------------------------------------------------------ sample geometry
+def pad_to(x: np.ndarray, size: int, value: float) -> np.ndarray:
+    """Pad every spatial axis of ``x`` (``C×…``) shorter than ``size`` up to ``size``, centred, with ``value``."""
+    pad = [(0, 0)] + [((size - n) // 2, size - n - (size - n) // 2) if n < size else (0, 0) for n in x.shape[1:]]
+    if not any(p[0] or p[1] for p in pad):
+        return x
+    return np.pad(x, pad, mode="constant", constant_values=value)
+
+
+def crop_starts(shape: tuple[int, ...], size: int, rng: np.random.Generator | None) -> tuple[int, ...]:
+    """Start of a ``size``-cube inside ``shape`` (each axis ≥ size): random with ``rng``, else centred."""
+    if rng is None:
+        return tuple((n - size) // 2 for n in shape)
+    return tuple(int(rng.integers(0, n - size + 1)) for n in shape)
+
+
+def crop(x: np.ndarray, starts: tuple[int, ...], size: int) -> np.ndarray:
+    return x[(slice(None), *(slice(s, s + size) for s in starts))]
+
+
+def resize2d(x: np.ndarray, size: int) -> np.ndarray:
+    """``C×H×W`` → ``C×size×size``: bilinear, antialiased when shrinking, clamped to [-1, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
+    y = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return y[0].clamp_(-1.0, 1.0).numpy()
+
+
+def pick_slice(vol: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+    """A 2D slice ``1×A×B`` of a volume ``1×X×Y×Z`` (RAS).
+
+    With ``rng``: a random axis and position, retried up to :data:`SLICE_TRIES` times for a slice whose std
+    exceeds :data:`SLICE_MIN_STD` (else the most varied one tried). Without: the middle axial slice.
+    """
+    if rng is None:
+        return vol[..., vol.shape[-1] // 2]
+    best, best_std = None, -1.0
+    for _ in range(SLICE_TRIES):
+        axis = int(rng.integers(0, 3))
+        k = int(rng.integers(0, vol.shape[1 + axis]))
+        s = np.take(vol, k, axis=1 + axis)
+        std = float(s.std())
+        if std > SLICE_MIN_STD:
+            return s
+        if std > best_std:
+            best, best_std = s, std
+    return best
+
+
+# ------------------------------------------------------------------------------------------ dataset
+def _split_key(key: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(key, (tuple, list)):
+        if len(key) != 2:
+            raise TypeError(f"a dataset key is an index or (index, item_seed), got {key!r}")
+        return int(key[0]), int(key[1])
+    return int(key), DEFAULT_ITEM_SEED
+
+
+class ImageDataset(Dataset):
+    """Training or validation samples cut from a list of images.
+
+    ``ds[key]`` with ``key = (index, item_seed)`` (what :class:`EpochSampler` yields) or an ``int`` index
+    (item_seed 0). A sample is a pure function of the key: every random choice (crop position, flips,
+    slice, crop scale) comes from ``numpy.random.default_rng([index, item_seed])``. With ``train=False`` no
+    choice is random (centre crop/patch, middle axial slice, no flips) and the seed is ignored.
+
+    Returns ``{"image": x, "index": index}`` where ``x`` is a float32 tensor in [-1, 1]: ``C×S×S`` (2D,
+    ``C = in_channels``) or ``1×S×S×S`` (3D; ``C = in_channels``), ``S = size``. The loader stacks these into
+    ``B×C×S×S`` / ``B×C×S×S×S`` batches and ``index`` into a ``B`` int64 tensor.
+
+    Raises (from ``ds[key]``): :class:`medlatent.io.image.ImageReadError` or :class:`DataError` naming the
+    file when it cannot be read or does not fit the model (e.g. a 2D image in a 3D set).
+    """
+
+    def __init__(self, entries: list[Entry] | list[tuple[str | Path, str]], *, spatial_dims: int = 2,
+                 in_channels: int = 1, size: int = 256, mode: str = "random_crop", flips: bool = True,
+                 train: bool = True, mri_percentiles: tuple[float, float] | None = None,
+                 slices_from_volumes: bool = True, cache: bool = True, pad_value: float = -1.0) -> None:
+        check_options(spatial_dims=spatial_dims, in_channels=in_channels, size=size, mode=mode, modality="auto",
+                      mri_percentiles=mri_percentiles, pad_value=pad_value)
+        self.entries = [e if isinstance(e, Entry) else Entry(Path(e[0]), e[1]) for e in entries]
+        if not self.entries:
+            raise DataError("an ImageDataset needs at least one image")
+        for e in self.entries:
+            if e.modality not in MODALITIES:
+                raise DataError(f"{e.path}: modality must be one of {', '.join(MODALITIES)}, got {e.modality!r}")
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.size = size
+        self.mode = mode
+        self.flips = flips
+        self.train = train
+        self.mri_percentiles = mri_percentiles
+        self.slices_from_volumes = slices_from_volumes
+        self.cache = cache
+        self.pad_value = float(pad_value)
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, item_seed = _split_key(key)
+        if not 0 <= index < len(self.entries):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self.entries)} images")
+        x = self.array(index)
+        rng = np.random.default_rng([index, item_seed]) if self.train else None
+        if self.spatial_dims == 3:
+            out = self._patch3d(x, rng)
+        else:
+            if x.ndim == 4:  # a volume in a 2D set: one slice (1×A×B)
+                x = pick_slice(x, rng)
+            out = self._view2d(x, rng)
+        if out.shape[0] != self.in_channels:  # gray file for an RGB model (RGB→gray is done by preprocess)
+            out = np.repeat(out, self.in_channels, axis=0)
+        # always a copy: a crop can be a view of the cached image, which must not be changed through the batch
+        return {"image": torch.from_numpy(np.array(out, dtype=np.float32, copy=True)), "index": index}
+
+    def array(self, index: int) -> np.ndarray:
+        """The whole preprocessed image in [-1, 1]: ``C×H×W`` (2D file) or ``1×X×Y×Z`` (3D file, RAS)."""
+        if index in self._cache:
+            return self._cache[index]
+        x = self._load(self.entries[index])
+        if self.cache:
+            self._cache[index] = x
+        return x
+
+    def _load(self, entry: Entry) -> np.ndarray:
+        from medlatent.io.dicom import read_dicom_series
+        from medlatent.io.readers import read_image
+
+        path = entry.path
+        try:
+            # uneven DICOM slice spacing is resampled: patches care little, and one such series should not
+            # stop a long run
+            if entry.files is not None:
+                img = read_dicom_series(path, uneven="resample", files=list(entry.files))
+            else:
+                img = read_image(path, uneven="resample")
+            dims = img.spatial_dims
+            if dims != self.spatial_dims:
+                if self.spatial_dims == 3:
+                    raise DataError(f"{path}: a 2D image (shape {img.array.shape}) in a 3D training set; "
+                                    "train a 2D model on it, or remove it from the set")
+                if not self.slices_from_volumes:
+                    raise DataError(f"{path}: a 3D volume (shape {img.array.shape}) in a 2D training set; set "
+                                    "slices_from_volumes=true to train on its slices, or remove it")
+            x, _ = preprocess(img, spatial_dims=dims, in_channels=self.in_channels, downsample=1,
+                              modality=entry.modality, mri_percentiles=self.mri_percentiles)
+        except (ImageReadError, PreprocessingError, DataError):
+            raise  # these name the file already
+        except Exception as e:
+            raise DataError(f"{path}: cannot be prepared for training ({type(e).__name__}: {e})") from e
+        return x
+
+    def _view2d(self, x: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        """``C×H×W`` → ``C×S×S`` per :attr:`mode`; then random flips (training)."""
+        s = self.size
+        if self.mode == "resize":
+            y = resize2d(x, s)
+        elif self.mode == "random_resized_crop" and rng is not None:
+            h, w = x.shape[1:]
+            side = max(2, min(h, w, round(min(h, w) * rng.uniform(*RESIZED_CROP_SIDE))))
+            y = resize2d(crop(x, crop_starts((h, w), side, rng), side), s)
+        else:  # random_crop, and validation of random_resized_crop: native resolution
+            x = pad_to(x, s, self.pad_value)
+            y = crop(x, crop_starts(x.shape[1:], s, rng), s)
+        return self._flip(y, rng)
+
+    def _patch3d(self, x: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        x = pad_to(x, self.size, self.pad_value)
+        return self._flip(crop(x, crop_starts(x.shape[1:], self.size, rng), self.size), rng)
+
+    def _flip(self, y: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        if rng is None or not self.flips:
+            return y
+        axes = tuple(ax for ax in range(1, y.ndim) if rng.random() < 0.5)
+        return np.flip(y, axes) if axes else y
+
+
+# ------------------------------------------------------------------------------------------ sampling
+class EpochSampler(Sampler):
+    """Deterministic, shardable, resumable keys ``(index, item_seed)`` for an :class:`ImageDataset`.
+
+    Epoch ``e`` is one global stream of positions ``p = 0, 1, …``: position ``p`` holds dataset index
+    ``order[p]`` (permutations of the dataset drawn from ``(seed, e)``, concatenated) and
+    ``item_seed[p]`` (a 63-bit number drawn from ``(seed, e)``). Both depend only on ``(seed, e, p)`` — not
+    on the batch size, the number of ranks or loader workers — so a sample is the same wherever it lands.
+
+    The stream is cut into global batches of ``batch_size × world_size`` positions; rank ``r`` takes
+    positions ``r, r + world_size, …`` of each (a disjoint strided share; together the ranks cover the
+    global batch). Every batch is full: with ``drop_last`` the leftover ``len % global_batch`` positions
+    are dropped, without it the last batch is filled from the next permutation (some images twice). A
+    dataset smaller than one global batch fills it by repeating permutations (sampling with replacement
+    across, never within, a permutation).
+
+    Resuming mid-epoch: ``set_epoch(epoch, start_batch=k)`` skips the first ``k`` batches; the rest is
+    identical to an uninterrupted epoch (same ``batch_size × world_size`` required).
+
+    Args:
+        length: dataset size (≥ 1).
+        batch_size: per-rank batch size (what the DataLoader is given).
+        seed: run seed (≥ 0).
+        rank, world_size: this process and the number of processes.
+        drop_last: see above.
+    """
+
+    def __init__(self, length: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = True) -> None:
+        if length < 1:
+            raise ValueError(f"EpochSampler needs a non-empty dataset, got length {length}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        if seed < 0:
+            raise ValueError(f"seed must be ≥ 0, got {seed}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size) with world_size ≥ 1, got rank {rank} of {world_size}")
+        self.length = int(length)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.drop_last = bool(drop_last)
+        self.epoch = 0
+        self.start_batch = 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches in a whole epoch (each rank yields this many, before any ``start_batch`` skip)."""
+        n, g = self.length, self.global_batch
+        return n // g if self.drop_last and n >= g else -(-n // g)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch; skip its first ``start_batch`` batches (resume after that many finished)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be ≥ 0, got {epoch}")
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise ValueError(f"start_batch must be in [0, {self.batches_per_epoch}] (batches per epoch), "
+                             f"got {start_batch}")
+        self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
+
+    def global_keys(self, epoch: int | None = None) -> list[tuple[int, int]]:
+        """All keys of the epoch's global stream, in order (every rank's share, interleaved)."""
+        order, seeds = self._stream(self.epoch if epoch is None else epoch)
+        return [(int(i), int(s)) for i, s in zip(order, seeds)]
+
+    def _stream(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        total = self.batches_per_epoch * self.global_batch
+        rng = np.random.default_rng([self.seed, epoch])
+        perms = [rng.permutation(self.length) for _ in range(math.ceil(total / self.length))]
+        order = np.concatenate(perms)[:total]
+        # a separate stream for the item seeds: raw 64-bit draws, so position p's seed does not depend on total
+        raw = np.random.PCG64(np.random.SeedSequence([self.seed, epoch, 1])).random_raw(total)
+        return order, (raw >> np.uint64(1)).astype(np.int64)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order, seeds = self._stream(self.epoch)
+        g, w = self.global_batch, self.world_size
+        for b in range(self.start_batch, self.batches_per_epoch):
+            for p in range(b * g + self.rank, (b + 1) * g, w):
+                yield int(order[p]), int(seeds[p])
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+# ------------------------------------------------------------------------------------------ building
+def build_datasets(cfg: DataConfig, *, downsample: int) -> tuple[ImageDataset, ImageDataset | None]:
+    """The training set (random samples) and the validation set (deterministic samples, or None).
+
+    Args:
+        cfg: the data section of the training configuration.
+        downsample: the model's per-axis reduction (4 or 8); ``cfg.size`` must be a multiple of it so that
+            latents tile the crop exactly.
+    """
+    if not cfg.train:
+        raise DataError("data.train is not set: give a folder of images or a CSV manifest "
+                        "(columns path[, split, modality])")
+    if downsample < 1 or cfg.size % downsample:
+        raise DataError(f"data.size {cfg.size} must be a multiple of the model's reduction per axis ({downsample}), "
+                        f"e.g. {max(downsample, cfg.size // downsample * downsample)}")
+    train_entries = read_source(cfg.train, split="train", modality=cfg.modality)
+    if cfg.val is not None:
+        val_entries: list[Entry] | None = read_source(cfg.val, split="val", modality=cfg.modality)
+    elif manifest_has_split(cfg.train):
+        val_entries = read_source(cfg.train, split="val", modality=cfg.modality, required=False) or None
+    else:
+        val_entries = None
+    def dataset(entries: list[Entry], train: bool) -> ImageDataset:
+        return ImageDataset(entries, train=train, spatial_dims=cfg.spatial_dims, in_channels=cfg.in_channels,
+                            size=cfg.size, mode=cfg.mode, flips=cfg.flips, mri_percentiles=cfg.mri_percentiles,
+                            slices_from_volumes=cfg.slices_from_volumes, cache=cfg.cache, pad_value=cfg.pad_value)
+
+    train = dataset(train_entries, True)
+    val = dataset(val_entries, False) if val_entries else None
+    logger.info("training images: %d from %s; validation: %s", len(train), cfg.train,
+                f"{len(val)} images" if val is not None else "none")
+    return train, val
+
+
+def _worker_init(worker_id: int) -> None:
+    # samples take their randomness from their keys; seeding the global generators only guards against
+    # third-party code (readers, plugins) that draws from them
+    import random
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(ds: ImageDataset, sampler: Sampler | None, batch_size: int, num_workers: int) -> DataLoader:
+    """A DataLoader giving ``{"image": B×C×S×S[×S] float32 in [-1, 1], "index": B int64}`` batches.
+
+    Args:
+        ds: the dataset.
+        sampler: an :class:`EpochSampler` for training (its ``batch_size`` must equal ``batch_size``); None
+            for validation (every image once, in order, deterministic).
+        batch_size: per-rank batch size.
+        num_workers: loader processes. Workers are not persistent, so a new ``set_epoch`` takes effect at the
+            next ``iter(loader)``.
+    """
+    if isinstance(sampler, EpochSampler) and sampler.batch_size != batch_size:
+        raise ValueError(f"the sampler's batch_size ({sampler.batch_size}) must equal the loader's ({batch_size}); "
+                         "otherwise loader batches straddle the sampler's (and its resume points)")
+    return DataLoader(
+        ds, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=False, num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(), persistent_workers=False, worker_init_fn=_worker_init,
+        # the loader's own seed draws come from this generator, not the global one the training loop uses
+        generator=torch.Generator().manual_seed(0),
+    )

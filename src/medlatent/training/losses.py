@@ -1,0 +1,244 @@
+"""Stage-1 objective (paper §3, "Stage 1"; 3D "Stage 2" reuses it): L1 + perceptual reconstruction with
+a learned log-variance, a KL penalty, a delayed PatchGAN with an adaptive weight (latent-diffusion's
+``LPIPSWithDiscriminator``, as in the official MedVAE criterion), and an optional BiomedCLIP term.
+
+The training loop runs two explicit steps per batch::
+
+    loss, logs = criterion.generator_loss(x, x_rec, posterior, step, model.last_layer_weight())
+    opt_ae.zero_grad(); loss.backward(); opt_ae.step()
+    if criterion.discriminator_active(step):
+        d_loss, d_logs = criterion.discriminator_loss(x, x_rec, step)
+        opt_d.zero_grad(); d_loss.backward(); opt_d.step()
+
+(The official loop alternates the two steps on even/odd batches once the discriminator is on.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medlatent.model.posterior import DiagonalGaussian
+from medlatent.training.clip import BIOMEDCLIP, ClipConsistency, load_biomedclip
+from medlatent.training.discriminator import PatchDiscriminator
+from medlatent.training.perceptual import MSSSIMLoss, load_lpips, over_slices
+
+PERCEPTUAL_CHOICES = ("lpips", "ms_ssim", "none")
+
+
+@dataclass
+class LossConfig:
+    """Weights and switches of the stage-1 objective (the ``loss`` section of a training config).
+
+    Attributes:
+        perceptual: ``lpips`` (official), ``ms_ssim`` (offline, no pretrained weights) or ``none``.
+        perceptual_weight: weight of the perceptual term inside the reconstruction loss.
+        lpips_weights: LPIPS weights file, or ``auto`` (lpips + torchvision packages); see
+            :func:`~medlatent.training.perceptual.load_lpips` (None = random weights, tests only).
+        kl_weight: KL penalty weight (paper and official: 1e-6).
+        disc_weight: scale of the adaptive adversarial weight (official 0.5).
+        disc_start: step from which the adversarial terms are on (official experiments: 3125).
+        disc_layers: stride-2 layers of the PatchGAN (official 3, which needs sides ≥ 24; 1 suits tiny crops).
+        adaptive_disc_weight: balance the adversarial gradient against the reconstruction gradient at the
+            decoder's last layer; False uses a fixed weight 1.0, as the official code does for LoRA training.
+        learn_logvar: train the scalar log-variance that scales the reconstruction loss.
+        clip_weight: weight of the BiomedCLIP reconstruction-consistency term; 0 turns it off. The official
+            criterion multiplies it by 100 when ``use_biomedclip_loss`` is on. That flag defaults to off and
+            no released config sets it; ``medvae_finetune.py`` only adds a BiomedCLIP metric slot for the
+            LoRA members ``medvae_4_3_2d`` / ``medvae_8_4_2d`` ("uses lora and needs biomedclip loss"),
+            while the paper lists the term for all four 2D stage-1 base models. Use 100 to follow the paper.
+        clip_model: open_clip source of the BiomedCLIP encoder.
+    """
+
+    perceptual: str = "lpips"
+    perceptual_weight: float = 1.0
+    lpips_weights: str | None = "auto"
+    kl_weight: float = 1e-6
+    disc_weight: float = 0.5
+    disc_start: int = 3125
+    disc_layers: int = 3
+    adaptive_disc_weight: bool = True
+    learn_logvar: bool = False
+    clip_weight: float = 0.0
+    clip_model: str = BIOMEDCLIP
+
+    def __post_init__(self) -> None:
+        if self.perceptual not in PERCEPTUAL_CHOICES:
+            raise ValueError(f"perceptual must be one of {', '.join(PERCEPTUAL_CHOICES)}, got {self.perceptual!r}")
+        for name in ("perceptual_weight", "kl_weight", "disc_weight", "clip_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
+            setattr(self, name, float(value))
+        for name, low in (("disc_start", 0), ("disc_layers", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
+        for name in ("adaptive_disc_weight", "learn_logvar"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.lpips_weights is not None and (not isinstance(self.lpips_weights, str) or not self.lpips_weights):
+            raise ValueError(f"lpips_weights must be 'auto' or a file path, got {self.lpips_weights!r}")
+        if not isinstance(self.clip_model, str) or not self.clip_model:
+            raise ValueError(f"clip_model must be an open_clip model name, got {self.clip_model!r}")
+
+
+def build_perceptual(cfg: LossConfig) -> nn.Module | None:
+    """The perceptual module ``cfg.perceptual`` names (None for ``none``)."""
+    if cfg.perceptual == "lpips":
+        return load_lpips(cfg.lpips_weights)
+    if cfg.perceptual == "ms_ssim":
+        return MSSSIMLoss()
+    return None
+
+
+def _check_pair(x: torch.Tensor, x_rec: torch.Tensor) -> None:
+    if x.shape != x_rec.shape or x.ndim not in (4, 5):
+        raise ValueError(
+            f"x and x_rec must be equal B×C×H×W or B×C×D×H×W tensors, got {tuple(x.shape)} and {tuple(x_rec.shape)}"
+        )
+
+
+class Stage1Loss(nn.Module):
+    """The stage-1 criterion; attribute names match the official criterion's state dict
+    (``perceptual_loss.*``, ``discriminator.main.*``, ``logvar``), so its ``loss.*`` tensors load.
+
+    Args:
+        cfg: loss settings.
+        in_channels: channels of the reconstructions the discriminator judges.
+        perceptual: a module ``(x, x̂) → B×1×1×1`` (e.g. a ready LPIPS); None builds it from ``cfg``.
+        clip: a :class:`ClipConsistency`; None loads BiomedCLIP when ``cfg.clip_weight > 0``.
+
+    Notes for the training loop:
+
+    * ``generator_loss`` and ``discriminator_loss`` return ``(scalar tensor, logs)``; logs are plain floats
+      with unprefixed keys (add ``train/`` … yourself).
+    * Skip the discriminator step while ``discriminator_active(step)`` is False: ``discriminator_loss`` then
+      returns a constant 0 that does not require grad (calling ``backward`` on it raises, on purpose).
+    * After ``disc_start`` the generator loss also back-propagates into the discriminator's parameters (as
+      in the official code): zero the discriminator's gradients before its own backward, and never step
+      its optimiser on the generator's gradients. BatchNorm running statistics of the discriminator are
+      updated by both calls.
+    * The frozen perceptual/CLIP networks are part of ``state_dict()`` (official layout); save only
+      ``discriminator`` and ``logvar`` if checkpoint size matters.
+    """
+
+    def __init__(self, cfg: LossConfig, in_channels: int, perceptual: nn.Module | None = None,
+                 clip: ClipConsistency | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        if perceptual is not None and cfg.perceptual == "none":
+            raise ValueError("a perceptual module was given but cfg.perceptual is 'none'")
+        if clip is not None and cfg.clip_weight == 0:
+            raise ValueError("a CLIP module was given but cfg.clip_weight is 0; set a positive weight or drop it")
+        self.perceptual_loss = perceptual if perceptual is not None else build_perceptual(cfg)
+        if cfg.clip_weight > 0 and clip is None:
+            clip = load_biomedclip(cfg.clip_model)
+        self.clip = clip
+        self.discriminator = PatchDiscriminator(in_channels, n_layers=cfg.disc_layers)
+        self.logvar = nn.Parameter(torch.zeros(()), requires_grad=cfg.learn_logvar)
+
+    def discriminator_active(self, step: int) -> bool:
+        """Whether the adversarial terms are on at ``step`` (``step ≥ disc_start``)."""
+        return step >= self.cfg.disc_start
+
+    def perceptual_term(self, x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
+        """Per-sample perceptual distance ``B×1×1×1`` (zeros when off); volumes: mean over all slices."""
+        if self.perceptual_loss is None or self.cfg.perceptual_weight == 0:
+            return x.new_zeros((x.shape[0], 1, 1, 1))
+        return over_slices(self.perceptual_loss, x.contiguous(), x_rec.contiguous())
+
+    def _logits(self, t: torch.Tensor) -> torch.Tensor:
+        """Discriminator logits; for volumes the per-sample mean over slices of all three axes."""
+        return over_slices(self.discriminator, t.contiguous())
+
+    def _adaptive_weight(self, nll: torch.Tensor, g: torch.Tensor, last_layer: torch.Tensor | None) -> torch.Tensor:
+        if not self.cfg.adaptive_disc_weight:
+            return torch.ones((), device=nll.device)
+        if last_layer is None or not (torch.is_grad_enabled() and nll.requires_grad and g.requires_grad):
+            if self.training:
+                raise RuntimeError(
+                    "the adaptive discriminator weight needs gradients: pass last_layer=model.last_layer_weight() "
+                    "with autograd on, call criterion.eval() for validation, or set loss.adaptive_disc_weight=false"
+                )
+            return torch.zeros((), device=nll.device)  # validation without a graph: official falls back to 0
+        nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+        g_grad = torch.autograd.grad(g, last_layer, retain_graph=True)[0]
+        weight = torch.norm(nll_grad) / (torch.norm(g_grad) + 1e-4)
+        return torch.clamp(weight, 0.0, 1e4).detach() * self.cfg.disc_weight
+
+    def generator_loss(self, x: torch.Tensor, x_rec: torch.Tensor, posterior: DiagonalGaussian, step: int,
+                       last_layer: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Autoencoder objective for one batch.
+
+        ``rec = |x − x̂| + w_p·p`` (p per sample, broadcast), ``nll = Σ(rec/e^logvar + logvar)/B``,
+        ``kl = Σ KL/B``, ``g = −mean D(x̂)`` (from ``disc_start``), and
+        ``total = nll + kl_weight·kl + d_weight·g + clip_weight·Σ clip/B`` with
+        ``d_weight = disc_weight·clamp(‖∇nll‖ / (‖∇g‖ + 1e-4), 0, 1e4)`` at ``last_layer`` (detached).
+        Volumes: perceptual and adversarial terms average over slices along all three axes.
+
+        Args:
+            x: inputs ``B×C×H×W`` or ``B×C×D×H×W`` in [-1, 1].
+            x_rec: reconstructions, same shape.
+            posterior: the encoder's posterior for ``x``.
+            step: global optimisation step.
+            last_layer: the decoder's last weight (``model.last_layer_weight()``); may be None before
+                ``disc_start``, with ``adaptive_disc_weight=False``, or in eval mode (weight 0 then).
+
+        Returns:
+            ``(total, logs)``; logs: total, nll, rec (mean of rec), kl, g, d_weight, logvar, perceptual
+            (mean p), and clip (mean per-sample clip loss) when the term is on.
+        """
+        _check_pair(x, x_rec)
+        b = x.shape[0]
+        p = self.perceptual_term(x, x_rec).reshape(b, *([1] * (x.ndim - 1)))
+        rec = (x - x_rec).abs() + self.cfg.perceptual_weight * p
+        nll = (rec / torch.exp(self.logvar) + self.logvar).sum() / b
+        kl = posterior.kl().sum() / b
+        zero = torch.zeros((), device=x.device)
+        g, d_weight = zero, zero
+        if self.discriminator_active(step):
+            g = -self._logits(x_rec).mean()
+            d_weight = self._adaptive_weight(nll, g, last_layer)
+        total = nll + self.cfg.kl_weight * kl + d_weight * g
+        terms = {"total": total, "nll": nll, "rec": rec.mean(), "kl": kl, "g": g, "d_weight": d_weight,
+                 "logvar": self.logvar, "perceptual": p.mean()}
+        if self.clip is not None:
+            clip = self.clip.reconstruction_loss(x, x_rec)
+            total = total + self.cfg.clip_weight * clip.sum() / b
+            terms.update(total=total, clip=clip.mean())
+        values = torch.stack([v.detach().float().reshape(()) for v in terms.values()]).tolist()  # one sync
+        return total, dict(zip(terms, values))
+
+    def discriminator_loss(self, x: torch.Tensor, x_rec: torch.Tensor,
+                           step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Hinge loss of the PatchGAN on ``x`` (real) and ``x̂`` (fake), both detached.
+
+        Volumes: the hinge loss of every slice along all three axes, averaged (the paper's per-slice rule;
+        the official code instead averaged the logit maps over slices before the hinge).
+
+        Returns:
+            ``(loss, logs)`` with logs disc, logits_real, logits_fake (mean logits). Before ``disc_start``:
+            a constant 0 that does not require grad and logs ``{"disc": 0.0}`` — skip the step, see
+            :meth:`discriminator_active`.
+        """
+        if not self.discriminator_active(step):
+            return torch.zeros((), device=x.device), {"disc": 0.0}
+        _check_pair(x, x_rec)
+        reals: list[torch.Tensor] = []
+        fakes: list[torch.Tensor] = []
+
+        def per_slice(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+            # Hinge loss per image (mean over its logit map); the batch mean of this is hinge_d_loss.
+            lr, lf = self.discriminator(real), self.discriminator(fake)
+            reals.append(lr.detach().flatten())
+            fakes.append(lf.detach().flatten())
+            return 0.5 * (F.relu(1.0 - lr).flatten(1).mean(1) + F.relu(1.0 + lf).flatten(1).mean(1))
+
+        loss = over_slices(per_slice, x.detach().contiguous(), x_rec.detach().contiguous()).mean()
+        disc, real, fake = torch.stack([loss.detach(), torch.cat(reals).mean(), torch.cat(fakes).mean()]).tolist()
+        return loss, {"disc": disc, "logits_real": real, "logits_fake": fake}

@@ -1,0 +1,53 @@
+"""A 2D model inflated to 3D (paper §3, 3D stage 2) encodes a slice-constant volume as the 2D model the slice.
+
+``test_checkpoints.py`` checks the inflated kernels and one inflated conv; this checks the whole model.
+Why the equality holds exactly for a volume made of one slice repeated along the inflated axis:
+  * a kernel with only its centre tap along that axis never mixes slices, and the zero padding there is
+    never read (``padding=1`` convs read it only through the zero taps);
+  * GroupNorm statistics over a volume constant along the axis equal those of one slice;
+  * attention over tokens each repeated D times gives every key D times the weight of one copy, 1/D after
+    the softmax, so the output is unchanged;
+  * ``Downsample`` pads one zero plane on the high side and takes a stride-2 kernel of size 3: output plane
+    ``j`` reads input plane ``2j+1`` with its centre tap, always a real plane (never the padding), so the
+    output is constant along the axis with D/2 planes; ``Upsample`` repeats planes, keeping it constant.
+The latent is therefore the 2D latent repeated D/s times along the axis, and decoding it gives the 2D
+decode repeated D times.
+"""
+
+import pytest
+import torch
+from conftest import randomise, tiny_config
+
+from medlatent import MedVAE
+from medlatent.checkpoints import inflate_2d_to_3d
+
+
+@pytest.fixture(scope="module")
+def model_2d():
+    # three levels: two Downsample/Upsample steps along the inflated axis (8 → 4 → 2 planes)
+    return randomise(MedVAE(tiny_config(2, ch_mult=(1, 2, 2))), seed=3).eval()
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_inflated_model_encodes_a_repeated_slice_as_the_2d_model(model_2d, axis):
+    model_3d = MedVAE(tiny_config(3, ch_mult=(1, 2, 2))).eval()
+    model_3d.load_state_dict(inflate_2d_to_3d(model_2d.state_dict(), axis=axis), strict=True)
+    depth, s = 8, model_2d.downsample_per_axis
+    pos = 2 + axis % 3  # position of the inflated axis in B×C×X×Y×Z
+
+    image = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    volume = image.unsqueeze(pos).expand(*image.shape[:pos], depth, *image.shape[pos:]).contiguous()
+
+    def repeat(t, n):  # B×C×H×W → the 3D tensor with n copies along the inflated axis
+        return t.unsqueeze(pos).expand(*t.shape[:pos], n, *t.shape[pos:])
+
+    with torch.no_grad():
+        post2, post3 = model_2d.encode(image), model_3d.encode(volume)
+        assert post3.mean.shape[pos] == depth // s
+        torch.testing.assert_close(post3.mean, repeat(post2.mean, depth // s), rtol=0, atol=1e-4)
+        torch.testing.assert_close(post3.logvar, repeat(post2.logvar, depth // s), rtol=0, atol=1e-4)
+        torch.testing.assert_close(model_3d.decode(post3.mean), repeat(model_2d.decode(post2.mean), depth),
+                                   rtol=0, atol=1e-4)
+        # the stage-2 head's 3×3 conv ("same" padding) is centred too
+        torch.testing.assert_close(model_3d.stage2_features(post3.mean),
+                                   repeat(model_2d.stage2_features(post2.mean), depth // s), rtol=0, atol=1e-4)
