@@ -16,8 +16,12 @@ EXPECTED = {  # name: (spatial_dims, per-axis reduction, C, image channels, f)
 }
 
 
-def test_registry_holds_exactly_the_official_family():
-    assert list_models() == sorted(EXPECTED)
+def test_registry_holds_the_official_family_and_the_bundled_default():
+    from medlatent.registry import DEFAULT_MODEL
+
+    assert list_models() == sorted([*EXPECTED, DEFAULT_MODEL])
+    info = get_model_info(DEFAULT_MODEL)
+    assert info.bundled and (info.f, info.C, info.spatial_dims) == (16, 1, 2)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -65,9 +65,10 @@ def test_every_preset_parses_and_builds_its_architecture(tmp_path: Path):
     from medlatent.training.build import architecture
 
     names = preset_names()
-    from medlatent.registry import list_models
+    from medlatent.registry import get_model_info, list_models
 
-    stages = {n: {p.split("-")[1] for p in names if p.startswith(n + "-")} for n in list_models()}
+    official = [n for n in list_models() if not get_model_info(n).bundled]
+    stages = {n: {p.split("-")[1] for p in names if p.startswith(n + "-")} for n in official}
     for member, have in stages.items():
         assert have == ({"stage1", "stage2_3d"} if member.endswith("3d") else {"stage1", "stage2"}), member
     for name in names:
@@ -174,6 +175,32 @@ def test_stage2_3d_inflates_and_reduces_the_loss_on_patches(tmp_path: Path):
     assert w3.shape == (*w2.shape, 3)
     trainer.fit()
     assert decreased(log_column(tmp_path / "run", "rec"))
+
+
+def test_stage1_lora_trains_only_the_adapters_and_exports_both_layouts(tmp_path: Path, images: Path):
+    from medlatent.training.trainer import Trainer
+
+    cfg = tiny_cfg(tmp_path, images, model={"lora_rank": 4},
+                   loss={"perceptual": "none", "disc_start": 2, "adaptive_disc_weight": False},
+                   train={"max_steps": 4, "batch_size": 2, "export_merged": False}, data={"val": None})
+    trainer = Trainer(cfg)
+    before = _params(trainer.model)
+    trainer.fit()
+    after = _params(trainer.model)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".lora_" in k for k in changed)
+    assert all(w == 1.0 for w in log_column(tmp_path / "run", "d_weight")[2:])
+    adapters = trainer.export(tmp_path / "adapters")
+    merged = trainer.export(tmp_path / "merged", merged=True)
+    from safetensors.torch import load_file
+
+    assert any(k.endswith("conv1.lora_up.weight") for k in load_file(adapters / "model.safetensors"))
+    assert not any("lora" in k for k in load_file(merged / "model.safetensors"))
+    x = trainer.train_ds[(0, 1)]["image"][None]
+    a, b = MedVAE.from_pretrained(adapters), MedVAE.from_pretrained(merged)
+    torch.testing.assert_close(a.reconstruct(x), b.reconstruct(x), atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="adaptive_disc_weight=false"):
+        tiny_cfg(tmp_path / "bad", images, model={"lora_rank": 4})
 
 
 # ------------------------------------------------------------------------------------------ resume

@@ -243,6 +243,22 @@ def load_checkpoint(path: str | Path, name: str | ModelInfo | None = None,
     return model.eval()
 
 
+def bundled_dir(info: ModelInfo) -> Path:
+    """Folder of a model shipped inside the package (``medlatent/weights/<name>``)."""
+    return Path(__file__).parent / "weights" / info.name
+
+
+def load_bundled(info: ModelInfo, map_location: str | torch.device = "cpu") -> MedVAE:
+    directory = bundled_dir(info)
+    if not (directory / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{info.name}: the bundled weights are missing from {directory}; reinstall medlatent")
+    model = _load_directory(directory, map_location)
+    if model.config != info.config:
+        raise CheckpointError(f"{directory}: bundled weights do not match the registry's {info.name} architecture")
+    model.weights_info["model"] = info.name
+    return model
+
+
 def load_pretrained(
     name_or_dir: str | Path,
     checkpoint: str | Path | None = None,
@@ -275,6 +291,8 @@ def load_pretrained(
         raise KeyError(f"{e.args[0]} ({name!r} is also not an existing directory or file)") from None
     if checkpoint is not None:
         return load_checkpoint(checkpoint, info, map_location)
+    if info.bundled:
+        return load_bundled(info, map_location)
 
     from medlatent.hub import WeightsNotFoundError, check_official_yaml, hub_download
 

@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from medlatent.registry import DEFAULT_MODEL
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="MedVAE medical-image autoencoders.")
 
 
@@ -74,9 +76,13 @@ def models() -> None:
         info = get_model_info(name)
         s = info.config.downsample_per_axis
         shape = "×".join([f"/{s}"] * info.spatial_dims)
-        cached = try_to_load_from_cache(info.repo_id, info.hub_checkpoint) if try_to_load_from_cache else None
-        table.add_row(name, f"{info.spatial_dims}D", str(info.f), str(info.C), f"{shape} ×{info.C}",
-                      "yes" if isinstance(cached, str) else "no", info.description)
+        if info.bundled:
+            state = "bundled"
+        else:
+            cached = try_to_load_from_cache(info.repo_id, info.hub_checkpoint) if try_to_load_from_cache else None
+            state = "yes" if isinstance(cached, str) else "no"
+        table.add_row(name, f"{info.spatial_dims}D", str(info.f), str(info.C), f"{shape} ×{info.C}", state,
+                      info.description)
     Console(width=160).print(table)
 
 
@@ -99,7 +105,7 @@ def convert(
 
 @app.command()
 def profile(
-    model: str = typer.Argument("medvae_4_1_2d", help="Registry name, model directory or checkpoint file."),
+    model: str = typer.Argument(DEFAULT_MODEL, help="Registry name, model directory or checkpoint file."),
     size: str = typer.Option("512x512", "--size", "-s", help="Input spatial size: HxW (2D) or XxYxZ (3D)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Official checkpoint file."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Skip weights: build from the registry."),
@@ -215,7 +221,8 @@ def _finish(console, report, out: Path, skipped_inputs) -> None:
 def encode(
     inputs: list[Path] = typer.Argument(..., help="Image files and/or folders (walked recursively)."),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder (mirrors the input tree)."),
-    model: str = typer.Option("medvae_4_1_2d", "--model", "-m", help="Registry name or model directory."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
+                              help="Registry name or model directory (default: the bundled model)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Official checkpoint file."),
     modality: str = typer.Option("auto", help="ct, mri, xray, other, or auto (from the file; 3D ≤-900 → CT)."),
     device: str = typer.Option("cpu", "--device", "-d"),
@@ -407,7 +414,8 @@ def np_fmt(rows) -> str:
 def roundtrip(
     inputs: list[Path] = typer.Argument(..., help="Image files and/or folders."),
     output: Path = typer.Option(..., "--output", "-o"),
-    model: str = typer.Option("medvae_4_1_2d", "--model", "-m"),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
+                              help="Registry name or model directory (default: the bundled model)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c"),
     modality: str = typer.Option("auto"),
     device: str = typer.Option("cpu", "--device", "-d"),

@@ -28,6 +28,7 @@ class ModelInfo:
         description: one line for ``medlatent models``.
         repo_id: Hugging Face repo holding the weights.
         sha256: expected SHA-256 of the checkpoint file, when known.
+        bundled: the weights ship inside the package (``medlatent/weights/<name>/``); no hub involved.
     """
 
     name: str
@@ -40,6 +41,7 @@ class ModelInfo:
     repo_id: str = HF_REPO
     sha256: str | None = None
     tags: tuple[str, ...] = field(default=())
+    bundled: bool = False
 
     @property
     def f(self) -> int:
@@ -127,3 +129,14 @@ for _info in (
             desc="3D, f=512 (÷8 per axis), C=1, inflated from 2D and trained on CT/MRI"),
 ):
     register_model(_info)
+
+
+# medlatent's own default: a narrow f=16, C=1 member trained on public images (see its MODEL_CARD.md).
+DEFAULT_MODEL = "medlatent_small_4_1_2d"
+register_model(ModelInfo(
+    name=DEFAULT_MODEL,
+    config=MedVAEConfig(spatial_dims=2, in_channels=1, out_channels=1, ch=32, ch_mult=_F4, num_res_blocks=1,
+                        z_channels=1, embed_dim=1, stage2_head=False),
+    hub_config="", hub_checkpoint="", modalities=_2D_MODALITIES, bundled=True, repo_id="",
+    description="2D, f=16 (H/4×W/4), C=1, 2.7 M parameters; bundled default trained by medlatent on public images",
+))

@@ -48,6 +48,19 @@ def inflate(model2d: MedVAE, arch: MedVAEConfig) -> MedVAE:
     return model
 
 
+@torch.no_grad()
+def zero_init_residual(model: MedVAE) -> None:
+    """Zero the last conv of every residual branch, so each block starts as the identity (SkipInit/Fixup)."""
+    from medlatent.model.layers import AttnBlock, ResnetBlock
+
+    for block in model.modules():
+        last = block.conv2 if isinstance(block, ResnetBlock) else block.proj_out if isinstance(block, AttnBlock) \
+            else None
+        if last is not None:
+            last.weight.zero_()
+            last.bias.zero_()
+
+
 def build_model(cfg: TrainConfig) -> tuple[MedVAE, list[nn.Parameter]]:
     """The model and the parameters the stage trains.
 
@@ -70,6 +83,8 @@ def build_model(cfg: TrainConfig) -> tuple[MedVAE, list[nn.Parameter]]:
         model = inflate(_load(m.inflate_from), arch)
     elif m.init == "random":
         model = MedVAE(arch)
+        if m.zero_init_residual:
+            zero_init_residual(model)
     else:
         model = _load(m.name if m.init == "pretrained" else m.init)
         if model.config != arch:

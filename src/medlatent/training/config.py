@@ -37,6 +37,8 @@ class ModelSection:
             checkpoint; or ``natural:PATH`` — a natural-image KL-VAE (LDM or diffusers) to adapt with LoRA.
         lora_rank: >0 trains only rank-r LoRA adapters on the ResnetBlock/attention convs (official: 4).
         inflate_from: stage 2-3D only: the 2D model (name or path) whose kernels are inflated to 3D.
+        zero_init_residual: with ``init: random``, start every ResnetBlock and attention block as the identity
+            (last conv of each residual branch zeroed), which makes training from scratch converge faster.
     """
 
     name: str | None = "medvae_4_1_2d"
@@ -44,6 +46,7 @@ class ModelSection:
     init: str = "random"
     lora_rank: int = 0
     inflate_from: str | None = None
+    zero_init_residual: bool = False
 
 
 @dataclass
@@ -62,11 +65,14 @@ class LoopSection:
     """The loop: stage, length, batch, precision, checkpoints and logging.
 
     ``batch_size`` is per process; the effective batch is ``batch_size × grad_accum × processes``.
+    ``max_minutes`` (optional) ends the run at the first step past a wall-clock budget, with a checkpoint
+    and the export, as if ``max_steps`` had been reached.
     """
 
     stage: str = "stage1"
     output_dir: str = "runs/medlatent"
     max_steps: int = 10000
+    max_minutes: float | None = None
     batch_size: int = 4
     grad_accum: int = 1
     mixed_precision: str = "no"
@@ -113,6 +119,9 @@ class TrainConfig:
             raise ConfigError("stage2_3d needs model.inflate_from (the 2D stage-1 model to inflate) or model.init")
         if self.model.lora_rank < 0:
             raise ConfigError(f"model.lora_rank must be ≥ 0, got {self.model.lora_rank}")
+        if self.model.lora_rank and self.loss.adaptive_disc_weight and t.stage != "stage2":
+            raise ConfigError("the adaptive GAN weight needs the decoder's last layer to train, which LoRA freezes; "
+                              "set loss.adaptive_disc_weight=false (the official LoRA recipe: weight 1.0)")
         if self.optim.base_lr <= 0:
             raise ConfigError(f"optim.base_lr must be > 0, got {self.optim.base_lr}")
         return self

@@ -257,7 +257,10 @@ class Trainer:
         metrics: dict[str, float] = {}
         self.step_module.train()
         t0 = time.perf_counter()
+        budget = t.max_minutes * 60 if t.max_minutes else math.inf
         while self.progress.step < stop:
+            if budget < math.inf and self._over_budget(time.perf_counter() - t0 > budget):
+                stop = self.progress.step + 1  # one more step, then the end-of-run log, validation, checkpoint
             micro = [next(batches) for _ in range(t.grad_accum)]
             logs = self._stage2_step(micro) if self.stage == "stage2" else self._stage1_step(micro)
             self.progress.step += 1
@@ -271,6 +274,14 @@ class Trainer:
                 self.save()
         self._barrier()
         return metrics
+
+    def _over_budget(self, local: bool) -> bool:
+        """Every rank stops at the same step: the time budget is over when any rank says so."""
+        if self.world == 1 or not dist.is_initialized():
+            return local
+        flag = torch.tensor([float(local)], device=self.acc.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     # ------------------------------------------------------------------ logging, validation, export
     def _log(self, row: dict[str, Any]) -> None:
