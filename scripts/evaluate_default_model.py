@@ -6,7 +6,7 @@ decoded. Baselines shrink the same image by the model's per-axis factor with nea
 (antialiased for bilinear and bicubic) and enlarge it back with the same method. PSNR and MS-SSIM are computed on
 the original grid with both images mapped to [0, 1] (data range 1), as `medlatent roundtrip` reports them.
 
-    python scripts/evaluate_default_model.py HELDOUT_DIR [--model medlatent_small_4_1_2d] [--out results.json]
+    python scripts/evaluate_default_model.py HELDOUT_DIR [--model medlatent_small_4_4_2d] [--out results.json]
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def evaluate(heldout: Path, model_name: str, out: Path | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("heldout", type=Path)
-    ap.add_argument("--model", default="medlatent_small_4_1_2d")
+    ap.add_argument("--model", default="medlatent_small_4_4_2d")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     res = evaluate(args.heldout, args.model, args.out)

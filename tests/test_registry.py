@@ -21,7 +21,7 @@ def test_registry_holds_the_official_family_and_the_bundled_default():
 
     assert list_models() == sorted([*EXPECTED, DEFAULT_MODEL])
     info = get_model_info(DEFAULT_MODEL)
-    assert info.bundled and (info.f, info.C, info.spatial_dims) == (16, 1, 2)
+    assert info.bundled and (info.f, info.C, info.spatial_dims) == (16, 4, 2)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -538,5 +538,13 @@ def samples(
     typer.echo(f"{len(found)} samples in {output} (2D: {output / '2d'}, 3D: {output / '3d'})")
 
 
+def _add_evaluate() -> None:
+    from medlatent.evaluation.cli import app as evaluate_app
+
+    app.add_typer(evaluate_app, name="evaluate")
+
+
+_add_evaluate()
+
 if __name__ == "__main__":
     app()

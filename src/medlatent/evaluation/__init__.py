@@ -1,0 +1,12 @@
+"""Evaluation suite: reproduce the paper's evaluations on your own data (``medlatent evaluate …``).
+
+* :mod:`medlatent.evaluation.recon` — reconstruction quality (PSNR, MS-SSIM, ROI PSNR) against baselines at the
+  same downsizing factor (paper §4.3, Tables 5–7, Figure 4).
+* :mod:`medlatent.evaluation.baselines` — interpolation, a 2D model slice by slice on volumes, natural-image
+  autoencoders (diffusers KL-VAE / VQ-GAN).
+* :mod:`medlatent.evaluation.storage` — bytes and values of images against their latents (§4.2).
+* :mod:`medlatent.evaluation.report` — Markdown reports, bar charts with error bars, residual figures.
+* :mod:`medlatent.evaluation.cad`, :mod:`~medlatent.evaluation.classifiers`, :mod:`~medlatent.evaluation.finefeature`,
+  :mod:`~medlatent.evaluation.efficiency` — CAD on images, latents and interpolated images (§4.1), the
+  fine-feature task and the efficiency benchmark.
+"""

@@ -1,0 +1,884 @@
+"""CAD harness: do latents keep what a classifier needs? (paper §4.1, Table 1, App. B.1).
+
+For one labelled CSV task the same classifier is trained on three kinds of input and its test AUROC compared:
+
+* ``image`` — the high-resolution image, preprocessed as for encoding (:func:`medlatent.preprocessing.preprocess`:
+  intensities to [-1, 1], volumes to RAS, RGB to gray) and resized to a fixed input size
+  (:attr:`CADConfig.size`, bicubic with antialiasing; the paper resized FFDMs to 1024×512 the same way);
+* ``latent`` — MedVAE's ``z`` of that image (posterior mean). For 2D models, the stage-2 features
+  ``stage2_features(z)`` when the model has the stage-2 head, averaged over channels when ``C > 1``
+  (App. B.1: "we preprocess latent representations by applying the mean operation across the channel
+  dimension"); for 3D models ``z`` itself (``C`` input channels);
+* ``interp`` — the image shrunk to the latent's size by interpolation (bicubic by default; the paper's
+  baseline). 3D uses the separable tricubic equivalent (2D bicubic per slice, then 1D along the slice axis).
+
+Training follows App. B.1: AdamW, a fixed number of epochs, binary tasks with one logit and BCE (multi-class:
+softmax + cross-entropy), class-weighted sampling (``WeightedRandomSampler``, as the paper did for imbalanced
+3D tasks), several seeds, AUROC / macro one-vs-rest AUROC from torchmetrics, reported as mean ± sd. Unlike the
+paper (final checkpoint), the epoch with the best validation AUROC is kept when the CSV has a usable ``val``
+split (``CADConfig.select="last"`` gives the paper's rule).
+
+Prepared inputs are cached as ``<cache>/<kind>/<name>-<settings digest>/<file sha256>.safetensors`` (float16):
+a second run neither reads the images nor encodes. A latent folder's digest covers the model's weights (hashed
+each run, so a fine-tuned model never reuses stale latents), the input size and the preprocessing settings.
+The sd over seeds is the sample standard deviation.
+
+CSV manifest: columns ``path,label,split`` and optionally ``patient`` (no patient may appear in two splits);
+``split`` is ``train``, ``val`` or ``test``; labels are integers or strings (mapped to ids in sorted order);
+relative paths are relative to the CSV's folder. Every data error names the CSV line and the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, WeightedRandomSampler
+
+from medlatent.evaluation.classifiers import EVAL_EXTRA, PAPER_CLASSIFIER, build_classifier
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+KINDS = ("image", "latent", "interp")
+RESIZE_MODES = ("nearest", "bilinear", "bicubic", "area")
+# bump when the way inputs are prepared changes, so old cache entries are not reused
+CACHE_VERSION = 1
+
+
+class CADDataError(ValueError):
+    """A CAD task that cannot be run; the message names the CSV line, file or patient and what to do."""
+
+
+# ------------------------------------------------------------------------------------------ config
+@dataclass(frozen=True)
+class CADConfig:
+    """How inputs are prepared and classifiers trained (defaults follow App. B.1 where it says).
+
+    Attributes:
+        classifier: ``"hrnet_w64"``, ``"seresnet152"``, ``"tiny"``; ``None`` = the paper's choice
+            (HRNet-w64 in 2D, SEResNet-152 in 3D).
+        size: high-resolution input size: one int (all axes) or one per axis (e.g. ``(1024, 512)``).
+        epochs: training epochs (paper: 100).
+        batch_size: training batch size.
+        lr: AdamW learning rate (paper: 1e-4).
+        weight_decay: AdamW weight decay.
+        seeds: one classifier is trained per seed (paper: three).
+        balanced: class-weighted sampling (each class drawn equally often).
+        select: ``"val"`` keeps the epoch with the best validation AUROC (the last epoch when the CSV has no
+            usable val split); ``"last"`` keeps the final epoch (the paper's rule).
+        resize: interpolation to the fixed input size: nearest, bilinear, bicubic or area.
+        modality: passed to :func:`~medlatent.preprocessing.preprocess` (``auto``: from the file).
+        device: where classifiers train (``"cpu"``, ``"cuda"``, ``"cuda:1"``, …); models encode where they are.
+        pretrained: ImageNet weights for ``hrnet_w64`` (the paper used a pretrained HRNet).
+        preload_gb: inputs of one method are held in memory when they fit in this much; else read per batch.
+        num_workers: DataLoader workers.
+    """
+
+    classifier: str | None = None
+    size: int | tuple[int, ...] = 256
+    epochs: int = 100
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    seeds: tuple[int, ...] = (0, 1, 2)
+    balanced: bool = True
+    select: str = "val"
+    resize: str = "bicubic"
+    modality: str = "auto"
+    device: str = "cpu"
+    pretrained: bool = False
+    preload_gb: float = 2.0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        if not isinstance(self.size, int):
+            object.__setattr__(self, "size", tuple(int(n) for n in self.size))
+        sizes = (self.size,) if isinstance(self.size, int) else self.size
+        if not sizes or min(sizes) < 2:
+            raise ValueError(f"size must be ≥ 2 per axis, got {self.size}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be ≥ 1, got {self.epochs} and {self.batch_size}")
+        if not self.seeds:
+            raise ValueError("give at least one seed")
+        if self.select not in ("val", "last"):
+            raise ValueError(f"select must be 'val' or 'last', got {self.select!r}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(f"lr must be > 0 and weight_decay ≥ 0, got {self.lr} and {self.weight_decay}")
+
+    def size_for(self, spatial_dims: int) -> tuple[int, ...]:
+        if isinstance(self.size, int):
+            return (self.size,) * spatial_dims
+        if len(self.size) != spatial_dims:
+            raise ValueError(f"size {self.size} has {len(self.size)} axes; the task is {spatial_dims}D")
+        return self.size
+
+    def classifier_for(self, spatial_dims: int) -> str:
+        return self.classifier or PAPER_CLASSIFIER[spatial_dims]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["seeds"] = list(self.seeds)
+        d["size"] = self.size if isinstance(self.size, int) else list(self.size)
+        return d
+
+
+@dataclass(frozen=True, eq=False)
+class Method:
+    """One kind of classifier input (a row of Table 1).
+
+    Attributes:
+        label: the row name (e.g. ``"High-Resolution"``, ``"MedVAE (f=16, C=1)"``, ``"Bicubic"``).
+        kind: ``"image"``, ``"latent"`` or ``"interp"``.
+        model: the MedVAE (``latent``).
+        downsample: per-axis reduction (``interp``; ``latent`` takes the model's).
+        interp: interpolation of ``interp``: nearest, bilinear, bicubic or area.
+    """
+
+    label: str
+    kind: str
+    model: Any = None
+    downsample: int = 1
+    interp: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"method kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind == "latent" and self.model is None:
+            raise ValueError(f"method {self.label!r}: a latent method needs a model")
+        if self.kind == "interp" and (self.downsample < 1 or self.interp not in RESIZE_MODES):
+            raise ValueError(f"method {self.label!r}: downsample must be ≥ 1 and interp one of "
+                             f"{', '.join(RESIZE_MODES)}")
+
+    @property
+    def per_axis(self) -> int:
+        return self.model.downsample_per_axis if self.kind == "latent" else self.downsample
+
+    def f(self, spatial_dims: int) -> int:
+        """The paper's downsizing factor (area or volume reduction)."""
+        return self.per_axis**spatial_dims if self.kind != "image" else 1
+
+    @property
+    def C(self) -> int:  # noqa: N802 - the paper's name
+        return self.model.C if self.kind == "latent" else 1
+
+
+def default_methods(models: "Mapping[str, Any] | Sequence[Any] | Any | None" = None,
+                    kinds: Sequence[str] = KINDS, interp: str = "bicubic") -> list[Method]:
+    """Table 1's rows for the given models: High-Resolution, then per model its latent and an interpolation
+    baseline at the same per-axis reduction (one per distinct reduction).
+
+    Args:
+        models: a MedVAE, a list of them, or ``{name: model}`` (names label the rows).
+        kinds: which of ``image``, ``latent``, ``interp`` to include.
+        interp: interpolation of the baseline.
+    """
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ValueError(f"unknown method kinds {bad}; choose from {', '.join(KINDS)}")
+    if models is None:
+        named: list[tuple[str, Any]] = []
+    elif isinstance(models, Mapping):
+        named = list(models.items())
+    elif isinstance(models, (list, tuple)):
+        named = [(m.weights_info.get("model", f"model{i}"), m) for i, m in enumerate(models)]
+    else:
+        named = [(models.weights_info.get("model", "MedVAE"), models)]
+    if not named and any(k != "image" for k in kinds):
+        raise ValueError("latent and interp methods need at least one model (give --model, or only --method image)")
+    out: list[Method] = []
+    if "image" in kinds:
+        out.append(Method("High-Resolution", "image"))
+    seen: set[int] = set()
+    for name, m in named:
+        d = m.spatial_dims
+        if "latent" in kinds:
+            out.append(Method(f"MedVAE {name} (f={m.f}, C={m.C})" if len(named) > 1 else f"MedVAE (f={m.f}, C={m.C})",
+                              "latent", model=m))
+        if "interp" in kinds and m.downsample_per_axis not in seen:
+            seen.add(m.downsample_per_axis)
+            f = m.downsample_per_axis**d
+            out.append(Method(f"{interp.capitalize()} (f={f})", "interp", downsample=m.downsample_per_axis,
+                              interp=interp))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the CSV
+@dataclass(frozen=True)
+class CADEntry:
+    """One CSV row: the file, its class id, split and (optional) patient; ``line`` for error messages."""
+
+    line: int
+    path: Path
+    label: int
+    split: str
+    patient: str = ""
+
+
+@dataclass
+class CADTask:
+    """A parsed CSV: rows, class names (id → name) and the CSV path."""
+
+    csv_path: Path
+    entries: list[CADEntry]
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def indices(self, split: str) -> list[int]:
+        return [i for i, e in enumerate(self.entries) if e.split == split]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for s in SPLITS:
+            labels = [e.label for e in self.entries if e.split == s]
+            if labels:
+                out[s] = {self.class_names[k]: labels.count(k) for k in range(self.num_classes)}
+        return out
+
+
+def _label_order(raw: list[str]) -> list[str]:
+    """Distinct labels sorted numerically when all are integers, else as strings."""
+    distinct = sorted(set(raw))
+    try:
+        return sorted(distinct, key=lambda s: int(s))
+    except ValueError:
+        return distinct
+
+
+def read_cad_csv(csv_path: str | Path) -> CADTask:
+    """Parse and check a CAD manifest.
+
+    Raises:
+        CADDataError: missing columns, empty cells, unknown split, missing file, a patient in two splits,
+            fewer than two classes, or a class absent from train or test (AUROC would be undefined).
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise CADDataError(f"{csv_path}: no such CSV file")
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
+            rows = [(reader.line_num, {(k or "").strip().lower(): (v or "").strip() if isinstance(v, str) else ""
+                                       for k, v in row.items()}) for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise CADDataError(f"{csv_path}: cannot be read as a CSV ({type(e).__name__}: {e})") from e
+    missing = [c for c in ("path", "label", "split") if c not in columns]
+    if missing:
+        raise CADDataError(f"{csv_path}: missing column(s) {', '.join(missing)} "
+                           f"(found: {', '.join(columns) or 'none'});"
+                           " a CAD manifest has columns path,label,split and optionally patient")
+    has_patient = "patient" in columns
+    parsed: list[tuple[int, Path, str, str, str]] = []
+    for line, row in rows:
+        if not any(row.values()):
+            continue
+        where = f"{csv_path}, line {line}"
+        for col in ("path", "label", "split"):
+            if not row.get(col):
+                raise CADDataError(f"{where}: empty {col}")
+        split = row["split"].lower()
+        if split not in SPLITS:
+            raise CADDataError(f"{where}: split must be one of {', '.join(SPLITS)}, got {row['split']!r}")
+        path = Path(row["path"]).expanduser()
+        if not path.is_absolute():
+            path = csv_path.parent / path
+        if not path.exists():
+            raise CADDataError(f"{where}: file {path} does not exist (relative paths are relative to the CSV's folder)")
+        patient = row.get("patient", "") if has_patient else ""
+        if has_patient and not patient:
+            raise CADDataError(f"{where}: empty patient (the CSV has a patient column; fill it for every row)")
+        parsed.append((line, path, row["label"], split, patient))
+    if not parsed:
+        raise CADDataError(f"{csv_path}: no rows")
+
+    first_seen: dict[str, tuple[str, int]] = {}
+    for line, _, _, split, patient in parsed:
+        if not patient:
+            continue
+        if patient in first_seen and first_seen[patient][0] != split:
+            s0, l0 = first_seen[patient]
+            raise CADDataError(f"{csv_path}: patient {patient!r} appears in split {s0!r} (line {l0}) and split "
+                               f"{split!r} (line {line}); all images of a patient must be in one split")
+        first_seen.setdefault(patient, (split, line))
+
+    class_names = _label_order([p[2] for p in parsed])
+    if len(class_names) < 2:
+        raise CADDataError(f"{csv_path}: only one class ({class_names[0]!r}); a CAD task needs at least two")
+    ids = {name: i for i, name in enumerate(class_names)}
+    entries = [CADEntry(line, path, ids[label], split, patient) for line, path, label, split, patient in parsed]
+    task = CADTask(csv_path, entries, class_names)
+    counts = task.counts()
+    for split in ("train", "test"):
+        absent = [c for c, n in counts.get(split, {c: 0 for c in class_names}).items() if n == 0]
+        if absent:
+            raise CADDataError(f"{csv_path}: split {split!r} has no rows of class(es) {', '.join(map(repr, absent))}; "
+                               f"every class must appear in train and test (AUROC is undefined otherwise)")
+    return task
+
+
+# ------------------------------------------------------------------------------------------ input preparation
+def resize(x: torch.Tensor, size: Sequence[int], mode: str = "bicubic") -> torch.Tensor:
+    """Resize ``C×H×W`` or ``C×D×H×W`` to ``size`` (antialiased when shrinking, for bilinear/bicubic).
+
+    3D bilinear/bicubic is separable: 2D per slice over the first two axes, then 1D along the last — the
+    tricubic filter PyTorch lacks (trilinear has no antialiasing either).
+    """
+    size = tuple(int(n) for n in size)
+    d = x.ndim - 1
+    if len(size) != d:
+        raise ValueError(f"size {size} does not match a {d}D input of shape {tuple(x.shape)}")
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+    x = x.float()
+    if tuple(x.shape[1:]) == size:
+        return x.clone()
+    if mode in ("nearest", "area") or d == 2 and mode in ("bilinear", "bicubic"):
+        kw = {} if mode in ("nearest", "area") else {"align_corners": False, "antialias": True}
+        return F.interpolate(x[None], size=size, mode=mode, **kw)[0]
+    c, nx, ny, nz = x.shape
+    kw = {"align_corners": False, "antialias": True}
+    t = x.permute(0, 3, 1, 2).reshape(c * nz, 1, nx, ny)                       # slices along the last axis
+    t = F.interpolate(t, size=size[:2], mode=mode, **kw)                       # (c·nz)×1×X'×Y'
+    t = t.reshape(c, nz, size[0] * size[1]).permute(0, 2, 1).reshape(-1, 1, 1, nz)
+    t = F.interpolate(t, size=(1, size[2]), mode=mode, **kw)                   # 1-D along the last axis
+    return t.reshape(c, size[0], size[1], size[2])
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, or of a folder's files (DICOM series) by relative name and content."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        if path.is_dir():
+            h.update(str(p.relative_to(path)).encode() + b"\0")
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's config and weights (so a fine-tuned model never reuses stale cached latents)."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode() + b"\0")
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_") or "model"
+
+
+def _settings_digest(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class InputBuilder:
+    """Prepares (and caches) classifier inputs of a task for each method.
+
+    The prepared high-resolution image is the base of all three kinds and is cached too, so a latent or
+    interpolation method whose cache misses still does not decode the original file twice.
+    """
+
+    def __init__(self, task: CADTask, spatial_dims: int, config: CADConfig, cache_dir: Path) -> None:
+        self.task = task
+        self.dims = spatial_dims
+        self.config = config
+        self.size = config.size_for(spatial_dims)
+        self.cache_dir = Path(cache_dir)
+        self._digests: dict[Path, str] = {}
+        self._fingerprints: dict[int, str] = {}  # hashed once per run: weights may change between runs
+        self.image_settings = {"version": CACHE_VERSION, "kind": "image", "size": list(self.size),
+                               "resize": config.resize, "modality": config.modality, "spatial_dims": spatial_dims}
+
+    # ---------------------------------------------------------------------------------- cache
+    def _digest(self, entry: CADEntry) -> str:
+        if entry.path not in self._digests:
+            try:
+                self._digests[entry.path] = file_digest(entry.path)
+            except OSError as e:
+                raise CADDataError(f"{self.task.csv_path}, line {entry.line}: cannot read {entry.path} "
+                                   f"({type(e).__name__}: {e})") from e
+        return self._digests[entry.path]
+
+    def folder(self, method: Method) -> Path:
+        """Cache folder of a method's inputs."""
+        if method.kind == "image":
+            return self.cache_dir / "image" / f"{'x'.join(map(str, self.size))}-{_settings_digest(self.image_settings)}"
+        if method.kind == "interp":
+            s = {**self.image_settings, "kind": "interp", "downsample": method.per_axis, "interp": method.interp}
+            return self.cache_dir / "interp" / f"x{method.per_axis}-{method.interp}-{_settings_digest(s)}"
+        m = method.model
+        if id(m) not in self._fingerprints:
+            self._fingerprints[id(m)] = model_fingerprint(m)
+        s = {**self.image_settings, "kind": "latent", "model": self._fingerprints[id(m)], "stage2_mean_2d": True}
+        return self.cache_dir / "latent" / f"{_slug(m.weights_info.get('model', 'model'))}-{_settings_digest(s)}"
+
+    @staticmethod
+    def _cached(path: Path) -> bool:
+        """A readable cache entry exists (only its header is read)."""
+        if not path.is_file():
+            return False
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), "pt") as fh:
+                return "x" in fh.keys()
+        except (SafetensorError, OSError) as e:
+            logger.warning("%s: damaged cache entry rebuilt (%s)", path, e)
+            return False
+
+    def _load(self, path: Path) -> torch.Tensor | None:
+        if not path.is_file():
+            return None
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))["x"]
+        except (SafetensorError, OSError, KeyError) as e:  # a damaged entry is rebuilt, not trusted
+            logger.warning("%s: damaged cache entry rebuilt (%s)", path, e)
+            return None
+
+    @staticmethod
+    def _store(path: Path, x: torch.Tensor, source: Path) -> None:
+        from safetensors.torch import save_file
+
+        from medlatent.io.atomic import atomic_write
+
+        with atomic_write(path) as tmp:
+            save_file({"x": x.contiguous()}, str(tmp), metadata={"source": str(source)})
+
+    # ---------------------------------------------------------------------------------- building
+    def _read(self, entry: CADEntry) -> torch.Tensor:
+        from medlatent.io.image import ImageReadError
+        from medlatent.io.readers import read_image
+        from medlatent.preprocessing import PreprocessingError, preprocess
+
+        where = f"{self.task.csv_path}, line {entry.line}"
+        try:
+            img = read_image(entry.path)
+            x, _ = preprocess(img, spatial_dims=self.dims, in_channels=1, downsample=1, modality=self.config.modality)
+        except (ImageReadError, PreprocessingError) as e:
+            raise CADDataError(f"{where}: {e}") from e
+        return resize(torch.from_numpy(x), self.size, self.config.resize).clamp_(-1.0, 1.0)
+
+    def image(self, entry: CADEntry) -> torch.Tensor:
+        """The prepared high-resolution image ``1×size`` in [-1, 1] (cached)."""
+        path = self.folder(Method("image", "image")) / f"{self._digest(entry)}.safetensors"
+        x = self._load(path)
+        if x is None:
+            # stored and used as float16 either way, so a latent made now equals one made after a cache hit
+            x = self._read(entry).to(torch.float16)
+            self._store(path, x, entry.path)
+        return x.float()
+
+    def _make(self, method: Method, entry: CADEntry) -> torch.Tensor:
+        img = self.image(entry)
+        if method.kind == "image":
+            return img
+        if method.kind == "interp":
+            return resize(img, [n // method.per_axis for n in self.size], method.interp).clamp_(-1.0, 1.0)
+        return latent_input(method.model, img)
+
+    def build(self, method: Method) -> "CachedInputs":
+        """All rows' inputs for ``method`` (computed once, then read from the cache)."""
+        s = method.per_axis
+        if any(n % s for n in self.size):
+            raise CADDataError(f"input size {self.size} is not a multiple of {s} per axis (method {method.label!r}); "
+                               f"choose a size divisible by {s}")
+        folder = self.folder(method)
+        files = []
+        made = 0
+        for entry in self.task.entries:
+            path = folder / f"{self._digest(entry)}.safetensors"
+            if not self._cached(path):
+                x = self._make(method, entry)
+                if method.kind != "image":  # image() has stored it already
+                    self._store(path, x.to(torch.float16), entry.path)
+                made += 1
+            files.append(path)
+        logger.info("%s: %d inputs prepared, %d from the cache (%s)", method.label, made, len(files) - made, folder)
+        return CachedInputs(files, preload_gb=self.config.preload_gb)
+
+
+@torch.inference_mode()
+def latent_input(model: Any, image: torch.Tensor) -> torch.Tensor:
+    """The classifier input of the ``latent`` method for one prepared image ``1×…`` in [-1, 1].
+
+    2D: ``stage2_features(z)`` when the model has the stage-2 head, then the channel mean when ``C > 1``
+    (App. B.1) → ``1×H/s×W/s``. 3D: ``z`` (``C×D/s×H/s×W/s``).
+    """
+    from medlatent.engine.tiled import TiledAutoencoder
+
+    dev = model.quant_conv.weight.device
+    z = TiledAutoencoder(model).encode(image[None].to(dev)).to(torch.float32)
+    if model.spatial_dims == 2:
+        if model.config.stage2_head:
+            z = model.stage2_features(z).float()
+        if z.shape[1] > 1:
+            z = z.mean(dim=1, keepdim=True)
+    return z[0].cpu()
+
+
+class CachedInputs(Dataset):
+    """Prepared inputs of one method: held in memory when they fit ``preload_gb``, else read per item."""
+
+    def __init__(self, files: list[Path], preload_gb: float = 2.0) -> None:
+        from safetensors import safe_open
+
+        self.files = files
+        with safe_open(str(files[0]), "pt") as fh:
+            self.shape = tuple(fh.get_slice("x").get_shape())
+        total = len(files) * math.prod(self.shape) * 4
+        self.data: torch.Tensor | None = None
+        if total <= preload_gb * 2**30:
+            self.data = torch.stack([self._read(i) for i in range(len(files))])
+
+    def _read(self, i: int) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.files[i]))["x"].float()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.data[i] if self.data is not None else self._read(i)
+
+
+class _Labelled(Dataset):
+    def __init__(self, inputs: Dataset, labels: torch.Tensor) -> None:
+        self.inputs, self.labels = inputs, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[i], self.labels[i]
+
+
+# ------------------------------------------------------------------------------------------ metric
+def auroc(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """AUROC (binary) or macro one-vs-rest AUROC (multi-class), computed with torchmetrics.
+
+    Args:
+        scores: ``N`` probabilities of class 1 (binary; ``N×2`` also accepted) or ``N×K`` class probabilities.
+        labels: ``N`` class ids.
+        num_classes: ``K``.
+    """
+    try:
+        from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
+    except ImportError as e:
+        raise ImportError(f"AUROC needs torchmetrics: {EVAL_EXTRA}") from e
+    labels = labels.long()
+    if num_classes == 2:
+        if scores.ndim == 2:
+            scores = scores[:, 1]
+        return float(binary_auroc(scores.float(), labels))
+    return float(multiclass_auroc(scores.float(), labels, num_classes=num_classes, average="macro"))
+
+
+# ------------------------------------------------------------------------------------------ training
+@dataclass
+class SeedRun:
+    """One trained classifier: its test AUROC, the kept epoch and its validation AUROC (if any)."""
+
+    seed: int
+    test_auroc: float
+    epoch: int
+    val_auroc: float | None
+
+
+@torch.inference_mode()
+def _scores(net: torch.nn.Module, data: Dataset, num_classes: int, batch_size: int, device: str) -> torch.Tensor:
+    net.eval()
+    out = []
+    for x, _ in DataLoader(data, batch_size=batch_size, shuffle=False):
+        logits = net(x.to(device)).float()
+        out.append(torch.sigmoid(logits[:, 0]) if num_classes == 2 else torch.softmax(logits, dim=1))
+    return torch.cat(out).cpu()
+
+
+def train_classifier(inputs: Dataset, labels: torch.Tensor, splits: Mapping[str, Sequence[int]], *,
+                     num_classes: int, spatial_dims: int, config: CADConfig, seed: int) -> SeedRun:
+    """Train one classifier on ``splits["train"]`` and report its test AUROC (App. B.1).
+
+    Args:
+        inputs: item ``i`` is a ``C×…`` tensor.
+        labels: ``N`` class ids.
+        splits: row indices of ``train``, ``test`` and optionally ``val``.
+        num_classes: ``K``; binary tasks use one logit + BCE, multi-class ``K`` logits + cross-entropy.
+        spatial_dims: 2 or 3.
+        config: training settings.
+        seed: seeds the weights and the sampling.
+    """
+    torch.manual_seed(seed)
+    in_channels = int(inputs[0].shape[0])
+    out = 1 if num_classes == 2 else num_classes
+    net = build_classifier(config.classifier_for(spatial_dims), spatial_dims, in_channels, out,
+                           pretrained=config.pretrained).to(config.device)
+    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    data = _Labelled(inputs, labels)
+    train_idx = list(splits["train"])
+    train = Subset(data, train_idx)
+    g = torch.Generator().manual_seed(seed)
+    if config.balanced:  # each class drawn equally often (weights 1/count), as many draws as training rows
+        counts = torch.bincount(labels[train_idx], minlength=num_classes).float()
+        weights = (1.0 / counts.clamp(min=1))[labels[train_idx]]
+        sampler = WeightedRandomSampler(weights.double(), num_samples=len(train_idx), replacement=True, generator=g)
+    else:
+        sampler = RandomSampler(train, generator=g)
+    # drop a ragged last batch of one: BatchNorm cannot train on a single sample with pooled features
+    loader = DataLoader(train, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
+                        drop_last=len(train_idx) % config.batch_size == 1 and len(train_idx) > config.batch_size)
+    val_idx = list(splits.get("val", []))
+    val_classes = set(labels[val_idx].tolist()) if val_idx else set()
+    use_val = config.select == "val" and len(val_classes) == num_classes
+    if config.select == "val" and val_idx and not use_val:
+        logger.warning("the val split lacks some classes; keeping the last epoch instead of the best val AUROC")
+    val = Subset(data, val_idx) if use_val else None
+
+    best: tuple[float, dict[str, torch.Tensor] | None, int] = (-math.inf, None, config.epochs - 1)
+    for epoch in range(config.epochs):
+        net.train()
+        for x, y in loader:
+            logits = net(x.to(config.device))
+            y = y.to(config.device)
+            loss = (F.binary_cross_entropy_with_logits(logits[:, 0].float(), y.float()) if num_classes == 2
+                    else F.cross_entropy(logits.float(), y))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if val is not None:
+            v = auroc(_scores(net, val, num_classes, config.batch_size, config.device), labels[val_idx], num_classes)
+            if v > best[0]:  # strictly better: ties keep the earlier epoch
+                best = (v, copy.deepcopy(net.state_dict()), epoch)
+    if best[1] is not None:
+        net.load_state_dict(best[1])
+    test_idx = list(splits["test"])
+    test_scores = _scores(net, Subset(data, test_idx), num_classes, config.batch_size, config.device)
+    return SeedRun(seed, auroc(test_scores, labels[test_idx], num_classes), best[2],
+                   best[0] if best[1] is not None else None)
+
+
+# ------------------------------------------------------------------------------------------ results
+@dataclass
+class MethodResult:
+    """One row of the table: a method's AUROC over seeds."""
+
+    label: str
+    kind: str
+    f: int
+    C: int  # noqa: N815 - the paper's name
+    input_shape: list[int]
+    runs: list[SeedRun] = field(default_factory=list)
+
+    @property
+    def aurocs(self) -> list[float]:
+        return [r.test_auroc for r in self.runs]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.aurocs))
+
+    @property
+    def sd(self) -> float:
+        """Sample standard deviation over seeds (0 for one seed)."""
+        return float(np.std(self.aurocs, ddof=1)) if len(self.runs) > 1 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.label, "kind": self.kind, "f": self.f, "C": self.C, "input_shape": self.input_shape,
+                "auroc_mean": self.mean, "auroc_sd": self.sd, "runs": [dataclasses.asdict(r) for r in self.runs]}
+
+
+@dataclass
+class CADResult:
+    """A task's results: one :class:`MethodResult` per method."""
+
+    task: str
+    metric: str
+    class_names: list[str]
+    counts: dict[str, dict[str, int]]
+    classifier: str
+    config: dict[str, Any]
+    rows: list[MethodResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "metric": self.metric, "class_names": self.class_names, "counts": self.counts,
+                "classifier": self.classifier, "config": self.config, "rows": [r.to_dict() for r in self.rows]}
+
+
+def run_cad(csv_path: str | Path, methods: Sequence[Method], *, config: CADConfig | None = None,
+            cache_dir: str | Path | None = None, task: str | None = None,
+            spatial_dims: int | None = None) -> CADResult:
+    """Train and test the classifier on each method's inputs, once per seed (paper §4.1, Table 1).
+
+    Args:
+        csv_path: CAD manifest (``path,label,split[,patient]``).
+        methods: rows to compare, e.g. :func:`default_methods` of one or more MedVAE models.
+        config: training and input settings.
+        cache_dir: where prepared inputs are kept between runs (default: a temporary folder for this run).
+        task: the task name (column of the table; default: the CSV's file stem).
+        spatial_dims: 2 or 3; default: the models' (or 2 when only ``image`` is run and the first file is 2D).
+
+    Returns:
+        The results; write them with :func:`write_cad_table`.
+    """
+    config = config or CADConfig()
+    if not methods:
+        raise ValueError("give at least one method")
+    data = read_cad_csv(csv_path)
+    dims = _task_dims(data, methods, spatial_dims)
+    labels = torch.tensor([e.label for e in data.entries], dtype=torch.long)
+    splits = {s: data.indices(s) for s in SPLITS if data.indices(s)}
+    classifier = config.classifier_for(dims)
+    with tempfile.TemporaryDirectory(prefix="medlatent-cad-") as tmp:
+        builder = InputBuilder(data, dims, config, Path(cache_dir) if cache_dir is not None else Path(tmp))
+        rows = []
+        for method in methods:
+            inputs = builder.build(method)
+            row = MethodResult(method.label, method.kind, method.f(dims), method.C, list(inputs.shape))
+            for seed in config.seeds:
+                run = train_classifier(inputs, labels, splits, num_classes=data.num_classes, spatial_dims=dims,
+                                       config=config, seed=seed)
+                logger.info("%s seed %d: test AUROC %.4f (epoch %d)", method.label, seed, run.test_auroc, run.epoch)
+                row.runs.append(run)
+            rows.append(row)
+    metric = "AUROC" if data.num_classes == 2 else "macro AUROC (one-vs-rest)"
+    return CADResult(task or Path(csv_path).stem, metric, data.class_names, data.counts(), classifier,
+                     config.to_dict(), rows)
+
+
+def _task_dims(data: CADTask, methods: Sequence[Method], spatial_dims: int | None) -> int:
+    dims = {m.model.spatial_dims for m in methods if m.kind == "latent"}
+    if len(dims) > 1:
+        raise ValueError("the latent methods mix 2D and 3D models; run one dimensionality per task")
+    if spatial_dims is not None:
+        if dims and dims != {spatial_dims}:
+            raise ValueError(f"spatial_dims={spatial_dims} but the models are {dims.pop()}D")
+        return spatial_dims
+    if dims:
+        return dims.pop()
+    from medlatent.io.image import ImageReadError
+    from medlatent.io.readers import read_image
+
+    first = data.entries[0]
+    try:
+        return read_image(first.path).spatial_dims
+    except ImageReadError as e:
+        raise CADDataError(f"{data.csv_path}, line {first.line}: {e}") from e
+
+
+# ------------------------------------------------------------------------------------------ tables
+def cad_table_rows(results: CADResult | Sequence[CADResult]) -> list[dict[str, str]]:
+    """Table 1's rows: ``Method``, ``f``, ``C``, one column per task (AUROC ×100 as ``mean±sd``) and, for
+    several tasks, ``Average`` (of the means)."""
+    results = [results] if isinstance(results, CADResult) else list(results)
+    keys: list[tuple[str, int, int]] = []
+    cells: dict[tuple[str, int, int], dict[str, MethodResult]] = {}
+    for res in results:
+        for row in res.rows:
+            k = (row.label, row.f, row.C)
+            if k not in cells:
+                keys.append(k)
+                cells[k] = {}
+            cells[k][res.task] = row
+    tasks = [r.task for r in results]
+    rows = []
+    for k in keys:
+        row = {"Method": k[0], "f": str(k[1]), "C": str(k[2])}
+        for t in tasks:
+            m = cells[k].get(t)
+            row[t] = f"{100 * m.mean:.1f}±{100 * m.sd:.1f}" if m else "–"
+        if len(tasks) > 1:
+            vals = [cells[k][t].mean for t in tasks if t in cells[k]]
+            row["Average"] = f"{100 * float(np.mean(vals)):.1f}" if len(vals) == len(tasks) else "–"
+        rows.append(row)
+    return rows
+
+
+def _notes(results: Sequence[CADResult]) -> list[str]:
+    seeds = ", ".join(str(s) for s in results[0].config["seeds"])
+    notes = [f"AUROC ×100 (binary; macro one-vs-rest for multi-class), mean ± sd over seeds {seeds}; "
+             f"classifier {results[0].classifier}."]
+    for res in results:
+        counts = "; ".join(f"{s}: " + ", ".join(f"{c}={n}" for c, n in cs.items()) for s, cs in res.counts.items())
+        notes.append(f"- {res.task}: {res.metric}; classes {', '.join(res.class_names)}; rows per split {counts}.")
+    return notes
+
+
+def cad_markdown(results: CADResult | Sequence[CADResult], title: str = "CAD tasks") -> str:
+    """A Table-1-style Markdown table: Method | f | C | one column per task (AUROC ×100, mean±sd) | Average."""
+    results = [results] if isinstance(results, CADResult) else list(results)
+    rows = cad_table_rows(results)
+    head = list(rows[0])
+    notes = _notes(results)
+    lines = [f"# {title}", "", notes[0], "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    lines += ["| " + " | ".join(r[c] for c in head) + " |" for r in rows]
+    return "\n".join(lines + [""] + notes[1:]) + "\n"
+
+
+def write_cad_table(results: CADResult | Sequence[CADResult], out_dir: str | Path, stem: str = "cad",
+                    title: str = "CAD tasks") -> dict[str, Path]:
+    """Write ``<stem>.md`` (Table-1 style), ``<stem>.csv`` (one line per task × method), ``<stem>.json`` and
+    ``report.md`` (with an AUROC bar chart per task, ``<stem>_auroc_<i>.png``, when matplotlib is installed)."""
+    from medlatent.io.atomic import atomic_write
+
+    results = [results] if isinstance(results, CADResult) else list(results)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": out / f"{stem}.md", "csv": out / f"{stem}.csv", "json": out / f"{stem}.json"}
+    with atomic_write(paths["markdown"]) as tmp:
+        tmp.write_text(cad_markdown(results, title), encoding="utf-8")
+    with atomic_write(paths["csv"]) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["task", "method", "kind", "f", "C", "input_shape", "auroc_mean", "auroc_sd", "seeds",
+                    "auroc_per_seed"])
+        for res in results:
+            for row in res.rows:
+                w.writerow([res.task, row.label, row.kind, row.f, row.C, "x".join(map(str, row.input_shape)),
+                            f"{row.mean:.6f}", f"{row.sd:.6f}", ";".join(str(r.seed) for r in row.runs),
+                            ";".join(f"{a:.6f}" for a in row.aurocs)])
+    with atomic_write(paths["json"]) as tmp:
+        tmp.write_text(json.dumps([r.to_dict() for r in results], indent=2), encoding="utf-8")
+    paths["report"] = _report(results, out, stem, title)
+    return paths
+
+
+def _report(results: Sequence[CADResult], out: Path, stem: str, title: str) -> Path:
+    """``report.md`` (the table, notes and one AUROC bar chart per task when matplotlib is installed)."""
+    from medlatent.evaluation.report import bar_chart, write_report
+
+    figures = []
+    for i, res in enumerate(results):
+        summary = {r.label: {"AUROC": (r.mean, r.sd)} for r in res.rows}
+        try:
+            png = bar_chart(summary, "AUROC", out / f"{stem}_auroc_{i}.png", title=res.task, ylabel=res.metric)
+        except ImportError as e:  # matplotlib is optional: the tables are the result
+            logger.info("no AUROC chart (%s)", e)
+            break
+        figures.append((f"{res.task}: test {res.metric}, mean ± sd over seeds", png))
+    return write_report(out, title, [("Test AUROC ×100", cad_table_rows(results))], figures, _notes(results))

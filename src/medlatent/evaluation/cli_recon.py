@@ -1,0 +1,191 @@
+"""``medlatent evaluate recon`` and ``medlatent evaluate storage``: thin commands over
+:mod:`medlatent.evaluation.recon` and :mod:`medlatent.evaluation.storage`.
+
+Wire them into a typer app with :func:`register` (``register(evaluate_app)``); heavy imports happen inside the
+commands. Failed inputs are listed with their reasons, recorded in ``manifest.jsonl``, and make the exit code 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medlatent.registry import DEFAULT_MODEL
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code=1)
+
+
+def _report_failures(failures: list[tuple[str, str]], out: Path) -> None:
+    if failures:
+        typer.secho(f"{len(failures)} input(s) failed (see {out / 'manifest.jsonl'}):", err=True,
+                    fg=typer.colors.RED)
+        for item, why in failures:
+            typer.echo(f"  {item}: {why}", err=True)
+        raise typer.Exit(code=1)
+
+
+def _progress(res) -> None:
+    """One line per image on stderr: failures with their reason as they happen."""
+    if res.status == "failed":
+        typer.secho(f"failed  {res.item} — {res.reason}", err=True, fg=typer.colors.RED)
+    else:
+        typer.echo(f"{res.status:<7} {res.item} ({res.seconds:.1f} s)", err=True)
+
+
+def _model_config(model: str, checkpoint: Optional[Path]):
+    """The architecture of ``model`` without loading weights when the registry or a config.json says it."""
+    import json
+
+    from medlatent.model.config import MedVAEConfig
+    from medlatent.registry import get_model_info
+
+    p = Path(model)
+    if checkpoint is None and p.is_dir() and (p / "config.json").is_file():
+        try:
+            return MedVAEConfig.from_dict(json.loads((p / "config.json").read_text())["config"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            _fail(f"{p / 'config.json'}: not a medlatent model config ({e})")
+    if checkpoint is None and not p.exists():
+        try:
+            return get_model_info(model).config
+        except KeyError as e:
+            _fail(e.args[0])
+    from medlatent.cli import ModelLoadError, _load_model
+
+    try:
+        return _load_model(model, checkpoint).config
+    except ModelLoadError as e:
+        _fail(str(e))
+
+
+def _parse_list(text: Optional[str]) -> Optional[tuple[str, ...]]:
+    if text is None:
+        return None
+    if text.strip().lower() in ("", "none"):
+        return ()
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _parse_percentiles(text: Optional[str]) -> Optional[tuple[float, float]]:
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        _fail(f"--mri-percentiles must look like 0.5,99.5, got {text!r}")
+    return lo, hi
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``recon`` and ``storage`` commands to ``app``."""
+
+    @app.command("recon")
+    def recon(
+        inputs: list[Path] = typer.Argument(..., help="Image files, folders and/or CSVs (path[,modality])."),
+        output: Path = typer.Option(..., "--output", "-o", help="Folder for results.csv, summary.json, report.md."),
+        model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Registry name or model directory."),
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Official checkpoint file."),
+        baselines: Optional[str] = typer.Option(
+            None, "--baselines", help="Comma-separated interpolation baselines, or 'none' (default: all; 2D "
+                                      "nearest,bilinear,bicubic; 3D nearest,trilinear,area)."),
+        natural: Optional[list[Path]] = typer.Option(
+            None, "--natural", help="Local diffusers AutoencoderKL/VQModel folder to compare (repeatable)."),
+        model2d: Optional[str] = typer.Option(
+            None, "--model2d", help="3D only: a 2D model applied slice by slice at the 3D latent size."),
+        samples: int = typer.Option(0, "--samples", min=0, help="Images drawn per seed (0: as many as inputs)."),
+        seeds: int = typer.Option(3, "--seeds", min=1, help="Number of random draws (seeds 0..K-1)."),
+        replace: Optional[bool] = typer.Option(
+            None, "--replace/--no-replace", help="Draw with replacement (default: only when samples ≥ inputs)."),
+        roi: Optional[Path] = typer.Option(None, "--roi", help="CSV path,x0,y0,x1,y1[,z0,z1] for ROI PSNR."),
+        modality: str = typer.Option("auto", help="ct, mri, xray, other, or auto (a CSV modality column wins)."),
+        mri_percentiles: Optional[str] = typer.Option(None, help="Clip MRI to these percentiles, e.g. 0.5,99.5."),
+        latent_dtype: str = typer.Option("float16", help="Round z through float16 (as stored) or float32."),
+        figures: int = typer.Option(2, "--figures", min=0, help="Example figures (original | recon | residual)."),
+        title: Optional[str] = typer.Option(None, "--title", help="Report title."),
+        device: str = typer.Option("cpu", "--device", "-d"),
+        precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+        tile: Optional[int] = typer.Option(None, "--tile", help="Tile edge for large images (default: automatic)."),
+        max_memory: Optional[float] = typer.Option(None, "--max-memory", help="Activation memory budget in GB."),
+        uneven: str = typer.Option("refuse", help="DICOM series with uneven slices: refuse or resample."),
+    ) -> None:
+        """Reconstruction quality (PSNR, MS-SSIM, ROI PSNR) of a model against baselines, paper-style mean ± sd."""
+        from medlatent.cli import ModelLoadError, _load_model
+        from medlatent.engine.tiled import TileSettings
+        from medlatent.evaluation.baselines import BaselineError, NaturalModelError, natural_image_autoencoder
+        from medlatent.evaluation.recon import (EvaluationInputError, ReconOptions, evaluate_reconstruction,
+                                                natural_spec, slicewise_spec)
+
+        if latent_dtype not in ("float16", "float32"):
+            _fail(f"--latent-dtype must be float16 or float32, got {latent_dtype!r}")
+        try:
+            net = _load_model(model, checkpoint).to(device).eval()
+        except ModelLoadError as e:
+            _fail(str(e))
+        extra = {}
+        for folder in natural or []:
+            try:
+                ae = natural_image_autoencoder(folder, device=device)
+            except NaturalModelError as e:
+                _fail(str(e))
+            extra[f"{'KL-VAE' if ae.kind == 'kl' else 'VQ-GAN'}:{folder.name}"] = natural_spec(ae)
+        if model2d is not None:
+            if net.spatial_dims != 3:
+                _fail("--model2d compares a 2D model slice by slice with a 3D --model; this model is 2D")
+            try:
+                net2 = _load_model(model2d, None).to(device).eval()
+            except ModelLoadError as e:
+                _fail(str(e))
+            if net2.spatial_dims != 2:
+                _fail(f"--model2d {model2d!r} is a {net2.spatial_dims}D model; give a 2D one")
+            extra[f"2D:{net2.weights_info.get('model') or model2d} slice-wise"] = slicewise_spec(net2, net)
+        opts = ReconOptions(baselines=_parse_list(baselines), modality=modality,
+                            mri_percentiles=_parse_percentiles(mri_percentiles), latent_dtype=latent_dtype,
+                            precision=precision, tiles=TileSettings(tile=tile, max_memory_gb=max_memory),
+                            samples=samples, seeds=seeds, replace=replace, roi_csv=roi, figures=figures,
+                            title=title, uneven=uneven)
+        try:
+            res = evaluate_reconstruction(inputs, net, output, opts, extra_methods=extra, progress=_progress)
+        except (EvaluationInputError, BaselineError, ValueError) as e:
+            _fail(str(e))
+        from medlatent.evaluation.report import format_stat
+
+        for name, m in res.summary["methods"].items():
+            typer.echo(f"{name:>28}  PSNR {format_stat(m['psnr']['mean'], m['psnr']['sd'], 2):>16} dB   "
+                       f"MS-SSIM {format_stat(m['ms_ssim']['mean'], m['ms_ssim']['sd'], 4):>16}"
+                       + (f"   ROI PSNR {format_stat(m['roi_psnr']['mean'], m['roi_psnr']['sd'], 2)} dB"
+                          if "roi_psnr" in m else ""))
+        typer.echo(f"report: {res.files['report']}")
+        _report_failures(res.failures, output)
+
+    @app.command("storage")
+    def storage(
+        inputs: list[Path] = typer.Argument(..., help="Image files, folders and/or CSVs."),
+        output: Path = typer.Option(..., "--output", "-o", help="Folder for storage.csv, storage.json, report.md."),
+        model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Registry name or model directory."),
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Official checkpoint file."),
+        compress: bool = typer.Option(True, "--compress/--no-compress", help="Measure zlib-compressed raw size."),
+        uneven: str = typer.Option("refuse", help="DICOM series with uneven slices: refuse or resample."),
+    ) -> None:
+        """Storage per image: raw, file and losslessly compressed bytes against the latent in float16/float32."""
+        from medlatent.evaluation.recon import EvaluationInputError
+        from medlatent.evaluation.storage import storage_report
+
+        cfg = _model_config(model, checkpoint)
+        try:
+            res = storage_report(inputs, output, spatial_dims=cfg.spatial_dims, downsample=cfg.downsample_per_axis,
+                                 C=cfg.embed_dim, model_name=Path(model).name if Path(model).exists() else model,
+                                 compress=compress, uneven=uneven)
+        except EvaluationInputError as e:
+            _fail(str(e))
+        t = res.totals
+        if t:
+            typer.echo(f"{t['images']} image(s): {t['elements']} values, raw {t['raw_bytes']} B → latent "
+                       f"{t['latent_elements']} values, {t['latent_f16_bytes']} B float16 "
+                       f"(values ÷{t['element_ratio']:.1f}, raw bytes ÷{t['raw_to_f16']:.1f})")
+        typer.echo(f"report: {res.files['report']}")
+        _report_failures(res.failures, output)
