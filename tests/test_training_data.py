@@ -295,3 +295,11 @@ def test_loader_batches_do_not_depend_on_workers(images: Path):
         assert torch.equal(a["index"], b["index"]) and torch.equal(a["image"], b["image"])
     with pytest.raises(ValueError, match="batch_size"):
         make_loader(train, EpochSampler(len(train), 2, seed=3), 4, 0)
+
+
+def test_invert_augmentation_negates_the_sample(images: Path):
+    entries = [(images / "ct" / "ct.dcm", "auto")]
+    plain, inverted = dataset(entries), dataset(entries, invert=1.0)
+    torch.testing.assert_close(inverted[(0, 3)]["image"], -plain[(0, 3)]["image"])
+    val = dataset(entries, invert=1.0, train=False)
+    torch.testing.assert_close(val[0]["image"], dataset(entries, train=False)[0]["image"])  # validation: never

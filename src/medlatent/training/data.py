@@ -74,6 +74,8 @@ class DataConfig:
         size: crop side (2D) or cubic patch side (3D; 64 in the paper); a multiple of the model's reduction.
         mode: 2D only: ``random_crop``, ``resize`` or ``random_resized_crop``. 3D always uses random patches.
         flips: random flips (2D: horizontal and vertical; 3D: each axis), training only.
+        invert: probability of inverting the intensities (x → −x) of a training sample, so that bright flat
+            regions (saturated radiograph borders, MONOCHROME1-like displays) are seen as often as dark ones.
         modality: ``auto`` (from the file) or ct/mri/xray/other for every image without a CSV modality.
         mri_percentiles: clip 3D MRI to these percentiles before min–max (as at inference; None: min–max).
         slices_from_volumes: 2D only: 3D files give random 2D slices (else a 3D file is an error).
@@ -90,6 +92,7 @@ class DataConfig:
     size: int = 256
     mode: str = "random_crop"
     flips: bool = True
+    invert: float = 0.0
     modality: str = "auto"
     mri_percentiles: tuple[float, float] | None = None
     slices_from_volumes: bool = True
@@ -109,6 +112,8 @@ class DataConfig:
                       pad_value=self.pad_value)
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise DataError(f"num_workers must be an integer ≥ 0, got {self.num_workers!r}")
+        if not 0.0 <= float(self.invert) <= 1.0:
+            raise DataError(f"invert is a probability in [0, 1], got {self.invert!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataConfig:
@@ -323,7 +328,8 @@ class ImageDataset(Dataset):
     def __init__(self, entries: list[Entry] | list[tuple[str | Path, str]], *, spatial_dims: int = 2,
                  in_channels: int = 1, size: int = 256, mode: str = "random_crop", flips: bool = True,
                  train: bool = True, mri_percentiles: tuple[float, float] | None = None,
-                 slices_from_volumes: bool = True, cache: bool = True, pad_value: float = -1.0) -> None:
+                 slices_from_volumes: bool = True, cache: bool = True, pad_value: float = -1.0,
+                 invert: float = 0.0) -> None:
         check_options(spatial_dims=spatial_dims, in_channels=in_channels, size=size, mode=mode, modality="auto",
                       mri_percentiles=mri_percentiles, pad_value=pad_value)
         self.entries = [e if isinstance(e, Entry) else Entry(Path(e[0]), e[1]) for e in entries]
@@ -337,6 +343,7 @@ class ImageDataset(Dataset):
         self.size = size
         self.mode = mode
         self.flips = flips
+        self.invert = float(invert)
         self.train = train
         self.mri_percentiles = mri_percentiles
         self.slices_from_volumes = slices_from_volumes
@@ -420,10 +427,15 @@ class ImageDataset(Dataset):
         return self._flip(crop(x, crop_starts(x.shape[1:], self.size, rng), self.size), rng)
 
     def _flip(self, y: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
-        if rng is None or not self.flips:
+        """Training augmentation: random flips, then (with probability ``invert``) an intensity inversion."""
+        if rng is None:
             return y
-        axes = tuple(ax for ax in range(1, y.ndim) if rng.random() < 0.5)
-        return np.flip(y, axes) if axes else y
+        if self.flips:
+            axes = tuple(ax for ax in range(1, y.ndim) if rng.random() < 0.5)
+            y = np.flip(y, axes) if axes else y
+        if self.invert and rng.random() < self.invert:  # no draw when off: samples stay as before
+            y = -y
+        return y
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -542,7 +554,8 @@ def build_datasets(cfg: DataConfig, *, downsample: int) -> tuple[ImageDataset, I
     def dataset(entries: list[Entry], train: bool) -> ImageDataset:
         return ImageDataset(entries, train=train, spatial_dims=cfg.spatial_dims, in_channels=cfg.in_channels,
                             size=cfg.size, mode=cfg.mode, flips=cfg.flips, mri_percentiles=cfg.mri_percentiles,
-                            slices_from_volumes=cfg.slices_from_volumes, cache=cfg.cache, pad_value=cfg.pad_value)
+                            slices_from_volumes=cfg.slices_from_volumes, cache=cfg.cache, pad_value=cfg.pad_value,
+                            invert=cfg.invert if train else 0.0)
 
     train = dataset(train_entries, True)
     val = dataset(val_entries, False) if val_entries else None

@@ -391,6 +391,11 @@ class Trainer:
         self.opt.optimizer.load_state_dict(state["opt"])
         if self.opt_d is not None and "opt_d" in state:
             self.opt_d.optimizer.load_state_dict(state["opt_d"])
+        # the configuration decides the learning rate: resuming with a new optim.base_lr (e.g. to decay it for
+        # the last steps) takes effect; with an unchanged config this restores the same value
+        for opt in filter(None, (self.opt, self.opt_d)):
+            for group in opt.optimizer.param_groups:
+                group["lr"] = self.lr
             self.loss.load_state_dict({**self.loss.state_dict(), **state["loss"]})
         if self.ema and "ema" in state:
             self.ema.shadow = [s.to(self.acc.device) for s in state["ema"]]
