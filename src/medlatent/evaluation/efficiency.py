@@ -79,6 +79,20 @@ def available_bytes() -> int | None:
         return None
 
 
+def _release_freed_memory() -> None:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``), so the RSS baseline excludes it.
+
+    Without this, glibc keeps freed blocks of an earlier batch resident (its mmap threshold grows after large
+    frees), the next batch reuses them, and its RSS growth — the measured peak — reads as zero.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the baseline may then include freed memory
+        pass
+
+
 class PeakMemory:
     """Peak memory above the level at entry, while the block runs (``.peak_bytes``).
 
@@ -98,6 +112,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
+            _release_freed_memory()
             self._base = rss_bytes() or 0
             self._thread = threading.Thread(target=self._loop, daemon=True)
             self._thread.start()
