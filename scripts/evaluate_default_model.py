@@ -19,17 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-METHODS = ("nearest", "bilinear", "bicubic")
+from medlatent.evaluation.baselines import INTERPOLATION, roundtrip
 
-
-def interpolate_roundtrip(x: torch.Tensor, s: int, mode: str) -> torch.Tensor:
-    """Shrink ``x`` (1×C×H×W, sizes divisible by ``s``) by ``s`` per axis and enlarge it back."""
-    small_size = (x.shape[2] // s, x.shape[3] // s)
-    kw = {} if mode == "nearest" else {"align_corners": False}
-    small = F.interpolate(x, size=small_size, mode=mode, antialias=mode != "nearest", **kw)
-    return F.interpolate(small, size=x.shape[2:], mode=mode, **kw)
+METHODS = INTERPOLATION[2]  # nearest, bilinear, bicubic
 
 
 @torch.inference_mode()
@@ -58,7 +51,7 @@ def evaluate(heldout: Path, model_name: str, out: Path | None = None) -> dict:
         x = torch.from_numpy(np.pad(arr, pad, mode="edge"))[None]
         z = model.encode(x).mean.half().float()
         recons = {"medlatent": model.decode(z)}
-        recons.update({m: interpolate_roundtrip(x, s, m) for m in METHODS})
+        recons.update({m: roundtrip(x, s, m) for m in METHODS})
         truth = ((x[0, :, :h, :w] + 1) / 2).clamp(0, 1)
         row = {"image": item.source.name, "shape": [h, w]}
         for name, y in recons.items():

@@ -109,7 +109,3 @@ def build_model(cfg: TrainConfig) -> tuple[MedVAE, list[nn.Parameter]]:
         model.channel_proj.requires_grad_(False)
     return model, [p for p in model.parameters() if p.requires_grad]
 
-
-@torch.no_grad()
-def count(params: list[nn.Parameter]) -> int:
-    return sum(p.numel() for p in params)

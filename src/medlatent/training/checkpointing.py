@@ -13,7 +13,6 @@ temporary folder and renamed, so a killed run never leaves a half-written checkp
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import shutil
@@ -22,8 +21,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from medlatent.checkpoints import WEIGHTS_FILE, save_pretrained
 from medlatent.model import MedVAE
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -58,21 +58,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def model_state(model: MedVAE) -> dict[str, torch.Tensor]:
-    # safetensors needs contiguous, unshared tensors (weights are kept channels-last)
-    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-
-
 def save_checkpoint(directory: Path, model: MedVAE, state: dict[str, Any], rank: int, world_size: int,
                     is_main: bool, barrier) -> None:
     """Write one checkpoint; all ranks call this (each writes its RNG state), rank 0 writes the rest."""
     tmp = directory.with_name(directory.name + ".tmp")
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(model_state(model), str(tmp / "model.safetensors"))
-        (tmp / "config.json").write_text(json.dumps({"config": model.config.to_dict(), "lora": _has_lora(model)},
-                                                    indent=2))
+        save_pretrained(model, tmp)
         torch.save({**state, "world_size": world_size}, tmp / "state.pt")
     barrier()
     torch.save(rng_state(), tmp / f"rng_{rank}.pt")
@@ -83,10 +75,6 @@ def save_checkpoint(directory: Path, model: MedVAE, state: dict[str, Any], rank:
     barrier()
 
 
-def _has_lora(model: torch.nn.Module) -> bool:
-    return any(k.endswith("lora_up.weight") for k in model.state_dict())
-
-
 def load_checkpoint_state(directory: Path, model: MedVAE, rank: int, world_size: int) -> dict[str, Any]:
     """Restore the model weights and this rank's RNG; return the rest of the training state."""
     state = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
@@ -95,7 +83,7 @@ def load_checkpoint_state(directory: Path, model: MedVAE, rank: int, world_size:
             f"{directory}: saved by {state.get('world_size')} processes, resumed with {world_size}; an exact "
             "resume needs the same number of processes (start a new output_dir to change it)"
         )
-    weights = load_file(str(directory / "model.safetensors"))
+    weights = load_file(str(directory / WEIGHTS_FILE))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"{directory}: checkpoint does not match the model (missing {missing[:5]}, "

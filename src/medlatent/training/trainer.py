@@ -335,8 +335,8 @@ class Trainer:
                     rec = model.reconstruct(x).clamp(-1, 1)
                     a, b = ((x[0] + 1) / 2).float().cpu(), ((rec[0] + 1) / 2).float().cpu()
                     scores["val_psnr"].append(psnr(a, b))
-                    value = ms_ssim(a if a.ndim == 3 and a.shape[0] in (1, 3) else a[0], b if b.ndim == 3 and
-                                    b.shape[0] in (1, 3) else b[0])
+                    dims = model.spatial_dims  # volumes arrive as 1×X×Y×Z
+                    value = ms_ssim(a if dims == 2 else a[0], b if dims == 2 else b[0], spatial_dims=dims)
                     if not math.isnan(value):
                         scores["val_ms_ssim"].append(value)
                     if len(shown) < self.cfg.train.previews:
