@@ -90,6 +90,11 @@ def test_config_errors_name_the_key(tmp_path: Path):
         load_config("medvae_4_1_2d-stag1")
     cfg = load_config("medvae_4_1_2d-stage1", ["data.train=x", "train.max_steps=7", "optim.betas=[0.1, 0.2]"])
     assert cfg.train.max_steps == 7 and tuple(cfg.optim.betas) == (0.1, 0.2)
+    # YAML 1.1 reads 2e-4 (no dot) as a string; a float option takes it as the number
+    cfg = load_config("medvae_4_1_2d-stage1", ["data.train=x", "optim.base_lr=2e-4", "data.crop_side=[1e-1, 1]"])
+    assert cfg.optim.base_lr == 2e-4 and cfg.data.crop_side == (0.1, 1.0)
+    with pytest.raises(ConfigError, match="optim.base_lr must be a number"):
+        load_config("medvae_4_1_2d-stage1", ["data.train=x", "optim.base_lr=fast"])
 
 
 # ------------------------------------------------------------------------------------------ stages

@@ -303,3 +303,18 @@ def test_invert_augmentation_negates_the_sample(images: Path):
     torch.testing.assert_close(inverted[(0, 3)]["image"], -plain[(0, 3)]["image"])
     val = dataset(entries, invert=1.0, train=False)
     torch.testing.assert_close(val[0]["image"], dataset(entries, train=False)[0]["image"])  # validation: never
+
+
+def test_random_resized_crop_side_range():
+    mr = sample_file("MR_small.dcm")  # 64×64: a full-side crop is the whole image
+    whole = dataset([(mr, "auto")], mode="resize", flips=False)[(0, 1)]["image"]
+    full_side = dataset([(mr, "auto")], mode="random_resized_crop", crop_side=(1.0, 1.0), flips=False)
+    assert torch.allclose(full_side[(0, 1)]["image"], whole)
+    # a native-size crop (side = size / short side) is a plain crop of the preprocessed image: no resampling
+    native = dataset([(mr, "auto")], mode="random_resized_crop", crop_side=(0.5, 0.5), flips=False)[(0, 4)]["image"]
+    full, _ = preprocess(read_image(mr), spatial_dims=2, in_channels=1, downsample=1)
+    windows = torch.from_numpy(full[0]).unfold(0, 32, 1).unfold(1, 32, 1)
+    assert any(torch.allclose(native[0], windows[i, j], atol=1e-6) for i in range(33) for j in range(33))
+    for bad in ((0.0, 1.0), (0.8, 0.5), (0.5, 1.5), "wide"):
+        with pytest.raises(DataError, match="crop_side"):
+            DataConfig(train="x", crop_side=bad)

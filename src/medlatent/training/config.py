@@ -144,6 +144,16 @@ def _plain(obj: Any) -> Any:
 _SECTIONS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+def _as_float(v: Any, key: str) -> Any:
+    """YAML 1.1 reads ``2e-4`` (no dot) as a string: accept it as the number it means."""
+    if not isinstance(v, str):
+        return v
+    try:
+        return float(v)
+    except ValueError:
+        raise ConfigError(f"{key} must be a number, got {v!r}") from None
+
+
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in values if k not in known]
@@ -154,8 +164,11 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"unknown key {where}.{k}{hint}; known: {', '.join(known)}")
     kwargs = {}
     for k, v in values.items():
-        if known[k].type in ("tuple[float, float]", "tuple[float, float] | None") and v is not None:
-            v = tuple(v)
+        kind = str(known[k].type)
+        if kind.startswith("tuple[float") and v is not None and not isinstance(v, str):
+            v = tuple(_as_float(x, f"{where}.{k}") for x in v)
+        elif kind.startswith("float") and isinstance(v, str):
+            v = _as_float(v, f"{where}.{k}")
         kwargs[k] = v
     try:
         return cls(**kwargs)

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 MODES = ("random_crop", "resize", "random_resized_crop")
 MODALITIES = ("auto", "ct", "mri", "xray", "other")
 SPLITS = ("train", "val", "test")
-# random_resized_crop: the square crop's side, as a fraction of the image's short side
+# random_resized_crop: the default range of the square crop's side, as a fraction of the image's short side
 RESIZED_CROP_SIDE = (0.5, 1.0)
 # slices from volumes: tries for a slice with some content (std in [-1, 1] units above SLICE_MIN_STD);
 # background-only slices (air, padding) would teach the model nothing
@@ -73,6 +73,9 @@ class DataConfig:
         in_channels: the model's input channels (1 or 3); RGB files are averaged for 1, gray repeated for 3.
         size: crop side (2D) or cubic patch side (3D; 64 in the paper); a multiple of the model's reduction.
         mode: 2D only: ``random_crop``, ``resize`` or ``random_resized_crop``. 3D always uses random patches.
+        crop_side: ``random_resized_crop`` only: range of the crop's side as a fraction of the image's short
+            side (uniform). A low end near ``size / short side`` mixes native-resolution detail with whole-image
+            views, so the model learns both fine structure and the global intensity of large images.
         flips: random flips (2D: horizontal and vertical; 3D: each axis), training only.
         invert: probability of inverting the intensities (x → −x) of a training sample, so that bright flat
             regions (saturated radiograph borders, MONOCHROME1-like displays) are seen as often as dark ones.
@@ -91,6 +94,7 @@ class DataConfig:
     in_channels: int = 1
     size: int = 256
     mode: str = "random_crop"
+    crop_side: tuple[float, float] = RESIZED_CROP_SIDE
     flips: bool = True
     invert: float = 0.0
     modality: str = "auto"
@@ -107,6 +111,7 @@ class DataConfig:
             self.val = str(self.val) or None
         if self.mri_percentiles is not None:
             self.mri_percentiles = tuple(float(v) for v in self.mri_percentiles)  # type: ignore[assignment]
+        self.crop_side = check_crop_side(self.crop_side)
         check_options(spatial_dims=self.spatial_dims, in_channels=self.in_channels, size=self.size,
                       mode=self.mode, modality=self.modality, mri_percentiles=self.mri_percentiles,
                       pad_value=self.pad_value)
@@ -125,6 +130,17 @@ class DataConfig:
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise DataError(f"unknown data option {k!r}{hint}; options: {', '.join(known)}")
         return cls(**d)
+
+
+def check_crop_side(value: Any) -> tuple[float, float]:
+    """``(low, high)`` with ``0 < low ≤ high ≤ 1``, or a :class:`DataError` saying what is wrong."""
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise DataError(f"crop_side must be two fractions [low, high], got {value!r}") from None
+    if not 0.0 < low <= high <= 1.0:
+        raise DataError(f"crop_side must satisfy 0 < low ≤ high ≤ 1, got [{low}, {high}]")
+    return low, high
 
 
 def check_options(*, spatial_dims: int, in_channels: int, size: int, mode: str, modality: str,
@@ -329,7 +345,7 @@ class ImageDataset(Dataset):
                  in_channels: int = 1, size: int = 256, mode: str = "random_crop", flips: bool = True,
                  train: bool = True, mri_percentiles: tuple[float, float] | None = None,
                  slices_from_volumes: bool = True, cache: bool = True, pad_value: float = -1.0,
-                 invert: float = 0.0) -> None:
+                 invert: float = 0.0, crop_side: tuple[float, float] = RESIZED_CROP_SIDE) -> None:
         check_options(spatial_dims=spatial_dims, in_channels=in_channels, size=size, mode=mode, modality="auto",
                       mri_percentiles=mri_percentiles, pad_value=pad_value)
         self.entries = [e if isinstance(e, Entry) else Entry(Path(e[0]), e[1]) for e in entries]
@@ -342,6 +358,7 @@ class ImageDataset(Dataset):
         self.in_channels = in_channels
         self.size = size
         self.mode = mode
+        self.crop_side = check_crop_side(crop_side)
         self.flips = flips
         self.invert = float(invert)
         self.train = train
@@ -415,7 +432,7 @@ class ImageDataset(Dataset):
             y = resize2d(x, s)
         elif self.mode == "random_resized_crop" and rng is not None:
             h, w = x.shape[1:]
-            side = max(2, min(h, w, round(min(h, w) * rng.uniform(*RESIZED_CROP_SIDE))))
+            side = max(2, min(h, w, round(min(h, w) * rng.uniform(*self.crop_side))))
             y = resize2d(crop(x, crop_starts((h, w), side, rng), side), s)
         else:  # random_crop, and validation of random_resized_crop: native resolution
             x = pad_to(x, s, self.pad_value)
@@ -555,7 +572,7 @@ def build_datasets(cfg: DataConfig, *, downsample: int) -> tuple[ImageDataset, I
         return ImageDataset(entries, train=train, spatial_dims=cfg.spatial_dims, in_channels=cfg.in_channels,
                             size=cfg.size, mode=cfg.mode, flips=cfg.flips, mri_percentiles=cfg.mri_percentiles,
                             slices_from_volumes=cfg.slices_from_volumes, cache=cfg.cache, pad_value=cfg.pad_value,
-                            invert=cfg.invert if train else 0.0)
+                            invert=cfg.invert if train else 0.0, crop_side=cfg.crop_side)
 
     train = dataset(train_entries, True)
     val = dataset(val_entries, False) if val_entries else None
