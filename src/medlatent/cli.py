@@ -244,7 +244,7 @@ def encode(
     import torch
 
     from medlatent.batch import Job, run_jobs
-    from medlatent.io.discover import discover
+    from medlatent.io.discover import discover, read_item
     from medlatent.io.image import ImageData
     from medlatent.io.writers import write_image
     from medlatent.latentfile import SUFFIX, write_latent
@@ -280,7 +280,7 @@ def encode(
                                       lf.latent_affine), outs[1], "nifti")
             return {"shape": list(img.array.shape), "latent_shape": list(lf.z.shape)}
 
-        return Job(item.name, outs, lambda: load_item(item, uneven), run)
+        return Job(item.name, outs, lambda: read_item(item, uneven), run)
 
     label = f"encoding (shard {part.rank + 1}/{part.world})" if part.active else "encoding"
     with _Progress(console, len(items), label) as bar:
@@ -291,17 +291,6 @@ def encode(
     _finish(console, report, output, skipped_inputs)
     if failed_all:
         raise typer.Exit(code=1)
-
-
-def load_item(item, uneven: str = "refuse"):
-    """Read one discovered input (a file or the files of one DICOM series)."""
-    from medlatent.io.readers import read_image, validate
-
-    if item.kind == "dicom-series":
-        from medlatent.io.dicom import read_dicom_series
-
-        return validate(read_dicom_series(item.paths[0].parent, uneven=uneven, files=item.paths))
-    return read_image(item.paths[0], uneven=uneven)
 
 
 def _model_for_latent(lf, model: Optional[str], checkpoint: Optional[Path], cache: dict):
@@ -432,7 +421,7 @@ def roundtrip(
     import json
 
     from medlatent.batch import MANIFEST, Job, run_jobs
-    from medlatent.io.discover import discover
+    from medlatent.io.discover import discover, read_item
     from medlatent.io.writers import output_suffix, write_image
     from medlatent.latentfile import SUFFIX, write_latent
     from medlatent.pipeline import EncodeOptions, decode_latent, encode_image
@@ -465,7 +454,7 @@ def roundtrip(
                     "source_file_bytes": source_bytes, "latent_file_bytes": latent_bytes,
                     "storage_ratio": source_bytes / latent_bytes}
 
-        return Job(item.name, [latent_path, recon, compare], lambda: load_item(item, uneven), run)
+        return Job(item.name, [latent_path, recon, compare], lambda: read_item(item, uneven), run)
 
     with _Progress(console, len(items), "roundtrip") as bar:
         report = run_jobs([make_job(it) for it in items], output, resume=resume, progress=bar)
@@ -538,13 +527,15 @@ def samples(
     typer.echo(f"{len(found)} samples in {output} (2D: {output / '2d'}, 3D: {output / '3d'})")
 
 
-def _add_evaluate() -> None:
+def _add_subcommands() -> None:
     from medlatent.evaluation.cli import app as evaluate_app
+    from medlatent.readerstudy.cli import app as reader_study_app
 
     app.add_typer(evaluate_app, name="evaluate")
+    app.add_typer(reader_study_app, name="reader-study")
 
 
-_add_evaluate()
+_add_subcommands()
 
 if __name__ == "__main__":
     app()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medlatent.io.image import ImageData
 from medlatent.io.readers import is_dicom, is_supported
 
 
@@ -77,3 +78,14 @@ def discover(inputs: list[str | Path]) -> tuple[list[InputItem], list[tuple[Path
                         items.append(InputItem(str(f.path.relative_to(root).with_name(_strip(f.path.name))),
                                                [f.path]))
     return sorted(items, key=lambda it: it.name), skipped
+
+
+def read_item(item: InputItem, uneven: str = "refuse") -> ImageData:
+    """Read one discovered input (a file, or the files of one DICOM series)."""
+    from medlatent.io.readers import read_image, validate
+
+    if item.kind == "dicom-series":
+        from medlatent.io.dicom import read_dicom_series
+
+        return validate(read_dicom_series(item.paths[0].parent, uneven=uneven, files=item.paths))
+    return read_image(item.paths[0], uneven=uneven)
