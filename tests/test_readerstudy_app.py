@@ -295,3 +295,29 @@ tmp_path / "st" / "study.sqlite").execute(
     assert {round(float(r["mean_diff"]), 4) for r in diff} == {round(5 / 3, 4)}
     with (out / "answers.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == 12
+
+
+def test_reconstructions_must_share_the_original_units_unless_matched(tmp_path):
+    """`medlatent roundtrip` PNGs (NAME.recon.png, rescaled to 0..65535) pair by name but need --match-range."""
+    from PIL import Image
+
+    originals, folders = make_inputs(tmp_path / "in")
+    png = tmp_path / "png"
+    png.mkdir()
+    for f in folders["bicubic"].iterdir():
+        a = read_nifti_2d(f)
+        u16 = np.round((a - a.min()) / (a.max() - a.min()) * 65535).astype(np.uint16)
+        Image.fromarray(u16).save(png / f.name.replace(".nii.gz", ".recon.png"))
+    specs = pairs_from_folders(originals, [MethodSource("roundtrip", png, "16")])
+    assert len(specs) == 2
+    with pytest.raises(StudyError, match=r"not in the units of the original.*--match-range"):
+        create_study(tmp_path / "s", specs, ["r"])
+    create_study(tmp_path / "s", specs, ["r"], match_range=True)
+    conn = sqlite3.connect(tmp_path / "s" / "study.sqlite")
+    assert conn.execute("SELECT value FROM meta WHERE key = 'match_range'").fetchone()[0] == "1"
+
+
+def read_nifti_2d(path: Path) -> np.ndarray:
+    from medlatent.io.readers import read_image
+
+    return read_image(path).array[0].astype(np.float64)

@@ -172,9 +172,13 @@ def preprocess(img: ImageData, *, spatial_dims: int, in_channels: int, downsampl
 
 
 def restore(y: np.ndarray, rec: Preprocessing, out_dtype: str | None = None) -> np.ndarray:
-    """Model output ``C×…`` in [-1, 1] → array on the original grid, in original units and (by default) dtype."""
+    """Model output ``C×…`` in [-1, 1] → array on the original grid, in original units and (by default) dtype.
+
+    Outputs beyond [-1, 1] (decoder overshoot) are clipped first: the range maps onto the intensities the encoder
+    saw, and nothing outside it is meaningful (an integer dtype would clip them anyway).
+    """
     crop = tuple(slice(0, n - p[1]) for n, p in zip(y.shape[1:], rec.pad))
-    y = rec.intensity_map.inverse(y[(slice(None), *crop)])
+    y = rec.intensity_map.inverse(np.clip(y[(slice(None), *crop)], -1.0, 1.0))
     if rec.channel_mean:  # an RGB file encoded as gray: give back the file's three (equal) channels
         y = np.repeat(y, 3, axis=0)
     if rec.spatial_dims == 3:

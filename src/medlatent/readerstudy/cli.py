@@ -37,6 +37,7 @@ def create(
     slices: str = typer.Option("middle", "--slices", help="3D files: 'middle' or axial slice indices, e.g. 40,80."),
     title: str = typer.Option("Reader study", "--title"),
     no_revision: bool = typer.Option(False, "--no-revision", help="Readers cannot revise a saved answer."),
+    match_range: bool = typer.Option(False, "--match-range", help="Map each reconstruction's min..max onto its original's (rescaled PNG exports such as `roundtrip`'s NAME.recon.png)."),
     base_url: str = typer.Option("http://127.0.0.1:8000", "--base-url", help="Server address printed in the reader links."),
 ) -> None:
     """Pair originals with reconstructions, convert them for display, blind them and create reader links."""
@@ -53,7 +54,7 @@ def create(
         else:
             _fail("give --originals DIR with one --method NAME[:FACTOR]=DIR per method, or --pairs CSV")
         tokens = create_study(study, specs, readers.split(","), seed=seed, slices=_slices(slices), title=title,
-                              allow_revision=not no_revision)
+                              allow_revision=not no_revision, match_range=match_range)
     except StudyError as e:
         _fail(str(e))
     typer.echo(f"created {study}: {len(specs)} pair file(s), {len(tokens)} reader(s); links (also in {study / 'readers.csv'}):")

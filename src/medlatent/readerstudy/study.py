@@ -75,6 +75,8 @@ def pairs_from_folders(originals: Path, methods: list[MethodSource]) -> list[Pai
     specs, missing = [], []
     for m in methods:
         recon = _items(m.folder, f"method {m.name}")
+        # `medlatent roundtrip` writes NAME.recon.png next to NAME.latent.safetensors
+        recon.update({k[: -len(".recon")]: v for k, v in recon.items() if k.endswith(".recon") and k[:-6] not in recon})
         for name, it in orig.items():
             if name not in recon:
                 missing.append(f"{m.folder}/{name}.*")
@@ -160,8 +162,13 @@ def _to_u16(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ creation
 def create_study(out: Path, specs: list[PairSpec], readers: list[str], *, seed: int = 0,
                  slices: list[int] | str = "middle", title: str = "Reader study", allow_revision: bool = True,
-                 overwrite: bool = False) -> list[tuple[str, str]]:
+                 match_range: bool = False, overwrite: bool = False) -> list[tuple[str, str]]:
     """Build the study folder ``out`` and return ``[(reader, token)]``.
+
+    Reconstructions must be in the original's intensity units (e.g. ``medlatent decode --format nifti``), so
+    that a global intensity error stays visible. ``match_range=True`` instead maps each reconstruction's
+    min..max onto its original's, for exports that were rescaled (8/16-bit PNG); a reconstruction whose values
+    plainly are not in the original's units is refused without it.
 
     The folder appears only when everything succeeded (built next to it, then renamed): an unreadable file or a
     shape mismatch leaves no partial study. Each reader's order is a permutation drawn from
@@ -178,7 +185,8 @@ def create_study(out: Path, specs: list[PairSpec], readers: list[str], *, seed: 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        tokens = _build(tmp, specs, names, seed=seed, slices=slices, title=title, allow_revision=allow_revision)
+        tokens = _build(tmp, specs, names, seed=seed, slices=slices, title=title, allow_revision=allow_revision,
+                        match_range=match_range)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -189,15 +197,16 @@ def create_study(out: Path, specs: list[PairSpec], readers: list[str], *, seed: 
 
 
 def _build(root: Path, specs: list[PairSpec], readers: list[str], *, seed: int, slices: list[int] | str,
-           title: str, allow_revision: bool) -> list[tuple[str, str]]:
+           title: str, allow_revision: bool, match_range: bool) -> list[tuple[str, str]]:
     (root / IMAGES_DIR).mkdir()
     conn = connect(root / DB_NAME)
     try:
         conn.executescript(SCHEMA)
         with transaction(conn):
-            pair_ids = _add_pairs(conn, root, specs, slices)
+            pair_ids = _add_pairs(conn, root, specs, slices, match_range)
             conn.executemany("INSERT INTO meta VALUES (?, ?)", [
                 ("title", title), ("seed", str(seed)), ("allow_revision", "1" if allow_revision else "0"),
+                ("match_range", "1" if match_range else "0"),
                 ("format", "medlatent-reader-study/1")])
             tokens = []
             for i, name in enumerate(readers):
@@ -219,7 +228,7 @@ def _build(root: Path, specs: list[PairSpec], readers: list[str], *, seed: int, 
     return tokens
 
 
-def _add_pairs(conn, root: Path, specs: list[PairSpec], slices: list[int] | str) -> list[str]:
+def _add_pairs(conn, root: Path, specs: list[PairSpec], slices: list[int] | str, match_range: bool) -> list[str]:
     """Convert every pair to display images; one case per (original file, slice). Returns the pair ids."""
     seen: set[tuple] = set()
     cases: dict[tuple[str, str], tuple[str, str, float, float]] = {}  # (file, slice) → case, image, lo, hi
@@ -244,6 +253,7 @@ def _add_pairs(conn, root: Path, specs: list[PairSpec], slices: list[int] | str)
             if ck not in cases:
                 cases[ck] = _add_case(conn, root, spec.original, label, o)
             case_id, orig_image, lo, hi = cases[ck]
+            r = _in_original_units(r, lo, hi, match_range, spec)
             recon_image = _add_image(conn, root, case_id, _to_u16(r, lo, hi))
             pid = secrets.token_hex(8)
             conn.execute("INSERT INTO pairs VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -251,6 +261,19 @@ def _add_pairs(conn, root: Path, specs: list[PairSpec], slices: list[int] | str)
             pair_ids.append(pid)
     logger.info("%d pairs over %d cases", len(pair_ids), len(cases))
     return pair_ids
+
+
+def _in_original_units(r: np.ndarray, lo: float, hi: float, match_range: bool, spec: PairSpec) -> np.ndarray:
+    rlo, rhi = float(r.min()), float(r.max())
+    if match_range:
+        return (r - rlo) / ((rhi - rlo) or 1.0) * (hi - lo) + lo
+    span = hi - lo or 1.0
+    plo, phi = (float(v) for v in np.percentile(r, (1, 99)))  # robust to a few overshooting pixels
+    if plo < lo - span or phi > hi + span:  # e.g. a PNG export rescaled to 0..65535, or a [-1, 1] model output
+        raise StudyError(f"{spec.reconstruction}: values {rlo:g}..{rhi:g} are not in the units of the original "
+                         f"{spec.original} ({lo:g}..{hi:g}); decode with `medlatent decode --format nifti` to keep "
+                         "the units, or pass --match-range for rescaled exports")
+    return r
 
 
 def _add_case(conn, root: Path, source: Path, label: str, o: np.ndarray) -> tuple[str, str, float, float]:
