@@ -43,7 +43,8 @@ def test_grad_mode_gives_same_outputs_as_inference(tiny_model):
         ref = tiny_model(x).reconstruction
     out = tiny_model(x).reconstruction
     out.sum().backward()
-    torch.testing.assert_close(out.detach(), ref, rtol=0, atol=1e-6)
+    # float32 noise only: oneDNN may pick other conv kernels with autograd on (seen: 7e-6 with one thread)
+    torch.testing.assert_close(out.detach(), ref, rtol=0, atol=2e-5)
     assert tiny_model.decoder.conv_out.weight.grad is not None
 
 
@@ -95,8 +96,13 @@ def test_no_stage2_head():
 def test_config_validation():
     with pytest.raises(ValueError, match="spatial_dims"):
         tiny_config(spatial_dims=4)
-    with pytest.raises(ValueError, match="divisible by 32"):
+    with pytest.raises(ValueError, match="divisible by norm_groups=32"):
         tiny_config(ch=48)
+    # a narrow model may use fewer groups (several channels per group); configs without the key load as 32
+    narrow = tiny_config(ch=16, norm_groups=8)
+    assert MedVAE(narrow).encoder.norm_out.num_groups == 8
+    legacy = {k: v for k, v in tiny_config().to_dict().items() if k != "norm_groups"}
+    assert type(narrow).from_dict(legacy).norm_groups == 32
     with pytest.raises(ValueError, match="unknown MedVAEConfig keys"):
         type(tiny_config()).from_dict({**tiny_config().to_dict(), "colour": 1})
     cfg = tiny_config()

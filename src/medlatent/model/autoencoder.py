@@ -27,11 +27,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _mid_block(spatial_dims: int, channels: int, dropout: float) -> nn.Module:
+def _mid_block(spatial_dims: int, channels: int, dropout: float, groups: int) -> nn.Module:
     mid = nn.Module()
-    mid.block_1 = ResnetBlock(spatial_dims, channels, channels, dropout)
-    mid.attn_1 = AttnBlock(spatial_dims, channels)
-    mid.block_2 = ResnetBlock(spatial_dims, channels, channels, dropout)
+    mid.block_1 = ResnetBlock(spatial_dims, channels, channels, dropout, groups)
+    mid.attn_1 = AttnBlock(spatial_dims, channels, groups)
+    mid.block_2 = ResnetBlock(spatial_dims, channels, channels, dropout, groups)
     return mid
 
 
@@ -53,13 +53,13 @@ class Encoder(nn.Module):
             stage = nn.Module()
             stage.block = nn.ModuleList()
             for _ in range(cfg.num_res_blocks):
-                stage.block.append(ResnetBlock(d, block_in, block_out, cfg.dropout))
+                stage.block.append(ResnetBlock(d, block_in, block_out, cfg.dropout, cfg.norm_groups))
                 block_in = block_out
             if level != len(cfg.ch_mult) - 1:
                 stage.downsample = Downsample(d, block_in)
             self.down.append(stage)
-        self.mid = _mid_block(d, block_in, cfg.dropout)
-        self.norm_out = GroupNorm32(block_in)
+        self.mid = _mid_block(d, block_in, cfg.dropout, cfg.norm_groups)
+        self.norm_out = GroupNorm32(block_in, cfg.norm_groups)
         self.conv_out = conv_nd(d, block_in, 2 * cfg.z_channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +81,7 @@ class Decoder(nn.Module):
         d = cfg.spatial_dims
         block_in = cfg.ch * cfg.ch_mult[-1]
         self.conv_in = conv_nd(d, cfg.z_channels, block_in, kernel_size=3, padding=1)
-        self.mid = _mid_block(d, block_in, cfg.dropout)
+        self.mid = _mid_block(d, block_in, cfg.dropout, cfg.norm_groups)
         # `up[i]` works at the resolution of encoder level i; built from the bottom so widths chain.
         stages: list[nn.Module] = []
         for level in reversed(range(len(cfg.ch_mult))):
@@ -89,13 +89,13 @@ class Decoder(nn.Module):
             stage = nn.Module()
             stage.block = nn.ModuleList()
             for _ in range(cfg.num_res_blocks + 1):
-                stage.block.append(ResnetBlock(d, block_in, block_out, cfg.dropout))
+                stage.block.append(ResnetBlock(d, block_in, block_out, cfg.dropout, cfg.norm_groups))
                 block_in = block_out
             if level != 0:
                 stage.upsample = Upsample(d, block_in)
             stages.insert(0, stage)
         self.up = nn.ModuleList(stages)
-        self.norm_out = GroupNorm32(block_in)
+        self.norm_out = GroupNorm32(block_in, cfg.norm_groups)
         self.conv_out = conv_nd(d, block_in, cfg.out_channels, kernel_size=3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,10 @@ class MedVAEConfig:
         embed_dim: latent channels ``C`` of the posterior (after ``quant_conv``).
         dropout: dropout inside ResnetBlocks (0 in all released models).
         stage2_head: whether the model carries the stage-2 projection head (``channel_ds``/``channel_proj``).
+        norm_groups: GroupNorm groups (32 in every released model, whose widths give ≥4 channels per group).
+            A narrow model should keep several channels per group: with one channel per group GroupNorm becomes
+            instance norm, which erases each feature map's mean — the decoder then cannot set an image's global
+            intensity.
     """
 
     spatial_dims: int = 2
@@ -34,6 +38,7 @@ class MedVAEConfig:
     embed_dim: int = 1
     dropout: float = 0.0
     stage2_head: bool = True
+    norm_groups: int = 32
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
@@ -44,9 +49,12 @@ class MedVAEConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not self.ch_mult or min(self.ch_mult) < 1:
             raise ValueError(f"ch_mult must be a non-empty list of positive integers, got {self.ch_mult}")
-        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % 32]
+        if int(self.norm_groups) < 1:
+            raise ValueError(f"norm_groups must be a positive integer, got {self.norm_groups}")
+        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % self.norm_groups]
         if bad:
-            raise ValueError(f"every level width ch*ch_mult must be divisible by 32 (GroupNorm groups); got {bad}")
+            raise ValueError(f"every level width ch*ch_mult must be divisible by norm_groups={self.norm_groups} "
+                             f"(GroupNorm groups); got {bad}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 

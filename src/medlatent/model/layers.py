@@ -49,13 +49,14 @@ def swish(x: torch.Tensor) -> torch.Tensor:
 class ResnetBlock(nn.Module):
     """GroupNorm → swish → conv3 → GroupNorm → swish → dropout → conv3, plus a (1×1) shortcut."""
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, dropout: float = 0.0,
+                 groups: int = 32) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.norm1 = GroupNorm32(in_channels)
+        self.norm1 = GroupNorm32(in_channels, groups)
         self.conv1 = conv_nd(spatial_dims, in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm2 = GroupNorm32(out_channels)
+        self.norm2 = GroupNorm32(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = conv_nd(spatial_dims, out_channels, out_channels, kernel_size=3, padding=1)
         if in_channels != out_channels:
@@ -101,9 +102,9 @@ class AttnBlock(nn.Module):
     The released models use 1×1 convolutions for q/k/v/proj_out and one head of width C.
     """
 
-    def __init__(self, spatial_dims: int, channels: int) -> None:
+    def __init__(self, spatial_dims: int, channels: int, groups: int = 32) -> None:
         super().__init__()
-        self.norm = GroupNorm32(channels)
+        self.norm = GroupNorm32(channels, groups)
         self.q = conv_nd(spatial_dims, channels, channels, kernel_size=1)
         self.k = conv_nd(spatial_dims, channels, channels, kernel_size=1)
         self.v = conv_nd(spatial_dims, channels, channels, kernel_size=1)
