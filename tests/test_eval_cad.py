@@ -197,6 +197,18 @@ def test_patient_in_two_splits_is_an_error(tmp_path):
         read_cad_csv(write_csv(tmp_path / "leak.csv", "path,label,split,patient", rows))
 
 
+def test_interpolation_rows_at_extra_factors():
+    rows = default_methods(None, kinds=("image", "interp"), interp_f=(16, 64))
+    assert [(m.kind, m.downsample, m.label) for m in rows] == [
+        ("image", 1, "High-Resolution"), ("interp", 4, "Bicubic (f=16)"), ("interp", 8, "Bicubic (f=64)")]
+    # a model's own reduction is not repeated (the tiny 2D model reduces ÷2: f=4)
+    with_model = default_methods(tiny_model(2), interp_f=(4, 16))
+    assert [m.downsample for m in with_model if m.kind == "interp"] == [2, 4]
+    assert [m.downsample for m in default_methods(None, kinds=("interp",), interp_f=(512,), spatial_dims=3)] == [8]
+    with pytest.raises(ValueError, match="f=20"):
+        default_methods(None, kinds=("interp",), interp_f=(20,))
+
+
 # ------------------------------------------------------------------------------------------ the harness
 @pytest.mark.parametrize("dims", [2, 3], ids=["2d", "3d"])
 def test_cad_end_to_end_separable(tmp_path, dims):

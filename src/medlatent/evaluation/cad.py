@@ -181,7 +181,8 @@ class Method:
 
 
 def default_methods(models: "Mapping[str, Any] | Sequence[Any] | Any | None" = None,
-                    kinds: Sequence[str] = KINDS, interp: str = "bicubic") -> list[Method]:
+                    kinds: Sequence[str] = KINDS, interp: str = "bicubic", interp_f: Sequence[int] = (),
+                    spatial_dims: int = 2) -> list[Method]:
     """Table 1's rows for the given models: High-Resolution, then per model its latent and an interpolation
     baseline at the same per-axis reduction (one per distinct reduction).
 
@@ -189,6 +190,9 @@ def default_methods(models: "Mapping[str, Any] | Sequence[Any] | Any | None" = N
         models: a MedVAE, a list of them, or ``{name: model}`` (names label the rows).
         kinds: which of ``image``, ``latent``, ``interp`` to include.
         interp: interpolation of the baseline.
+        interp_f: further interpolation rows at these downsizing factors ``f`` (the paper's: area or volume
+            reduction, e.g. 64 = ÷8 per axis in 2D), with or without a model of that factor.
+        spatial_dims: of the task, to turn ``interp_f`` into a per-axis reduction.
     """
     bad = [k for k in kinds if k not in KINDS]
     if bad:
@@ -201,7 +205,7 @@ def default_methods(models: "Mapping[str, Any] | Sequence[Any] | Any | None" = N
         named = [(m.weights_info.get("model", f"model{i}"), m) for i, m in enumerate(models)]
     else:
         named = [(models.weights_info.get("model", "MedVAE"), models)]
-    if not named and any(k != "image" for k in kinds):
+    if not named and any(k != "image" for k in kinds) and not interp_f:
         raise ValueError("latent and interp methods need at least one model (give --model, or only --method image)")
     out: list[Method] = []
     if "image" in kinds:
@@ -217,6 +221,14 @@ def default_methods(models: "Mapping[str, Any] | Sequence[Any] | Any | None" = N
             f = m.downsample_per_axis**d
             out.append(Method(f"{interp.capitalize()} (f={f})", "interp", downsample=m.downsample_per_axis,
                               interp=interp))
+    for f in interp_f:
+        s = round(f ** (1 / spatial_dims))
+        if s < 2 or s**spatial_dims != f:
+            raise ValueError(f"interpolation factor f={f} is not a {spatial_dims}D power of a per-axis reduction "
+                             f"(2D: 16, 64; 3D: 64, 512)")
+        if s not in seen:
+            seen.add(s)
+            out.append(Method(f"{interp.capitalize()} (f={f})", "interp", downsample=s, interp=interp))
     return out
 
 

@@ -27,6 +27,15 @@ SELECT_OPT = typer.Option("val", "--select", help="val: keep the best-val-AUROC 
                                                   "(the paper's rule).")
 BALANCED_OPT = typer.Option(True, "--balanced/--no-balanced", help="Class-weighted sampling.")
 INTERP_OPT = typer.Option("bicubic", "--interp", help="Interpolation baseline: nearest, bilinear, bicubic, area.")
+INTERP_F_OPT = typer.Option("", "--interp-f", help="Extra interpolation rows at these factors f, e.g. 16,64 (2D) — no model needed.")
+
+
+def _factors(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"--interp-f takes comma-separated integers such as 16,64; got {text!r}")
+        return []
 DEVICE_OPT = typer.Option("cpu", "--device", "-d")
 CACHE_OPT = typer.Option(None, "--cache", help="Folder of prepared inputs and latents, reused across runs "
                                                "(default: OUTPUT/cache).")
@@ -135,6 +144,7 @@ def register(app: typer.Typer) -> None:
         seeds: str = SEEDS_OPT,
         select: str = SELECT_OPT,
         interp: str = INTERP_OPT,
+        interp_f: str = INTERP_F_OPT,
         device: str = DEVICE_OPT,
         cache: Optional[Path] = CACHE_OPT,
     ) -> None:
@@ -148,9 +158,10 @@ def register(app: typer.Typer) -> None:
                                    contrast=contrast, size=finding_size, cluster_count=cluster_count, seed=seed)
             config = CADConfig(classifier=classifier, size=patch_size, epochs=epochs, batch_size=batch_size, lr=lr,
                                weight_decay=weight_decay, seeds=_seeds(seeds), select=select, device=device)
-            kinds = ("image", "latent", "interp") if models else ("image",)
+            factors = _factors(interp_f)
+            kinds = ("image", "latent", "interp") if models else (("image", "interp") if factors else ("image",))
             res = run_finefeature(sources, output, models or None, spec=spec, config=config, kinds=kinds,
-                                  interp=interp, cache_dir=cache or output / "cache")
+                                  interp=interp, interp_f=factors, cache_dir=cache or output / "cache")
         except (CADDataError, ValueError, ImportError) as e:
             _fail(str(e))
         typer.echo(res.files["markdown"].read_text(encoding="utf-8"))

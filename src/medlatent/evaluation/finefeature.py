@@ -298,7 +298,7 @@ def run_finefeature(source: "str | Path | Sequence[str | Path]", out_dir: str | 
                     models: "Mapping[str, Any] | Sequence[Any] | Any | None" = None, *,
                     spec: FineFeatureSpec | None = None, config: CADConfig | None = None,
                     kinds: Sequence[str] = ("image", "latent", "interp"), interp: str = "bicubic",
-                    cache_dir: str | Path | None = None) -> FineFeatureResult:
+                    interp_f: Sequence[int] = (), cache_dir: str | Path | None = None) -> FineFeatureResult:
     """Generate the task, then run CAD on image / MedVAE latent (per model, e.g. f=16 and f=64) / interpolation.
 
     The classifier input size is the patch size. Writes ``out_dir/data/`` (the task) and
@@ -307,7 +307,7 @@ def run_finefeature(source: "str | Path | Sequence[str | Path]", out_dir: str | 
     spec = spec or FineFeatureSpec()
     config = dataclasses.replace(config or CADConfig(), size=spec.patch_size)
     dataset = make_finefeature_dataset(source, Path(out_dir) / "data", spec)
-    methods = default_methods(models, kinds=kinds, interp=interp)
+    methods = default_methods(models, kinds=kinds, interp=interp, interp_f=interp_f, spatial_dims=spec.spatial_dims)
     task = f"{spec.finding} (contrast {spec.contrast:g}, size {spec.size:g})"
     result = run_cad(dataset.csv_path, methods, config=config, cache_dir=cache_dir, task=task,
                      spatial_dims=spec.spatial_dims)
