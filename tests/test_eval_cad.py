@@ -130,6 +130,28 @@ def test_classifier_errors_say_what_to_do(monkeypatch):
         build_classifier("hrnet_w64", 2, 1, 1)
 
 
+def test_pad_to_multiple_replicates_edges_up_to_the_stride():
+    from medlatent.evaluation.classifiers import PadToMultiple
+
+    net = PadToMultiple(torch.nn.Identity(), 32)  # returns what the wrapped network receives
+    x = torch.arange(20 * 13, dtype=torch.float32).reshape(1, 1, 20, 13)
+    y = net(x)
+    assert y.shape == (1, 1, 32, 32) and torch.equal(y[..., :20, :13], x)
+    assert torch.equal(y[..., 31, :13], x[..., 19, :]) and torch.equal(y[..., :20, 31], x[..., :, 12])
+    assert net(torch.zeros(1, 1, 64, 32)).shape == (1, 1, 64, 32)  # already a multiple: untouched
+
+
+def test_hrnet_w64_takes_small_latents_through_the_harness(tmp_path):
+    """timm's HRNet-w64 (the paper's 2D classifier) on 8² inputs (16² patches at f=16); skipped without timm."""
+    pytest.importorskip("timm")
+    csv_path = separable_task(tmp_path / "data", 2, n=24, size=16)
+    cfg = CADConfig(size=16, classifier="hrnet_w64", epochs=1, batch_size=8, lr=1e-3, seeds=(0,))
+    res = run_cad(csv_path, default_methods(tiny_model(2), kinds=("image", "interp")), config=cfg,
+                  cache_dir=tmp_path / "cache")
+    assert [r.input_shape for r in res.rows] == [[1, 16, 16], [1, 8, 8]]
+    assert all(0.0 <= a <= 1.0 for r in res.rows for a in r.aurocs)
+
+
 def test_seresnet152_is_monais():
     pytest.importorskip("monai")
     from monai.networks.nets import SEResNet152

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 EVAL_EXTRA = "pip install 'medlatent[eval]'"
@@ -83,13 +84,35 @@ def _tiny(spatial_dims: int, in_channels: int, num_classes: int, pretrained: boo
 
 
 # ------------------------------------------------------------------------------------------ paper networks
+class PadToMultiple(nn.Module):
+    """Replicate-pad the spatial axes up to a multiple of ``multiple`` before ``net``.
+
+    HRNet fuses branches at strides 4…32 by adding upsampled maps, which fails unless every side is a multiple
+    of 32; latents of small images (e.g. 16² for a 64² patch at f=16) are not.
+    """
+
+    def __init__(self, net: nn.Module, multiple: int) -> None:
+        super().__init__()
+        self.net = net
+        self.multiple = multiple
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad: list[int] = []
+        for n in reversed(x.shape[2:]):
+            pad += [0, -n % self.multiple]
+        if any(pad):
+            x = F.pad(x, pad, mode="replicate")
+        return self.net(x)
+
+
 def _hrnet_w64(spatial_dims: int, in_channels: int, num_classes: int, pretrained: bool) -> nn.Module:
     try:
         import timm
     except ImportError as e:
         raise ImportError(f"the 'hrnet_w64' classifier needs timm: {EVAL_EXTRA}") from e
     # timm adapts the pretrained stem to in_channels (sums/repeats the RGB filters)
-    return timm.create_model("hrnet_w64", pretrained=pretrained, in_chans=in_channels, num_classes=num_classes)
+    net = timm.create_model("hrnet_w64", pretrained=pretrained, in_chans=in_channels, num_classes=num_classes)
+    return PadToMultiple(net, 32)
 
 
 def _seresnet152(spatial_dims: int, in_channels: int, num_classes: int, pretrained: bool) -> nn.Module:
