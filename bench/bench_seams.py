@@ -2,7 +2,8 @@
 
     python bench/bench_seams.py --model medvae_4_1_2d --size 512 --tiles 128 256 --out bench/results/seams.json
 
-Uses random weights unless ``--checkpoint`` is given (results with random weights are pessimistic: an untrained
+Uses random weights unless ``--checkpoint`` is given or ``--trained`` loads the model's own weights (the bundled
+default, or an official member from the Hugging Face cache) (results with random weights are pessimistic: an untrained
 network's GroupNorm and attention react strongly to what lies outside a tile). The image is a real radiograph
 (pydicom-data RG3, block-averaged to ``--size``) mapped to [-1, 1].
 """
@@ -41,13 +42,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="medvae_4_1_2d")
     ap.add_argument("--checkpoint", type=Path)
+    ap.add_argument("--trained", action="store_true", help="the model's released/bundled weights")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--tiles", type=int, nargs="+", default=[128, 256])
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.manual_seed(0)
-    model = (MedVAE.from_pretrained(args.model, checkpoint=args.checkpoint) if args.checkpoint
-             else MedVAE.from_config(args.model).eval())
+    if args.checkpoint or args.trained:
+        model = MedVAE.from_pretrained(args.model, checkpoint=args.checkpoint).eval()
+    else:
+        model = MedVAE.from_config(args.model).eval()
     s = model.downsample_per_axis
     x = real_image(args.size)
     rows = []
@@ -62,7 +66,7 @@ def main() -> int:
             enc = seam_report(zt[0, 0], z[0, 0], t // s, ov // s)
             dec = seam_report(yt[0, 0], y[0, 0], t // s, ov // s, scale=s)
             row = {"model": args.model, "size": args.size, "tile": t, "overlap": ov,
-                   "weights": "checkpoint" if args.checkpoint else "random",
+                   "weights": "trained" if args.checkpoint or args.trained else "random",
                    "encode_psnr_vs_untiled": enc["psnr_vs_untiled"],
                    "decode_psnr_vs_untiled": dec["psnr_vs_untiled"],
                    "decode_border_gradient_ratio": dec["border_gradient_ratio"],

@@ -19,6 +19,12 @@ import shutil
 import sys
 from pathlib import Path
 
+# the phases before the run that `ship` reads (their logs: bench/RESULTS.md and the git history of this card)
+PHASE_1 = ("2668 steps of batch 4 random 128² crops with flips (78 minutes; lr 4e-4 to step 2000, then 1e-4; "
+           "inversion with probability 0.5 from step 2000), then 176 steps of whole images resized to 256² "
+           "(batch 2, lr 1e-4).")
+PHASE_2 = ("156 steps of batch 4 random-resized crops (side 0.12–1 of the short side, resized to 128²), lr 2e-4, "
+           "still GroupNorm(32).")
 # held out for evaluation (file stems in the gathered set)
 HELD_OUT = ("radiograph_3", "mammogram_sfm-benign-0_1-133", "mammogram_sfm-malign-0_1-283", "ct_slice", "mr_slice")
 # extra pydicom-data files (name in the data store → gathered name)
@@ -71,6 +77,26 @@ def train(data: Path, run: Path, overrides: list[str]) -> None:
     print(json.dumps(run_training(cfg), indent=2))
 
 
+def average(run: Path, from_step: int) -> Path:
+    """Average the weights of the run's checkpoints at steps ≥ ``from_step`` and of ``final/`` into
+    ``run/averaged`` (checkpoint averaging at a low learning rate smooths the step-to-step noise of the weights;
+    the shipped model's recipe fixes ``from_step`` before looking at held-out numbers)."""
+    from medlatent import MedVAE
+
+    dirs = sorted(d for d in (run / "checkpoints").glob("step_*") if int(d.name.split("_")[1]) >= from_step)
+    dirs.append(run / "final")
+    models = [MedVAE.from_pretrained(d) for d in dirs]
+    states = [m.state_dict() for m in models]
+    avg = {k: sum(sd[k].double() for sd in states).div(len(states)).to(v.dtype) if v.is_floating_point() else v
+           for k, v in states[-1].items()}
+    out = models[-1]
+    out.load_state_dict(avg)
+    out.save_pretrained(run / "averaged")
+    (run / "averaged" / "averaged_from.json").write_text(json.dumps([d.name for d in dirs]) + "\n")
+    print(f"averaged {len(dirs)} weight sets ({', '.join(d.name for d in dirs)}) into {run / 'averaged'}")
+    return run / "averaged"
+
+
 def _lr_history(rows: list[dict]) -> str:
     """``lr`` segments of a training log, e.g. ``4e-04 (steps 1–2000), 1e-04 (2001–2600)``."""
     parts, start, prev_step, lr = [], 1, 0, None
@@ -95,8 +121,8 @@ def _minutes(rows: list[dict]) -> float:
     return (total + last) / 60
 
 
-def ship(run: Path, results: Path) -> Path:
-    """Copy ``run/final`` into ``medlatent/weights/<name>`` and write its model card from the run's records."""
+def ship(run: Path, results: Path, weights: str = "final") -> Path:
+    """Copy ``run/<weights>`` (``final`` or ``averaged``) into ``medlatent/weights/<name>`` and write its model card from the run's records."""
     import csv
 
     import yaml
@@ -107,10 +133,10 @@ def ship(run: Path, results: Path) -> Path:
     info = get_model_info(DEFAULT_MODEL)
     dest = bundled_dir(info)
     dest.mkdir(parents=True, exist_ok=True)
-    meta = json.loads((run / "final" / "config.json").read_text())
+    meta = json.loads((run / weights / "config.json").read_text())
     meta["model"] = DEFAULT_MODEL
     (dest / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-    shutil.copy(run / "final" / "model.safetensors", dest / "model.safetensors")
+    shutil.copy(run / weights / "model.safetensors", dest / "model.safetensors")
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     rows = list(csv.DictReader((run / "log.csv").open()))
     vals = [json.loads(line) for line in (run / "val.jsonl").read_text().splitlines()]
@@ -123,6 +149,11 @@ def ship(run: Path, results: Path) -> Path:
         f"| {r['image']} | {r['shape'][0]}×{r['shape'][1]} | {r['medlatent']['psnr']:.2f} / {r['medlatent']['ms_ssim']:.4f} "
         f"| {r['bicubic']['psnr']:.2f} / {r['bicubic']['ms_ssim']:.4f} |" for r in res["images"])
     train_files = sorted(p.name for p in Path(cfg["data"]["train"]).iterdir())
+    avg_note = ""
+    if weights == "averaged":
+        parts = json.loads((run / "averaged" / "averaged_from.json").read_text())
+        avg_note = (" The shipped weights are the average of the weights at " + ", ".join(parts) + " (low learning "
+                    "rate; chosen before any held-out evaluation; `train_default_model.py average`).")
     held = [r["image"] for r in res["images"]]
     card = f"""# {DEFAULT_MODEL} — model card
 
@@ -132,11 +163,21 @@ architecture `ch=32, ch_mult=(1, 2, 4), num_res_blocks=1`, no stage-2 head
 {(dest / 'model.safetensors').stat().st_size / 2**20:.1f} MB).
 
 ## How it was trained (honestly)
-- **From scratch** (random init, residual branches zero-initialised), stage 1 only, on **CPU** (2 cores, no GPU
-  was available): {rows[-1]['step']} optimiser steps of batch {t['batch_size']} random {cfg['data']['size']}²
-  crops with flips, in {_minutes(rows):.0f} minutes; Adam β=(0.5, 0.9), learning rate by steps: {_lr_history(rows)}; intensity inversion
-  (x → −x) with probability {cfg['data'].get('invert', 0)} in the last phase. The run was resumed with a new
-  learning rate (and the inversion) from its checkpoints, as `medlatent train` allows.
+Stage 1 only, on **CPU** (2 cores; no GPU was available), in three phases; the shipped weights are the end of
+the last one.
+1. **From scratch** with GroupNorm(32) — one channel per group at this width — (residual branches
+   zero-initialised): {PHASE_1}
+2. {PHASE_2}
+3. **GroupNorm(8)** (`norm_groups: 8`, four channels per group at the first level as in the released 128-wide
+   models), starting from phase 2's weights: {rows[-1]['step']} optimiser steps of batch {t['batch_size']},
+   {cfg['data']['mode']} samples of {cfg['data']['size']}² (square crops of {cfg['data'].get('crop_side')} of the
+   short side, resized: from native resolution to the whole image), flips, intensity inversion (x → −x) with
+   probability {cfg['data'].get('invert', 0)}, in {_minutes(rows):.0f} minutes; Adam β=(0.5, 0.9), learning
+   rate by steps: {_lr_history(rows)}.{avg_note}
+
+   Why phase 3: with one channel per group, GroupNorm is instance norm. It erases each feature map's mean, so
+   the decoder could not set an image's global intensity. Whole mammograms came back 0.4 (of the [-1, 1] range)
+   too bright, at 13 dB. After 250 steps with 8 groups they were at 32 dB.
 - **Losses**: L1 + MS-SSIM (weight {cfg['loss']['perceptual_weight']}) + KL ({cfg['loss']['kl_weight']}), on a
   posterior sample. **No** LPIPS, **no** PatchGAN, **no** BiomedCLIP term and **no** stage 2: their pretrained
   networks cannot be downloaded here, and a GAN needs far more steps than a CPU budget allows.
@@ -147,14 +188,10 @@ architecture `ch=32, ch_mult=(1, 2, 4), num_res_blocks=1`, no stage-2 head
 - Validation during training (centre crops of the held-out images): {vals[-1]}.
 
 ## Verdict
-{"It beats bicubic interpolation on both held-out means." if res["mean"]["medlatent"]["psnr"] > res["mean"]["bicubic"]["psnr"]
+{"It beats bicubic interpolation on both held-out means (PSNR and MS-SSIM)." if res["mean"]["medlatent"]["psnr"] > res["mean"]["bicubic"]["psnr"]
  and res["mean"]["medlatent"]["ms_ssim"] > res["mean"]["bicubic"]["ms_ssim"] else
- "**It does not beat bicubic interpolation** on the held-out means below: treat it as a bootstrap model that makes "
- "the pipeline run offline, not as a codec of record. Centre crops of the held-out images (what training "
- "validates on) reach " + f"{vals[-1]['val_psnr']:.1f} dB / {vals[-1]['val_ms_ssim']:.3f}" + ", but whole images "
- "— above all the mammograms, mostly flat background — come out with wrong global intensity: GroupNorm "
- "statistics over a whole image differ from those of the 128² training crops. Retraining on whole images (the "
- "official recipe resizes to 384²: `data.mode=resize data.size=384`) with a GPU is the fix."}
+ "**It does not beat bicubic interpolation** on both held-out means below: treat it as a bootstrap model that "
+ "makes the pipeline run offline, not as a codec of record."}
 
 ## Held-out reconstruction (full images; z stored as float16)
 PSNR (dB) / MS-SSIM on [0, 1]-mapped images, against interpolation at the same downsizing factor (shrink by 4 per
@@ -194,16 +231,22 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--data", type=Path, default=Path("data/default"))
     e.add_argument("--model", default="medlatent_small_4_4_2d")
     e.add_argument("--out", type=Path, default=Path("bench/results/default_model.json"))
+    av = sub.add_parser("average")
+    av.add_argument("--run", type=Path, default=Path("runs/medlatent_small_4_4_2d"))
+    av.add_argument("--from-step", type=int, required=True)
     sh = sub.add_parser("ship")
     sh.add_argument("--run", type=Path, default=Path("runs/medlatent_small_4_4_2d"))
     sh.add_argument("--results", type=Path, default=Path("bench/results/default_model.json"))
+    sh.add_argument("--weights", default="final", help="the run's sub-folder to ship: final or averaged")
     args = ap.parse_args(argv)
     if args.cmd == "gather":
         gather(args.out)
     elif args.cmd == "train":
         train(args.data, args.run, args.overrides)
+    elif args.cmd == "average":
+        average(args.run, args.from_step)
     elif args.cmd == "ship":
-        ship(args.run, args.results)
+        ship(args.run, args.results, args.weights)
     else:
         from evaluate_default_model import evaluate
 
