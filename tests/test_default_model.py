@@ -27,9 +27,10 @@ def test_bundled_weights_load_offline_and_fit_the_size_budget(monkeypatch):
 
 
 @torch.inference_mode()
-def test_beats_nearest_neighbour_on_a_held_out_ct_slice():
-    """CT_small (pydicom's test slice) was held out of training. The model does not beat bicubic yet (see its
-    model card); this guards the floor it does reach: more than nearest-neighbour downsizing keeps at f=16."""
+def test_beats_bicubic_on_a_held_out_ct_slice():
+    """CT_small (pydicom's test slice) was held out of training: the model beats bicubic shrink-and-enlarge at
+    f=16 on it in PSNR and MS-SSIM (33.3 dB / 0.972 against 32.4 dB / 0.961; all held-out numbers are in the
+    model card, where large smooth images still favour bicubic on PSNR)."""
     from medlatent.io.readers import read_image
     from medlatent.metrics import ms_ssim, psnr
     from medlatent.preprocessing import preprocess
@@ -38,8 +39,8 @@ def test_beats_nearest_neighbour_on_a_held_out_ct_slice():
     arr, _ = preprocess(read_image(sample_file("CT_small.dcm")), spatial_dims=2, in_channels=1, downsample=4)
     x = torch.from_numpy(arr)[None]
     rec = model.decode(model.encode(x).mean.half().float())  # z stored as float16, as `medlatent encode` does
-    nearest = roundtrip(x, 4, "nearest")
-    unit = [((t[0] + 1) / 2).clamp(0, 1) for t in (x, rec, nearest)]
+    bicubic = roundtrip(x, 4, "bicubic")
+    unit = [((t[0] + 1) / 2).clamp(0, 1) for t in (x, rec, bicubic)]
     assert psnr(unit[0], unit[1]) > psnr(unit[0], unit[2])
     assert ms_ssim(unit[0], unit[1]) > ms_ssim(unit[0], unit[2])
 

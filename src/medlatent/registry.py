@@ -136,7 +136,7 @@ DEFAULT_MODEL = "medlatent_small_4_4_2d"
 register_model(ModelInfo(
     name=DEFAULT_MODEL,
     config=MedVAEConfig(spatial_dims=2, in_channels=1, out_channels=1, ch=32, ch_mult=_F4, num_res_blocks=1,
-                        z_channels=4, embed_dim=4, stage2_head=False),
+                        z_channels=4, embed_dim=4, stage2_head=False, norm_groups=8),
     hub_config="", hub_checkpoint="", modalities=_2D_MODALITIES, bundled=True, repo_id="",
     description="2D, f=16 (H/4×W/4), C=4, 2.7 M parameters; bundled default trained by medlatent on public images",
 ))
