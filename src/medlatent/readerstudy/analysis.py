@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from medlatent.evaluation.report import markdown_table
 from medlatent.readerstudy.questions import QUESTIONS, SCORES, SHORT
 
 CORE = ("reader", "case", "method", "factor")
@@ -456,10 +457,8 @@ def _fmt_ci(mean: float, low: float, high: float) -> str:
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
-    return [line(header), "|" + "---|" * len(header), *(line(r) for r in rows)]
+    """Rows of preformatted cells as Markdown table lines (the evaluation reports' table writer)."""
+    return markdown_table([dict(zip(header, r)) for r in rows], columns=header).splitlines()
 
 
 def _report(answers: list[_Answer], summary: list[dict], difference: list[dict], agree: list[dict],
