@@ -6,10 +6,10 @@ Names follow the official release: ``medvae_{s}_{C}_{2d|3d}`` where ``s`` is the
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 
 from medlatent.model.config import MedVAEConfig
+from medlatent.names import did_you_mean
 
 HF_REPO = "stanfordmimi/MedVAE"
 
@@ -75,9 +75,8 @@ def get_model_info(name: str) -> ModelInfo:
     try:
         return _REGISTRY[name]
     except KeyError:
-        close = difflib.get_close_matches(str(name), _REGISTRY, n=3, cutoff=0.4)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise KeyError(f"unknown model {name!r}.{hint} Available: {', '.join(list_models())}") from None
+        raise KeyError(f"unknown model {name!r}.{did_you_mean(name, _REGISTRY)} "
+                       f"Available: {', '.join(list_models())}") from None
 
 
 _F4 = (1, 2, 4)  # two downsamplings: ÷4 per axis

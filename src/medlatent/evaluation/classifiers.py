@@ -11,13 +11,14 @@ Every classifier maps ``B×in_channels×H×W`` (2D) or ``B×in_channels×D×H×W
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from medlatent.names import did_you_mean
 
 EVAL_EXTRA = "pip install 'medlatent[eval]'"
 PAPER_CLASSIFIER = {2: "hrnet_w64", 3: "seresnet152"}  # App. B.1
@@ -144,9 +145,8 @@ def get_classifier_info(name: str) -> ClassifierInfo:
     try:
         return CLASSIFIERS[name]
     except KeyError:
-        close = difflib.get_close_matches(str(name), CLASSIFIERS, n=3, cutoff=0.4)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(f"unknown classifier {name!r}.{hint} Available: {', '.join(list_classifiers())}") from None
+        raise ValueError(f"unknown classifier {name!r}.{did_you_mean(name, CLASSIFIERS)} "
+                         f"Available: {', '.join(list_classifiers())}") from None
 
 
 def build_classifier(name: str, spatial_dims: int, in_channels: int, num_classes: int,
