@@ -210,25 +210,25 @@ def default_methods(models: "Mapping[str, Any] | Sequence[Any] | Any | None" = N
     out: list[Method] = []
     if "image" in kinds:
         out.append(Method("High-Resolution", "image"))
-    seen: set[int] = set()
+    seen: set[int] = set()  # per-axis reductions that have their interpolation row
+
+    def add_interp(s: int, dims: int) -> None:
+        if s not in seen:
+            seen.add(s)
+            out.append(Method(f"{interp.capitalize()} (f={s**dims})", "interp", downsample=s, interp=interp))
+
     for name, m in named:
-        d = m.spatial_dims
         if "latent" in kinds:
             out.append(Method(f"MedVAE {name} (f={m.f}, C={m.C})" if len(named) > 1 else f"MedVAE (f={m.f}, C={m.C})",
                               "latent", model=m))
-        if "interp" in kinds and m.downsample_per_axis not in seen:
-            seen.add(m.downsample_per_axis)
-            f = m.downsample_per_axis**d
-            out.append(Method(f"{interp.capitalize()} (f={f})", "interp", downsample=m.downsample_per_axis,
-                              interp=interp))
+        if "interp" in kinds:
+            add_interp(m.downsample_per_axis, m.spatial_dims)
     for f in interp_f:
         s = round(f ** (1 / spatial_dims))
         if s < 2 or s**spatial_dims != f:
             raise ValueError(f"interpolation factor f={f} is not a {spatial_dims}D power of a per-axis reduction "
                              f"(2D: 16, 64; 3D: 64, 512)")
-        if s not in seen:
-            seen.add(s)
-            out.append(Method(f"{interp.capitalize()} (f={f})", "interp", downsample=s, interp=interp))
+        add_interp(s, spatial_dims)
     return out
 
 
