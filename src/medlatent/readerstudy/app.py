@@ -102,13 +102,12 @@ def create_app(study: str | Path) -> FastAPI:
     Me = Annotated[Reader, Depends(reader)]
 
     def counts(conn: sqlite3.Connection, r: Reader) -> tuple[int, int, int | None]:
-        n = conn.execute("SELECT COUNT(*) FROM assignments WHERE reader_id = ?", (r.id,)).fetchone()[0]
-        done = conn.execute("SELECT COUNT(*) FROM answers WHERE reader_id = ?", (r.id,)).fetchone()[0]
-        nxt = conn.execute(
-            """SELECT MIN(s.position) FROM assignments s LEFT JOIN answers a
-               ON a.reader_id = s.reader_id AND a.pair_id = s.pair_id
-               WHERE s.reader_id = ? AND a.pair_id IS NULL""", (r.id,)).fetchone()[0]
-        return n, done, nxt
+        """(pairs assigned, pairs answered, first unanswered position or None) in one pass over the order."""
+        row = conn.execute(
+            """SELECT COUNT(*), COUNT(a.pair_id), MIN(CASE WHEN a.pair_id IS NULL THEN s.position END)
+               FROM assignments s LEFT JOIN answers a ON a.reader_id = s.reader_id AND a.pair_id = s.pair_id
+               WHERE s.reader_id = ?""", (r.id,)).fetchone()
+        return row[0], row[1], row[2]
 
     def saved(conn: sqlite3.Connection, r: Reader, pair_id: str) -> dict | None:
         row = conn.execute(f"SELECT {', '.join(QUESTIONS)}, revisions FROM answers WHERE reader_id = ? AND pair_id = ?",
