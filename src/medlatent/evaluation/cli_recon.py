@@ -81,6 +81,11 @@ def _parse_percentiles(text: Optional[str]) -> Optional[tuple[float, float]]:
     return lo, hi
 
 
+MODEL_OPT = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Registry name or model directory.")
+CHECKPOINT_OPT = typer.Option(None, "--checkpoint", "-c", help="Official checkpoint file.")
+UNEVEN_OPT = typer.Option("refuse", help="DICOM series with uneven slices: refuse or resample.")
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``recon`` and ``storage`` commands to ``app``."""
 
@@ -88,8 +93,8 @@ def register(app: typer.Typer) -> None:
     def recon(
         inputs: list[Path] = typer.Argument(..., help="Image files, folders and/or CSVs (path[,modality])."),
         output: Path = typer.Option(..., "--output", "-o", help="Folder for results.csv, summary.json, report.md."),
-        model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Registry name or model directory."),
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Official checkpoint file."),
+        model: str = MODEL_OPT,
+        checkpoint: Optional[Path] = CHECKPOINT_OPT,
         baselines: Optional[str] = typer.Option(
             None, "--baselines", help="Comma-separated interpolation baselines, or 'none' (default: all; 2D "
                                       "nearest,bilinear,bicubic; 3D nearest,trilinear,area)."),
@@ -111,7 +116,7 @@ def register(app: typer.Typer) -> None:
         precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
         tile: Optional[int] = typer.Option(None, "--tile", help="Tile edge for large images (default: automatic)."),
         max_memory: Optional[float] = typer.Option(None, "--max-memory", help="Activation memory budget in GB."),
-        uneven: str = typer.Option("refuse", help="DICOM series with uneven slices: refuse or resample."),
+        uneven: str = UNEVEN_OPT,
     ) -> None:
         """Reconstruction quality (PSNR, MS-SSIM, ROI PSNR) of a model against baselines, paper-style mean ± sd."""
         from medlatent.cli import ModelLoadError, _load_model
@@ -166,10 +171,10 @@ def register(app: typer.Typer) -> None:
     def storage(
         inputs: list[Path] = typer.Argument(..., help="Image files, folders and/or CSVs."),
         output: Path = typer.Option(..., "--output", "-o", help="Folder for storage.csv, storage.json, report.md."),
-        model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Registry name or model directory."),
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Official checkpoint file."),
+        model: str = MODEL_OPT,
+        checkpoint: Optional[Path] = CHECKPOINT_OPT,
         compress: bool = typer.Option(True, "--compress/--no-compress", help="Measure zlib-compressed raw size."),
-        uneven: str = typer.Option("refuse", help="DICOM series with uneven slices: refuse or resample."),
+        uneven: str = UNEVEN_OPT,
     ) -> None:
         """Storage per image: raw, file and losslessly compressed bytes against the latent in float16/float32."""
         from medlatent.evaluation.recon import EvaluationInputError
