@@ -229,3 +229,50 @@ def test_cli_tiling_options_give_full_size_outputs(tmp_path, model_dirs):
         assert im.size == (64, 64)
     res, out = _run("encode", src, "-o", tmp_path / "bad", "--model", model_dirs[2], "--tile", "31")
     assert res.exit_code == 1 and "multiple of 2" in out
+
+
+def test_batched_encode_matches_single_and_isolates_bad_files(tmp_path, model_dirs):
+    """--batch groups equal-shaped images into one pass; a corrupt file among them fails alone."""
+    from medlatent.io.readers import read_image
+    from medlatent.latentfile import read_latent
+
+    src = tmp_path / "in"
+    src.mkdir()
+    ct = read_image(sample_file("CT_small.dcm")).array[0]
+    ct = ((ct - ct.min()) / (ct.max() - ct.min()) * 65535).astype(np.uint16)
+    for a in (0, 16, 32):
+        PIL.fromarray(ct[a : a + 96, a : a + 96]).save(src / f"ct_{a:02d}.png")
+    (src / "ct_08.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # sorts between the good ones
+    copy_to(src, sample_file("MR_small.dcm"))
+    latents = {}
+    for b in (1, 3):
+        res, out = _run("encode", src, "-o", tmp_path / f"b{b}", "--model", model_dirs[2], "--batch", b)
+        assert res.exit_code == 1 and "ct_08.png" in out, out
+        rows = [json.loads(x) for x in (tmp_path / f"b{b}" / "manifest.jsonl").read_text().splitlines()]
+        assert {r["item"]: r["status"] for r in rows} == {"MR_small": "ok", "ct_00": "ok", "ct_08": "failed",
+                                                          "ct_16": "ok", "ct_32": "ok"}
+        latents[b] = {p.name: read_latent(p) for p in (tmp_path / f"b{b}").glob("*.safetensors")}
+    assert sorted(latents[3]) == sorted(latents[1]) and len(latents[1]) == 4
+    for name, lf in latents[1].items():
+        torch.testing.assert_close(latents[3][name].z.float(), lf.z.float(), atol=2e-3, rtol=0)  # float16 storage
+        assert latents[3][name].preprocessing.original_shape == lf.preprocessing.original_shape
+
+
+def test_batch_runner_falls_back_to_single_items_when_a_group_fails(tmp_path):
+    from medlatent.batch import Job, run_jobs
+
+    calls = []
+
+    def compute(xs):
+        calls.append(list(xs))
+        if 3 in xs:
+            raise ValueError("item 3 is bad")
+        return [x * 10 for x in xs]
+
+    got = {}
+    jobs = [Job(f"j{i}", [], (lambda i=i: i), (lambda v, i=i: got.__setitem__(i, v))) for i in range(5)]
+    report = run_jobs(jobs, tmp_path, batch=2, compute=compute)
+    assert [r.status for r in report.results] == ["ok", "ok", "ok", "failed", "ok"]
+    assert report.results[3].reason == "item 3 is bad"
+    assert got == {0: 0, 1: 10, 2: 20, 4: 40}
+    assert calls == [[0, 1], [2, 3], [2], [3], [4]]

@@ -129,3 +129,36 @@ def test_nifti_mri_defaults_to_minmax():
     x, rec = preprocess(img, spatial_dims=3, in_channels=1, downsample=2, modality="mri",
                         mri_percentiles=(1, 99))
     assert rec.intensity["kind"] == "percentile" and rec.intensity["clip"]
+
+
+def test_batched_encode_equals_one_by_one_and_keeps_order():
+    """Equal-shaped images share a forward pass; a differently shaped one gets its own; results keep input order."""
+    from medlatent.engine.tiled import TileSettings
+    from medlatent.pipeline import EncodeOptions, _passes, encode_prepared, prepare
+
+    model = tiny(2)
+    ct = read_image(sample_file("CT_small.dcm")).array.astype(np.float32)  # 1×128×128
+    mr = read_image(sample_file("MR_small.dcm"))
+    imgs = [ImageData(ct[:, a : a + 96, a : a + 96].copy(), np.eye(3), source=f"ct{a}") for a in (0, 16, 32)]
+    imgs.insert(1, mr)
+    opts = EncodeOptions(batch=8)
+    prepared = [prepare(model, im, opts) for im in imgs]
+    assert _passes(model, prepared, opts) == [[0, 2, 3], [1]]
+    assert _passes(model, prepared, EncodeOptions(batch=2)) == [[0, 2], [1], [3]]
+    assert _passes(model, prepared, EncodeOptions(batch=1)) == [[0], [1], [2], [3]]
+    # a budget that holds one 96² image per pass (the tiny model needs ~0.6 MB for one) splits the group
+    assert _passes(model, prepared, EncodeOptions(batch=8, tiles=TileSettings(max_memory_gb=1e-3))) == \
+        [[0], [1], [2], [3]]
+    batched = encode_prepared(model, prepared, opts)
+    for im, lf in zip(imgs, batched):
+        single = encode_image(model, im)
+        assert lf.preprocessing.original_shape == single.preprocessing.original_shape
+        torch.testing.assert_close(lf.z, single.z, atol=1e-5, rtol=0)
+
+
+def test_images_that_need_tiles_are_not_batched():
+    from medlatent.engine.tiled import TiledAutoencoder, TileSettings
+
+    eng = TiledAutoencoder(tiny(2), TileSettings(tile=32, max_memory_gb=1.0))
+    assert eng.images_per_pass((32, 32)) > 1
+    assert eng.images_per_pass((64, 32)) == 0  # two tiles

@@ -233,6 +233,8 @@ def encode(
     uneven: str = typer.Option("refuse", help="DICOM series with uneven slices: refuse or resample."),
     resume: bool = typer.Option(True, "--resume/--overwrite", help="Skip inputs whose outputs are complete."),
     prefetch: int = typer.Option(2, min=1, help="Inputs read ahead while the model runs."),
+    batch: int = typer.Option(4, "--batch", "-b", min=1,
+                              help="Equal-shaped 2D images (or small volumes) per forward pass, within --max-memory."),
     shard: Optional[str] = typer.Option(None, help="Process shard R/N of the inputs (default: torchrun's RANK/WORLD_SIZE)."),
     tile: Optional[int] = TILE_OPT,
     overlap: Optional[int] = OVERLAP_OPT,
@@ -248,7 +250,7 @@ def encode(
     from medlatent.io.image import ImageData
     from medlatent.io.writers import write_image
     from medlatent.latentfile import SUFFIX, write_latent
-    from medlatent.pipeline import EncodeOptions, encode_image
+    from medlatent.pipeline import EncodeOptions, encode_prepared, prepare
 
     if latent_dtype not in ("float16", "float32"):
         _fail(f"--latent-dtype must be float16 or float32, got {latent_dtype!r}")
@@ -260,7 +262,7 @@ def encode(
         _fail(str(e))
     net = _load(model, checkpoint).to(device_for(device))
     opts = EncodeOptions(modality=modality, stage2=stage2, precision=precision,
-                         tiles=_tiles(tile, overlap, max_memory, tile_batch))
+                         tiles=_tiles(tile, overlap, max_memory, tile_batch), batch=batch)
     items, skipped_inputs = discover(inputs)
     items = part.take(items)
     skipped_inputs = part.take(skipped_inputs)
@@ -270,22 +272,23 @@ def encode(
         latent_path = output / (item.name + SUFFIX)
         outs = [latent_path] + ([output / (item.name + ".latent.nii.gz")] if nifti else [])
 
-        def run(img):
-            lf = encode_image(net, img, opts)
+        def run(lf):
             write_latent(latent_path, lf, dtype=getattr(torch, latent_dtype))
             if nifti:
                 z = lf.z.float().numpy()
                 arr = z[0] if z.shape[0] == 1 else np.moveaxis(z, 0, -1)
                 write_image(ImageData(arr[None] if lf.spatial_dims == 2 and arr.ndim == 2 else arr,
                                       lf.latent_affine), outs[1], "nifti")
-            return {"shape": list(img.array.shape), "latent_shape": list(lf.z.shape)}
+            return {"shape": list(lf.preprocessing.original_shape), "latent_shape": list(lf.z.shape)}
 
-        return Job(item.name, outs, lambda: read_item(item, uneven), run)
+        # reading and preprocessing run in loader threads, overlapped with the model's passes
+        return Job(item.name, outs, lambda: prepare(net, read_item(item, uneven), opts), run)
 
     label = f"encoding (shard {part.rank + 1}/{part.world})" if part.active else "encoding"
     with _Progress(console, len(items), label) as bar:
         report = run_jobs([make_job(it) for it in items], output, resume=resume, prefetch=prefetch, progress=bar,
-                          manifest=part.manifest_name)
+                          manifest=part.manifest_name, batch=batch,
+                          compute=lambda prepared: encode_prepared(net, prepared, opts))
     _record_skipped(output, skipped_inputs, part.manifest_name)
     failed_all = finish(part, output, len(report.failed) + len(skipped_inputs))
     _finish(console, report, output, skipped_inputs)

@@ -13,7 +13,7 @@ from medlatent.engine.tiled import TiledAutoencoder, TileSettings
 from medlatent.io.image import ImageData
 from medlatent.latentfile import LatentFile, LatentFileError
 from medlatent.model.autoencoder import MedVAE
-from medlatent.preprocessing import preprocess, restore
+from medlatent.preprocessing import Preprocessing, preprocess, restore
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ class EncodeOptions:
     precision: str = "fp32"
     mri_percentiles: tuple[float, float] | None = None
     tiles: TileSettings | None = None
+    batch: int = 1  # equal-shaped images per forward pass (when each fits one tile and the memory budget)
 
 
 def model_record(model: MedVAE) -> dict:
@@ -56,25 +57,72 @@ def _autocast(model: MedVAE, precision: str):
     return torch.autocast(dev, dtype=dtype, enabled=dtype is not None)
 
 
-@torch.inference_mode()
-def encode_image(model: MedVAE, img: ImageData, opts: EncodeOptions | None = None) -> LatentFile:
-    """Encode one image; the latent of record is the posterior mean ``z``."""
+@dataclass
+class Prepared:
+    """An image ready for the model: ``x`` (``C×…`` float32 in [-1, 1], padded to a multiple of the model's
+    reduction) and the record that maps a decoding back onto the original grid and units."""
+
+    x: np.ndarray
+    preprocessing: Preprocessing
+
+
+def prepare(model: MedVAE, img: ImageData, opts: EncodeOptions | None = None) -> Prepared:
+    """Preprocess ``img`` for ``model`` (no model call: safe to run in a loader thread)."""
     opts = opts or EncodeOptions()
     x, rec = preprocess(img, spatial_dims=model.spatial_dims, in_channels=model.config.in_channels,
                         downsample=model.downsample_per_axis, modality=opts.modality,
                         mri_percentiles=opts.mri_percentiles)
-    dev = _device(model)
-    xt = torch.from_numpy(x)[None]
+    return Prepared(x, rec)
+
+
+def _to_device(x: np.ndarray, dev: torch.device) -> torch.Tensor:
+    xt = torch.from_numpy(x)
     if dev.type == "cuda":  # pinned host memory lets the copy overlap with compute already queued
-        xt = xt.pin_memory().to(dev, non_blocking=True)
-    else:
-        xt = xt.to(dev)
-    with _autocast(model, opts.precision):
-        z = TiledAutoencoder(model, opts.tiles).encode(xt).to(xt.dtype)
-        want_stage2 = opts.stage2 if opts.stage2 is not None else model.spatial_dims == 2
-        feats = model.stage2_features(z) if want_stage2 and model.config.stage2_head else None
-    return LatentFile(z=z[0].float().cpu(), stage2=None if feats is None else feats[0].float().cpu(),
-                      preprocessing=rec, model=model_record(model))
+        return xt.pin_memory().to(dev, non_blocking=True)
+    return xt.to(dev)
+
+
+def _passes(model: MedVAE, items: list[Prepared], opts: EncodeOptions) -> list[list[int]]:
+    """Indices of ``items`` grouped into forward passes: equal-shaped images that each fit one tile share a
+    pass, as many as the memory budget and ``opts.batch`` allow; any other image has a pass of its own."""
+    engine = TiledAutoencoder(model, opts.tiles)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, it in enumerate(items):
+        by_shape.setdefault(tuple(it.x.shape), []).append(i)
+    passes = []
+    for shape, idx in by_shape.items():
+        n = min(opts.batch, engine.images_per_pass(shape[1:], "encode")) if opts.batch > 1 else 1
+        n = max(1, n)
+        passes += [idx[k : k + n] for k in range(0, len(idx), n)]
+    return sorted(passes)
+
+
+@torch.inference_mode()
+def encode_prepared(model: MedVAE, items: list[Prepared], opts: EncodeOptions | None = None) -> list[LatentFile]:
+    """Encode prepared images, several per forward pass where they share a shape (see ``EncodeOptions.batch``).
+
+    The latent of record is the posterior mean ``z``; results come back in the order of ``items``. Batching
+    changes no result beyond float rounding: GroupNorm and attention work per image.
+    """
+    opts = opts or EncodeOptions()
+    dev = _device(model)
+    engine = TiledAutoencoder(model, opts.tiles)
+    want_stage2 = (opts.stage2 if opts.stage2 is not None else model.spatial_dims == 2) and model.config.stage2_head
+    out: list[LatentFile | None] = [None] * len(items)
+    for idx in _passes(model, items, opts):
+        xt = _to_device(np.stack([items[i].x for i in idx]), dev)
+        with _autocast(model, opts.precision):
+            z = (model.encode(xt).mean if len(idx) > 1 else engine.encode(xt)).to(xt.dtype)
+            feats = model.stage2_features(z) if want_stage2 else None
+        for j, i in enumerate(idx):
+            out[i] = LatentFile(z=z[j].float().cpu(), stage2=None if feats is None else feats[j].float().cpu(),
+                                preprocessing=items[i].preprocessing, model=model_record(model))
+    return out  # type: ignore[return-value]
+
+
+def encode_image(model: MedVAE, img: ImageData, opts: EncodeOptions | None = None) -> LatentFile:
+    """Encode one image; the latent of record is the posterior mean ``z``."""
+    return encode_prepared(model, [prepare(model, img, opts)], opts)[0]
 
 
 def check_compatible(model: MedVAE, lf: LatentFile, source: str | Path, strict_weights: bool = True) -> None:

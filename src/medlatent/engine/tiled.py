@@ -104,6 +104,18 @@ class TiledAutoencoder:
             raise ValueError(f"overlap {overlap} must be smaller than the tile {tile}")
         return tile, overlap
 
+    def images_per_pass(self, shape: tuple[int, ...], op: str = "encode", dtype: torch.dtype = torch.float32) -> int:
+        """How many whole images of spatial ``shape`` one forward pass may take within the memory budget;
+        0 when one such image needs more than one tile."""
+        tile, _ = self.tile_and_overlap(op, dtype)
+        if any(n > tile for n in shape):
+            return 0
+        budget = (self.settings.max_memory_gb or default_budget_gb(self._device())) * 2**30
+        voxels = 1
+        for n in shape:
+            voxels *= n * (self.s if op == "decode" else 1)
+        return max(1, int(budget // (self._bytes_per_voxel(op, dtype) * voxels)))
+
     def _device(self) -> torch.device:
         return self.model.quant_conv.weight.device
 
