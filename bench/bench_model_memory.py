@@ -9,6 +9,11 @@ Usage (the interpreter needs torch, and the official ``medvae`` package for the 
 
     python bench/bench_model_memory.py --models medvae_4_1_2d medvae_8_1_2d --sizes 512 1024 \
         --repeats 1 --out bench/results/model_memory.json
+    python bench/bench_model_memory.py --models medvae_4_1_3d medvae_8_1_3d --sizes 64 --repeats 3 \
+        --out bench/results/model_memory_3d_64.json
+
+``--sizes`` is the edge of a square image or cubic volume. Up to 160 voxels per axis, the official 3D
+inference (MONAI's sliding window with 160-voxel windows) is a single window, i.e. the model call timed here.
 
 medlatent is imported from ``src/`` of this checkout.
 """
@@ -50,12 +55,14 @@ def _official_model(name: str, ckpt: str):
     pkg = types.ModuleType("medvae")
     pkg.__path__ = list(spec.submodule_search_locations)
     sys.modules["medvae"] = pkg  # skip medvae/__init__ (imports the whole training stack)
-    from medvae.models.autoencoder_kl import AutoencoderKL
-
     sys.path.insert(0, str(ROOT / "src"))
     from medlatent.registry import get_model_info
 
     c = get_model_info(name).config
+    if c.spatial_dims == 3:  # at ≤160 voxels per axis the official MONAI sliding window is this one call
+        from medvae.models.autoencoder_kl_3d import AutoencoderKL
+    else:
+        from medvae.models.autoencoder_kl import AutoencoderKL
     dd = dict(double_z=True, z_channels=c.z_channels, resolution=256, in_channels=c.in_channels,
               out_ch=c.out_channels, ch=c.ch, ch_mult=list(c.ch_mult), num_res_blocks=c.num_res_blocks,
               attn_resolutions=[], dropout=0.0)
@@ -81,8 +88,9 @@ def worker(impl: str, name: str, size: int, op: str, ckpt: str, repeats: int) ->
     cfg_s = 2 ** (len(model.encoder.down) - 1)
     c = model.quant_conv.out_channels // 2
     g = torch.Generator().manual_seed(0)
-    x = torch.rand((1, model.encoder.conv_in.in_channels, size, size), generator=g) * 2 - 1
-    z = torch.randn((1, c, size // cfg_s, size // cfg_s), generator=g)
+    dims = model.quant_conv.weight.ndim - 2
+    x = torch.rand((1, model.encoder.conv_in.in_channels, *(size,) * dims), generator=g) * 2 - 1
+    z = torch.randn((1, c, *(size // cfg_s,) * dims), generator=g)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     times = []
     with torch.no_grad():
@@ -164,7 +172,7 @@ def main() -> int:
                         rows.append(row)
                         secs = f"{row['seconds']:.2f} s" if "seconds" in row else "-"
                         peak = f"{row.get('peak_gb', row['watched_peak_gb']):.2f} GB"
-                        print(f"{name} {size}² {op:6s} {impl:9s} {row['status']:>20s} {secs:>10s} peak {peak}",
+                        print(f"{name} {size}{'³' if '3d' in name else '²'} {op:6s} {impl:9s} {row['status']:>20s} {secs:>10s} peak {peak}",
                               flush=True)
                         if args.out:
                             args.out.parent.mkdir(parents=True, exist_ok=True)
