@@ -172,3 +172,22 @@ def test_posterior_kl_reduces_all_non_batch_axes():
     torch.testing.assert_close(DiagonalGaussian(moments).kl(), torch.full((2,), 27.0))
     clamp = DiagonalGaussian(torch.cat([torch.zeros(1, 1, 2, 2), torch.full((1, 1, 2, 2), 99.0)], 1))
     assert clamp.logvar.max() == 20.0
+
+
+@pytest.mark.parametrize("dims,shape", [(2, (2, 8, 5, 7)), (3, (1, 4, 3, 5, 4))])
+def test_subpixel_upsample_equals_nearest_then_conv(dims, shape):
+    """Inference fuses ×2 nearest upsampling and the 3×3 conv into per-phase 2×2 convs: same values and layout."""
+    from medlatent.model.layers import Upsample
+
+    torch.manual_seed(0)
+    up = Upsample(dims, shape[1]).eval()
+    x = torch.randn(shape)
+    reference = up(x.requires_grad_())  # the autograd path: interpolate, then conv
+    assert reference.requires_grad
+    with torch.no_grad():
+        fast = up(x.detach())
+        torch.testing.assert_close(fast, reference.detach(), atol=2e-6, rtol=0)
+        if dims == 2:
+            cl = up(x.detach().to(memory_format=torch.channels_last))
+            assert cl.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(cl, reference.detach(), atol=2e-6, rtol=0)

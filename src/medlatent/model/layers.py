@@ -8,6 +8,8 @@ official state dicts load with ``strict=True``.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -136,15 +138,57 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, self.pad))
 
 
+# Per axis, a 3-tap kernel applied after ×2 nearest upsampling reads two low-resolution voxels: output phase 0
+# (even voxels) reads offsets (-1, 0) with taps (k0, k1 + k2); phase 1 (odd voxels) reads (0, +1) with (k0 + k1, k2).
+_PHASE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))  # phase × low tap × 3-tap
+
+
+def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
+    """The 3×3(×3) kernel of a convolution applied after ×2 nearest upsampling, as the ``2**d`` equivalent
+    2×2(×2) kernels on the low-resolution input, one per output phase, stacked phase-major as output channels."""
+    d = weight.ndim - 2
+    m = torch.tensor(_PHASE_TAPS, dtype=weight.dtype, device=weight.device)  # 2 × 2 × 3
+    if d == 2:
+        k = torch.einsum("aik,bjl,ockl->abocij", m, m, weight)
+    else:
+        k = torch.einsum("aik,bjl,cmn,oqkln->abcoqijm", m, m, m, weight)
+    return k.reshape(-1, weight.shape[1], *(2,) * d)
+
+
 class Upsample(nn.Module):
-    """Nearest-neighbour ×2 upsampling followed by a 3×3 convolution."""
+    """Nearest-neighbour ×2 upsampling followed by a 3×3 convolution.
+
+    Without autograd the two run fused as a sub-pixel convolution: each output phase is a 2×2(×2) convolution of
+    the low-resolution input. Same result up to float rounding, with 4/9 (2D) or 8/27 (3D) of the multiply-adds
+    and no upsampled copy of the input.
+    """
 
     def __init__(self, spatial_dims: int, channels: int) -> None:
         super().__init__()
+        self.spatial_dims = spatial_dims
         self.conv = conv_nd(spatial_dims, channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        if torch.is_grad_enabled() or type(self.conv) not in (nn.Conv2d, nn.Conv3d):  # training, adapters
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self._subpixel(x)
+
+    def _subpixel(self, x: torch.Tensor) -> torch.Tensor:
+        d, w = self.spatial_dims, self.conv.weight
+        conv = F.conv2d if d == 2 else F.conv3d
+        bias = None if self.conv.bias is None else self.conv.bias.repeat(2**d)
+        y = conv(F.pad(x, (1, 1) * d), phase_kernels(w).to(x.dtype), None if bias is None else bias.to(x.dtype))
+        y = y.unflatten(1, (*(2,) * d, w.shape[0]))  # B × 2 × 2 (× 2) × C_out × (n+1)…
+        size = x.shape[2:]
+        fmt = torch.channels_last if d == 2 and x.is_contiguous(memory_format=torch.channels_last) and \
+            not x.is_contiguous() else torch.contiguous_format
+        out = torch.empty((x.shape[0], w.shape[0], *(2 * n for n in size)), dtype=y.dtype, device=y.device,
+                          memory_format=fmt)
+        for phase in itertools.product((0, 1), repeat=d):
+            dst = (slice(None), slice(None), *(slice(a, None, 2) for a in phase))
+            src = (slice(None), *phase, slice(None), *(slice(a, a + n) for a, n in zip(phase, size)))
+            out[dst] = y[src]
+        return out
 
 
 __all__ = [
