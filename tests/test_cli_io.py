@@ -276,3 +276,21 @@ def test_batch_runner_falls_back_to_single_items_when_a_group_fails(tmp_path):
     assert report.results[3].reason == "item 3 is bad"
     assert got == {0: 0, 1: 10, 2: 20, 4: 40}
     assert calls == [[0, 1], [2, 3], [2], [3], [4]]
+
+
+def test_compile_flag_compiles_encoder_and_decoder_once(tmp_path, model_dirs, monkeypatch):
+    """--compile calls nn.Module.compile on the encoder and decoder (a real compile takes minutes on this CPU;
+    its numerical agreement is torch's business), once per model, and the outputs are still written."""
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    src = tmp_path / "in"
+    src.mkdir()
+    copy_to(src, sample_file("MR_small.dcm"))
+    copy_to(src, sample_file("CT_small.dcm"))
+    res, out = _run("encode", src, "-o", tmp_path / "lat", "--model", model_dirs[2], "--compile")
+    assert res.exit_code == 0, out
+    assert sorted(compiled) == ["Decoder", "Encoder"]
+    compiled.clear()
+    res, out = _run("decode", tmp_path / "lat", "-o", tmp_path / "dec", "--model", model_dirs[2], "--compile")
+    assert res.exit_code == 0, out
+    assert sorted(compiled) == ["Decoder", "Encoder"] and len(list((tmp_path / "dec").glob("*.png"))) == 2
