@@ -91,3 +91,59 @@ def test_bfloat16_autocast_on_cpu_stays_close_to_float32():
     assert z16.dtype == torch.float32
     rel = float((z16 - z32).norm() / z32.norm())
     assert 0 < rel < 0.05
+
+
+@pytest.mark.parametrize("shape,tile,ov,mult", [((100, 70), 48, 16, 4), ((40, 33, 27), 16, 6, 1)])
+def test_tile_cores_partition_the_image(shape, tile, ov, mult):
+    from medlatent.engine.imagenorm import core_fractions
+
+    tiles = plan_tiles(shape, (tile,) * len(shape), (ov,) * len(shape), mult)
+    count = torch.zeros(shape, dtype=torch.int32)
+    for t, fr in core_fractions(tiles, shape, mult).items():
+        box = tuple(slice(a + round(f0 * n), a + round(f1 * n)) for a, n, (f0, f1) in zip(t.starts, t.sizes, fr))
+        count[box] += 1
+    assert bool((count == 1).all())
+
+
+def test_image_norm_gives_each_tile_the_whole_image_statistics():
+    """One GroupNorm layer, tile by tile: after a statistics pass over the tile cores, every tile is normalised
+    exactly as the whole image is; with per-tile statistics it is not."""
+    from medlatent.engine.imagenorm import ImageNorm, attached, core_fractions
+    from medlatent.model.layers import GroupNorm32
+
+    g = torch.Generator().manual_seed(0)
+    gn = GroupNorm32(8, 4)
+    with torch.no_grad():
+        gn.weight.copy_(torch.rand(8, generator=g) + 0.5)
+        gn.bias.copy_(torch.randn(8, generator=g))
+    ramp = torch.linspace(-1, 3, 40)[:, None] * torch.linspace(0.5, 2, 30)[None]
+    x = torch.randn((1, 8, 40, 30), generator=g) * 0.3 + ramp  # statistics vary across the image
+    whole = gn(x)
+    tiles = plan_tiles((40, 30), (16, 16), (6, 6))
+    norm = ImageNorm(core_fractions(tiles, (40, 30)))
+    with attached(gn, norm):
+        norm.start_pass(record=True)
+        for t in tiles:
+            norm.cores = [norm.core_of[t]]
+            gn(x[(slice(None), slice(None), *t.slices())])
+        norm.start_pass(record=False)
+        for t in tiles:
+            sl = (slice(None), slice(None), *t.slices())
+            torch.testing.assert_close(gn(x[sl]), whole[sl], atol=1e-5, rtol=1e-5)
+    assert gn.shared is None  # detached after the block
+    sl = (slice(None), slice(None), *tiles[0].slices())
+    assert (gn(x[sl]) - whole[sl]).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("dims,size,tile", [(2, 96, 48), (3, 32, 16)])
+def test_image_norm_runs_2d_and_3d_and_detaches(dims, size, tile):
+    model = randomise(MedVAE(tiny_config(dims))).eval()
+    x = torch.rand((1, 1) + (size,) * dims) * 2 - 1
+    eng = TiledAutoencoder(model, TileSettings(tile=tile, norm="image", norm_passes=2))
+    z = eng.encode(x)
+    y = eng.decode(z)
+    assert z.shape[2:] == (size // model.downsample_per_axis,) * dims and y.shape == x.shape
+    assert bool(torch.isfinite(y).all())
+    assert all(m.shared is None for m in model.modules() if hasattr(m, "shared"))
+    with pytest.raises(ValueError, match="norm"):
+        TileSettings(norm="global")

@@ -1,7 +1,9 @@
 """Any-size encode and decode with bounded memory: overlapping tiles blended with linear ramps.
 
-Each tile is computed independently, so the GroupNorm statistics and the mid-block attention of a tile see
-only that tile: tiled results approach the untiled ones as tiles grow (see ``bench/RESULTS.md``).
+By default each tile is computed independently, so the GroupNorm statistics and the mid-block attention of a
+tile see only that tile: tiled results approach the untiled ones as tiles grow. ``norm="image"`` first gathers
+image-wide GroupNorm statistics over all tiles (``medlatent.engine.imagenorm``), which brings tiled output much
+closer to untiled output for a few extra passes (see ``bench/RESULTS.md``).
 
 Encode: tiles in image space → posterior means blended in latent space. Decode: tiles in latent space → images
 blended in image space. Memory is bounded by the tile (and the output buffer), not by the image.
@@ -10,10 +12,12 @@ blended in image space. Memory is bounded by the tile (and the output buffer), n
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from medlatent.engine.imagenorm import ImageNorm, attached, core_fractions
 from medlatent.engine.tiling import Tile, blend_weights, plan_tiles, receptive_radius, tile_for_budget
 from medlatent.model.autoencoder import MedVAE
 
@@ -37,6 +41,9 @@ class TileSettings:
         max_tokens: cap on the mid-block attention positions per tile (``(tile/s)**dims``) when the tile is
             chosen automatically. Attention costs grow with the square of this number, so on large images
             several moderate tiles are much faster than one huge tile (0: no cap).
+        norm: GroupNorm statistics per ``tile`` (one pass) or over the whole ``image`` (``norm_passes``
+            statistics passes over all tiles, then the output pass).
+        norm_passes: statistics passes for ``norm="image"``.
     """
 
     tile: int | None = None
@@ -44,6 +51,14 @@ class TileSettings:
     max_memory_gb: float | None = None
     batch_size: int = 1
     max_tokens: int = 2**14
+    norm: str = "tile"
+    norm_passes: int = 4
+
+    def __post_init__(self) -> None:
+        if self.norm not in ("tile", "image"):
+            raise ValueError(f"norm must be 'tile' or 'image', got {self.norm!r}")
+        if self.norm_passes < 1:
+            raise ValueError(f"norm_passes must be ≥ 1, got {self.norm_passes}")
 
 
 def default_budget_gb(device: torch.device) -> float:
@@ -141,15 +156,34 @@ class TiledAutoencoder:
         out_overlap = (int(round(overlap * ratio)),) * len(shape)
         out = torch.zeros((1, out_channels, *out_shape), dtype=torch.float32, device=x.device)
         wsum = torch.zeros((1, 1, *out_shape), dtype=torch.float32, device=x.device)
-        for batch in self._batches(tiles):
-            y = fn(crop(batch)).float()
-            for t, yt in zip(batch, y):
-                ts = _scaled(t, ratio)
-                sl = (slice(None), slice(None), *ts.slices())
-                w = blend_weights(ts, out_shape, out_overlap, x.device)
-                out[sl] += yt * w
-                wsum[sl] += w
+        with self._norm_context(tiles, shape, multiple) as norm:
+            for _ in range(self.settings.norm_passes if norm else 0):  # statistics passes
+                norm.start_pass(record=True)
+                for batch in self._batches(tiles):
+                    norm.cores = [norm.core_of[t] for t in batch]
+                    fn(crop(batch))
+            if norm:
+                drift = norm.start_pass(record=False)
+                logger.info("image-wide GroupNorm: last pass changed a scale by %.2g", drift)
+            for batch in self._batches(tiles):
+                y = fn(crop(batch)).float()
+                for t, yt in zip(batch, y):
+                    ts = _scaled(t, ratio)
+                    sl = (slice(None), slice(None), *ts.slices())
+                    w = blend_weights(ts, out_shape, out_overlap, x.device)
+                    out[sl] += yt * w
+                    wsum[sl] += w
         return out / wsum
+
+    @contextmanager
+    def _norm_context(self, tiles: list[Tile], shape: tuple[int, ...], multiple: int):
+        """An :class:`ImageNorm` attached to the model when ``norm="image"``, else ``None``."""
+        if self.settings.norm != "image":
+            yield None
+            return
+        norm = ImageNorm(core_fractions(tiles, shape, multiple))
+        with attached(self.model, norm):
+            yield norm
 
     def _batches(self, tiles: list[Tile]):
         bs = self.settings.batch_size

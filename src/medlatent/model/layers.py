@@ -33,10 +33,15 @@ class GroupNorm32(nn.GroupNorm):
     In float32 this is exactly ``nn.GroupNorm``.
     """
 
+    # set during tiled inference with image-wide statistics (medlatent.engine.imagenorm)
+    shared = None
+
     def __init__(self, num_channels: int, num_groups: int = 32, eps: float = 1e-6) -> None:
         super().__init__(num_groups=num_groups, num_channels=num_channels, eps=eps, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared is not None:
+            return self.shared(self, x)
         if x.dtype == torch.float32:
             return super().forward(x)
         y = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
