@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,8 @@ def main() -> int:
     ap.add_argument("--trained", action="store_true", help="the model's released/bundled weights")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--tiles", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--norms", nargs="+", default=["tile"],
+                    help="GroupNorm statistics: tile, image or image:PASSES (each is measured)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -58,14 +61,20 @@ def main() -> int:
     with torch.inference_mode():
         z = model.encode(x).mean
         y = model.decode(z)
-        for tile in args.tiles:
-            runner = TiledAutoencoder(model, TileSettings(tile=tile))
+        for tile, norm in ((t, n) for t in args.tiles for n in args.norms):
+            kind, _, passes = norm.partition(":")
+            runner = TiledAutoencoder(model, TileSettings(tile=tile, norm=kind,
+                                                          **({"norm_passes": int(passes)} if passes else {})))
             t, ov = runner.tile_and_overlap("encode")
+            t0 = time.perf_counter()
             zt = runner.encode(x)
+            t1 = time.perf_counter()
             yt = runner.decode(z)
+            t2 = time.perf_counter()
             enc = seam_report(zt[0, 0], z[0, 0], t // s, ov // s)
             dec = seam_report(yt[0, 0], y[0, 0], t // s, ov // s, scale=s)
-            row = {"model": args.model, "size": args.size, "tile": t, "overlap": ov,
+            row = {"model": args.model, "size": args.size, "tile": t, "overlap": ov, "norm": norm,
+                   "encode_seconds": t1 - t0, "decode_seconds": t2 - t1,
                    "weights": "trained" if args.checkpoint or args.trained else "random",
                    "encode_psnr_vs_untiled": enc["psnr_vs_untiled"],
                    "decode_psnr_vs_untiled": dec["psnr_vs_untiled"],
