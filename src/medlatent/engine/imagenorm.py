@@ -42,7 +42,7 @@ def core_fractions(tiles: list[Tile], shape: tuple[int, ...], multiple: int = 1)
 
 
 def _border(prev_end: int, next_start: int, multiple: int) -> int:
-    return int(round((prev_end + next_start) / 2 / multiple)) * multiple
+    return round((prev_end + next_start) / 2 / multiple) * multiple
 
 
 class ImageNorm:
