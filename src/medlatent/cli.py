@@ -254,8 +254,9 @@ def encode(
     uneven: str = typer.Option("refuse", help="DICOM series with uneven slices: refuse or resample."),
     resume: bool = typer.Option(True, "--resume/--overwrite", help="Skip inputs whose outputs are complete."),
     prefetch: int = typer.Option(2, min=1, help="Inputs read ahead while the model runs."),
-    batch: int = typer.Option(4, "--batch", "-b", min=1,
-                              help="Equal-shaped 2D images (or small volumes) per forward pass, within --max-memory."),
+    batch: Optional[int] = typer.Option(None, "--batch", "-b", min=1,
+                                        help="Equal-shaped images per forward pass, within --max-memory (default: "
+                                             "8 on GPUs; 1 on CPUs, where batching measured no gain)."),
     compile_model: bool = COMPILE_OPT,
     shard: Optional[str] = typer.Option(None, help="Process shard R/N of the inputs (default: torchrun's RANK/WORLD_SIZE)."),
     tile: Optional[int] = TILE_OPT,
@@ -284,6 +285,7 @@ def encode(
     except ValueError as e:
         _fail(str(e))
     net = _compile(_load(model, checkpoint).to(device_for(device)), compile_model)
+    batch = batch or (1 if net.quant_conv.weight.device.type == "cpu" else 8)
     opts = EncodeOptions(modality=modality, stage2=stage2, precision=precision,
                          tiles=_tiles(tile, overlap, max_memory, tile_batch, norm), batch=batch)
     items, skipped_inputs = discover(inputs)
