@@ -185,8 +185,8 @@ class Upsample(nn.Module):
         y = conv(F.pad(x, (1, 1) * d), phase_kernels(w).to(x.dtype), None if bias is None else bias.to(x.dtype))
         y = y.unflatten(1, (*(2,) * d, w.shape[0]))  # B × 2 × 2 (× 2) × C_out × (n+1)…
         size = x.shape[2:]
-        fmt = torch.channels_last if d == 2 and x.is_contiguous(memory_format=torch.channels_last) and \
-            not x.is_contiguous() else torch.contiguous_format
+        last = torch.channels_last if d == 2 else torch.channels_last_3d  # keep the model's layout
+        fmt = last if x.is_contiguous(memory_format=last) and not x.is_contiguous() else torch.contiguous_format
         out = torch.empty((x.shape[0], w.shape[0], *(2 * n for n in size)), dtype=y.dtype, device=y.device,
                           memory_format=fmt)
         for phase in itertools.product((0, 1), repeat=d):
