@@ -146,14 +146,15 @@ def test_batched_encode_equals_one_by_one_and_keeps_order():
     assert _passes(model, prepared, opts) == [[0, 2, 3], [1]]
     assert _passes(model, prepared, EncodeOptions(batch=2)) == [[0, 2], [1], [3]]
     assert _passes(model, prepared, EncodeOptions(batch=1)) == [[0], [1], [2], [3]]
-    # a budget that holds one 96² image per pass (the tiny model needs ~0.6 MB for one) splits the group
+    # a budget below what one 96² image needs (about 4 MB for the tiny model) gives one image per pass
     assert _passes(model, prepared, EncodeOptions(batch=8, tiles=TileSettings(max_memory_gb=1e-3))) == \
         [[0], [1], [2], [3]]
     batched = encode_prepared(model, prepared, opts)
     for im, lf in zip(imgs, batched):
         single = encode_image(model, im)
         assert lf.preprocessing.original_shape == single.preprocessing.original_shape
-        torch.testing.assert_close(lf.z, single.z, atol=1e-5, rtol=0)
+        # oneDNN picks other kernels for other batch sizes; random weights amplify the rounding (measured 6e-5)
+        torch.testing.assert_close(lf.z, single.z, atol=2e-4 * float(single.z.abs().max()), rtol=0)
 
 
 def test_images_that_need_tiles_are_not_batched():
