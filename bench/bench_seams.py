@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from medlatent import MedVAE  # noqa: E402
 from medlatent.engine.seams import seam_report  # noqa: E402
-from medlatent.engine.tiled import TiledAutoencoder, TileSettings  # noqa: E402
+from medlatent.engine.tiled import TiledAutoencoder, TileSettings, norm_options  # noqa: E402
 
 
 def real_image(size: int) -> torch.Tensor:
@@ -62,9 +62,7 @@ def main() -> int:
         z = model.encode(x).mean
         y = model.decode(z)
         for tile, norm in ((t, n) for t in args.tiles for n in args.norms):
-            kind, _, passes = norm.partition(":")
-            runner = TiledAutoencoder(model, TileSettings(tile=tile, norm=kind,
-                                                          **({"norm_passes": int(passes)} if passes else {})))
+            runner = TiledAutoencoder(model, TileSettings(tile=tile, **norm_options(norm)))
             t, ov = runner.tile_and_overlap("encode")
             t0 = time.perf_counter()
             zt = runner.encode(x)

@@ -133,7 +133,7 @@ def test_nifti_mri_defaults_to_minmax():
 
 def test_batched_encode_equals_one_by_one_and_keeps_order():
     """Equal-shaped images share a forward pass; a differently shaped one gets its own; results keep input order."""
-    from medlatent.engine.tiled import TileSettings
+    from medlatent.engine.tiled import TiledAutoencoder, TileSettings
     from medlatent.pipeline import EncodeOptions, _passes, encode_prepared, prepare
 
     model = tiny(2)
@@ -143,12 +143,12 @@ def test_batched_encode_equals_one_by_one_and_keeps_order():
     imgs.insert(1, mr)
     opts = EncodeOptions(batch=8)
     prepared = [prepare(model, im, opts) for im in imgs]
-    assert _passes(model, prepared, opts) == [[0, 2, 3], [1]]
-    assert _passes(model, prepared, EncodeOptions(batch=2)) == [[0, 2], [1], [3]]
-    assert _passes(model, prepared, EncodeOptions(batch=1)) == [[0], [1], [2], [3]]
+    engine = TiledAutoencoder(model)
+    assert _passes(engine, prepared, 8) == [[0, 2, 3], [1]]
+    assert _passes(engine, prepared, 2) == [[0, 2], [1], [3]]
+    assert _passes(engine, prepared, 1) == [[0], [1], [2], [3]]
     # a budget below what one 96² image needs (about 4 MB for the tiny model) gives one image per pass
-    assert _passes(model, prepared, EncodeOptions(batch=8, tiles=TileSettings(max_memory_gb=1e-3))) == \
-        [[0], [1], [2], [3]]
+    assert _passes(TiledAutoencoder(model, TileSettings(max_memory_gb=1e-3)), prepared, 8) == [[0], [1], [2], [3]]
     batched = encode_prepared(model, prepared, opts)
     for im, lf in zip(imgs, batched):
         single = encode_image(model, im)

@@ -124,7 +124,7 @@ def test_image_norm_gives_each_tile_the_whole_image_statistics():
     with attached(gn, norm):
         norm.start_pass(record=True)
         for t in tiles:
-            norm.cores = [norm.core_of[t]]
+            norm.set_batch([t])
             gn(x[(slice(None), slice(None), *t.slices())])
         norm.start_pass(record=False)
         for t in tiles:

@@ -44,12 +44,11 @@ def _load(model: str, checkpoint: Optional[Path], random_weights: bool = False):
 
 def _tiles(tile: Optional[int], overlap: Optional[int], max_memory: Optional[float], tile_batch: int,
            norm: str = "tile"):
-    from medlatent.engine.tiled import TileSettings
+    from medlatent.engine.tiled import TileSettings, norm_options
 
-    kind, _, passes = norm.partition(":")
     try:
-        return TileSettings(tile=tile, overlap=overlap, max_memory_gb=max_memory, batch_size=tile_batch, norm=kind,
-                            **({"norm_passes": int(passes)} if passes else {}))
+        return TileSettings(tile=tile, overlap=overlap, max_memory_gb=max_memory, batch_size=tile_batch,
+                            **norm_options(norm))
     except ValueError as e:
         _fail(f"--norm {norm}: {e} (use tile, image or image:PASSES)")
 

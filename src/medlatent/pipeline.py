@@ -82,16 +82,15 @@ def _to_device(x: np.ndarray, dev: torch.device) -> torch.Tensor:
     return xt.to(dev)
 
 
-def _passes(model: MedVAE, items: list[Prepared], opts: EncodeOptions) -> list[list[int]]:
+def _passes(engine: TiledAutoencoder, items: list[Prepared], batch: int) -> list[list[int]]:
     """Indices of ``items`` grouped into forward passes: equal-shaped images that each fit one tile share a
-    pass, as many as the memory budget and ``opts.batch`` allow; any other image has a pass of its own."""
-    engine = TiledAutoencoder(model, opts.tiles)
+    pass, as many as the memory budget and ``batch`` allow; any other image has a pass of its own."""
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, it in enumerate(items):
         by_shape.setdefault(tuple(it.x.shape), []).append(i)
     passes = []
     for shape, idx in by_shape.items():
-        n = min(opts.batch, engine.images_per_pass(shape[1:], "encode")) if opts.batch > 1 else 1
+        n = min(batch, engine.images_per_pass(shape[1:], "encode")) if batch > 1 else 1
         n = max(1, n)
         passes += [idx[k : k + n] for k in range(0, len(idx), n)]
     return sorted(passes)
@@ -109,7 +108,7 @@ def encode_prepared(model: MedVAE, items: list[Prepared], opts: EncodeOptions | 
     engine = TiledAutoencoder(model, opts.tiles)
     want_stage2 = (opts.stage2 if opts.stage2 is not None else model.spatial_dims == 2) and model.config.stage2_head
     out: list[LatentFile | None] = [None] * len(items)
-    for idx in _passes(model, items, opts):
+    for idx in _passes(engine, items, opts.batch):
         xt = _to_device(np.stack([items[i].x for i in idx]), dev)
         with _autocast(model, opts.precision):
             z = (model.encode(xt).mean if len(idx) > 1 else engine.encode(xt)).to(xt.dtype)

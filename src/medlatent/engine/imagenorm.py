@@ -51,9 +51,13 @@ class ImageNorm:
     def __init__(self, core_of: dict[Tile, Fractions]) -> None:
         self.core_of = core_of  # each tile's core (see core_fractions)
         self.fixed: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}  # layer → (scale, shift) per channel
-        self.sums: dict[nn.Module, list] = {}  # layer → [Σx per channel, Σx² per channel, values per channel]
+        self.sums: dict[nn.Module, list] = {}  # layer → [Σx per channel, Σx² per channel, voxels summed]
         self.record = False
         self.cores: list[Fractions] = []  # of the tiles in the current batch
+
+    def set_batch(self, tiles: list[Tile]) -> None:
+        """The tiles of the next forward pass, in batch order."""
+        self.cores = [self.core_of[t] for t in tiles]
 
     def start_pass(self, record: bool) -> float:
         """Normalise with the totals of the previous pass (if any); record anew if ``record``.
@@ -63,10 +67,9 @@ class ImageNorm:
         """
         drift = float("inf") if not self.fixed else 0.0
         for gn, (s1, s2, n) in self.sums.items():
-            g = gn.num_groups
-            mean = s1.view(g, -1).sum(1) / n.view(g, -1).sum(1)
-            var = (s2.view(g, -1).sum(1) / n.view(g, -1).sum(1) - mean**2).clamp_min(0)
-            per = gn.num_channels // g
+            g, per = gn.num_groups, gn.num_channels // gn.num_groups
+            mean = s1.view(g, -1).sum(1) / (n * per)
+            var = (s2.view(g, -1).sum(1) / (n * per) - mean**2).clamp_min(0)
             inv = torch.rsqrt(var + gn.eps).repeat_interleave(per)
             scale = gn.weight.detach().double() * inv
             if gn in self.fixed:
@@ -91,7 +94,7 @@ class ImageNorm:
     def _add(self, gn: GroupNorm32, xf: torch.Tensor) -> None:
         spatial = xf.shape[2:]
         dims = tuple(range(1, xf.ndim - 1))
-        acc = self.sums.setdefault(gn, [0.0, 0.0, 0.0])
+        acc = self.sums.setdefault(gn, [0.0, 0.0, 0])
         for b, fr in enumerate(self.cores):
             box = tuple(slice(round(f0 * n), round(f1 * n)) for (f0, f1), n in zip(fr, spatial))
             core = xf[(b, slice(None), *box)]
@@ -100,7 +103,7 @@ class ImageNorm:
                 continue
             acc[0] = acc[0] + core.sum(dims).double()
             acc[1] = acc[1] + core.square().sum(dims).double()
-            acc[2] = acc[2] + torch.full((xf.shape[1],), float(count), dtype=torch.float64, device=xf.device)
+            acc[2] += count
 
 
 @contextmanager

@@ -12,6 +12,7 @@ blended in image space. Memory is bounded by the tile (and the output buffer), n
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -59,6 +60,15 @@ class TileSettings:
             raise ValueError(f"norm must be 'tile' or 'image', got {self.norm!r}")
         if self.norm_passes < 1:
             raise ValueError(f"norm_passes must be ≥ 1, got {self.norm_passes}")
+
+
+def norm_options(spec: str) -> dict:
+    """``TileSettings`` fields for a ``--norm`` value: ``tile``, ``image`` or ``image:PASSES``."""
+    kind, _, passes = spec.partition(":")
+    try:
+        return {"norm": kind, **({"norm_passes": int(passes)} if passes else {})}
+    except ValueError:
+        raise ValueError(f"norm passes must be an integer, got {passes!r}") from None
 
 
 def default_budget_gb(device: torch.device) -> float:
@@ -126,9 +136,7 @@ class TiledAutoencoder:
         if any(n > tile for n in shape):
             return 0
         budget = (self.settings.max_memory_gb or default_budget_gb(self._device())) * 2**30
-        voxels = 1
-        for n in shape:
-            voxels *= n * (self.s if op == "decode" else 1)
+        voxels = math.prod(shape) * (self.s ** len(shape) if op == "decode" else 1)
         return max(1, int(budget // (self._bytes_per_voxel(op, dtype) * voxels)))
 
     def _device(self) -> torch.device:
@@ -160,7 +168,7 @@ class TiledAutoencoder:
             for _ in range(self.settings.norm_passes if norm else 0):  # statistics passes
                 norm.start_pass(record=True)
                 for batch in self._batches(tiles):
-                    norm.cores = [norm.core_of[t] for t in batch]
+                    norm.set_batch(batch)
                     fn(crop(batch))
             if norm:
                 drift = norm.start_pass(record=False)
