@@ -85,6 +85,10 @@ def build_model(cfg: TrainConfig) -> tuple[MedVAE, list[nn.Parameter]]:
         model = MedVAE(arch)
         if m.zero_init_residual:
             zero_init_residual(model)
+    elif m.init == "codec":
+        from medlatent.training.codec_init import codec_from_data
+
+        model = codec_from_data(arch, cfg.data, seed=cfg.train.seed)
     else:
         model = _load(m.name if m.init == "pretrained" else m.init)
         if model.config != arch:

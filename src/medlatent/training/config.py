@@ -33,7 +33,9 @@ class ModelSection:
         name: registry member whose architecture is used (``medlatent models``), or None with ``arch``.
         arch: architecture overrides on top of ``name`` (or a full ``MedVAEConfig`` dict when name is None),
             e.g. ``{ch: 64}`` for a small member.
-        init: ``random``; ``pretrained`` (the member's released weights); a path to a medlatent directory or
+        init: ``random``; ``codec`` (an interpolation codec fitted to the training images, which training then
+            refines: :mod:`medlatent.training.codec_init`); ``pretrained`` (the member's released weights); a path
+            to a medlatent directory or
             checkpoint; or ``natural:PATH`` — a natural-image KL-VAE (LDM or diffusers) to adapt with LoRA.
         lora_rank: >0 trains only rank-r LoRA adapters on the ResnetBlock/attention convs (official: 4).
         inflate_from: stage 2-3D only: the 2D model (name or path) whose kernels are inflated to 3D.
