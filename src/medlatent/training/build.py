@@ -36,7 +36,7 @@ def architecture(cfg: TrainConfig) -> MedVAEConfig:
 def _load(source: str) -> MedVAE:
     try:
         return load_pretrained(source)
-    except Exception as e:  # noqa: BLE001 - re-raised with the config key that named it
+    except Exception as e:
         raise ConfigError(f"cannot load {source!r}: {e}") from e
 
 

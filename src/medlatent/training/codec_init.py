@@ -76,7 +76,7 @@ class LinearPath:
     history: list[float] = field(default_factory=list)
 
     @classmethod
-    def interpolation(cls, spatial_dims: int, levels: int) -> "LinearPath":
+    def interpolation(cls, spatial_dims: int, levels: int) -> LinearPath:
         """Box averaging down, bilinear (trilinear) up: the starting point of the fit."""
         d = spatial_dims
         box = torch.zeros((3,) * d)
