@@ -24,9 +24,9 @@ def real_image(size: int = 32) -> torch.Tensor:
     return a[:size, :size][None, None].contiguous()
 
 
-def perturbed_path(d: int, levels: int, seed: int = 0) -> LinearPath:
+def perturbed_path(d: int, levels: int, maps: int = 3, latent: int = 3, seed: int = 0) -> LinearPath:
     g = torch.Generator().manual_seed(seed)
-    path = LinearPath.interpolation(d, levels)
+    path = LinearPath.interpolation(d, levels, maps, latent)
     for k in path.parameters():
         k.add_(0.05 * torch.randn(k.shape, generator=g))
     return path
@@ -44,11 +44,10 @@ def test_network_runs_the_linear_path_exactly(d: int):
     with torch.no_grad():
         post = model.encode(x)
         z = post.mean
-        # latent channel 0 is the linear path's latent; the decoder's output is its decode, whatever the
-        # other (randomly initialised) latent channels hold
-        assert (z[:, :1] - path.encode(x)).abs().max() < 2e-4
+        # z is the linear path's latent (three distinct maps), the decoder's output is its decode
+        assert (z - path.encode(x)).abs().max() < 2e-4
         assert (model.decode(z) - path.decode(path.encode(x))).abs().max() < 2e-4
-        assert z[:, 1:].abs().mean() > 1e-3  # the other channels carry random features, not zeros
+        assert (z[:, 1:] - z[:, :1]).abs().mean() > 1e-3
         assert torch.allclose(post.logvar, torch.full_like(post.logvar, -14.0))
 
 
@@ -80,14 +79,15 @@ def test_fit_beats_its_interpolation_start_and_needs_wide_enough_groups():
         while True:
             yield torch.cat(flips)
 
-    start = LinearPath.interpolation(2, 1)
+    start = LinearPath.interpolation(2, 1, maps=2, latent=2)
     before = F.mse_loss(start.decode(start.encode(x)), x).item()
-    path = fit_linear_path(batches(), 2, 1, steps=60)
+    path = fit_linear_path(batches(), 2, 1, maps=2, latent=2, steps=60)
     after = F.mse_loss(path.decode(path.encode(x)), x).item()
     assert after < 0.8 * before
     assert path.history[-1] < path.history[0]
     with pytest.raises(ValueError, match="channels per GroupNorm group"):
-        init_as_codec(MedVAE(tiny_config(2)), path)  # 32 groups of one channel: no room for the constants
+        # 32 groups of one channel: no room for the constants
+        init_as_codec(MedVAE(tiny_config(2, z_channels=2, embed_dim=2)), path)
 
 
 def test_training_config_builds_a_codec_model(tmp_path: Path):

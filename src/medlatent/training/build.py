@@ -61,7 +61,7 @@ def zero_init_residual(model: MedVAE) -> None:
             last.bias.zero_()
 
 
-def build_model(cfg: TrainConfig) -> tuple[MedVAE, list[nn.Parameter]]:
+def build_model(cfg: TrainConfig, weights_follow: bool = False) -> tuple[MedVAE, list[nn.Parameter]]:
     """The model and the parameters the stage trains.
 
     * stage 1 — every autoencoder weight, or only the LoRA adapters when ``model.lora_rank > 0``;
@@ -88,7 +88,8 @@ def build_model(cfg: TrainConfig) -> tuple[MedVAE, list[nn.Parameter]]:
     elif m.init == "codec":
         from medlatent.training.codec_init import codec_from_data
 
-        model = codec_from_data(arch, cfg.data, seed=cfg.train.seed)
+        # ``weights_follow``: a checkpoint overwrites the weights next (a resumed run), so skip the fit
+        model = MedVAE(arch) if weights_follow else codec_from_data(arch, cfg.data, seed=cfg.train.seed)
     else:
         model = _load(m.name if m.init == "pretrained" else m.init)
         if model.config != arch:

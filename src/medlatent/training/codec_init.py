@@ -17,10 +17,10 @@ crosses them almost linearly:
 
 * GroupNorm: the pair shares its group with constant channels ``±K`` (the biases of the last residual conv
   before the norm). The group mean is then exactly zero and the variance ``(2·E[s²] + n·K²)/g`` is dominated by
-  ``K²``, so the norm divides the pair by a near-constant (relative error ``E[s²]/(n·K²)``, below 1e-4 here).
-* swish: the norm's affine shift moves the pair to ``±s + B`` with ``B = 12``, where ``swish(u) = u·sigmoid(u)``
-  is the identity to 1e-4. The next convolution reads the two channels with weights ``+½`` and ``−½``, so ``B``
-  cancels, in the zero padding at the borders as well.
+  ``K²``, so the norm divides the pair by a near-constant (relative error ``E[s²]/(n·K²)``, below 1e-6 here).
+* swish: ``swish(s) − swish(−s) = s·(sigmoid(s) + sigmoid(−s)) = s`` exactly, so the next convolution reads the
+  two channels with weights ``+1`` and ``−1``. The pair stays at the image's scale, so Adam's steps on the
+  weights that read it do not turn into large output offsets.
 
 Used by ``model.init: codec`` in training configs (``data`` gives the fitting images).
 """
@@ -37,11 +37,9 @@ from torch import nn
 from medlatent.model.autoencoder import MedVAE
 
 #: constant channels that share the GroupNorm group of the image pair
-NORM_CONSTANT = 100.0
-#: shift of the pair into swish's linear regime
-SWISH_SHIFT = 12.0
-#: Adam steps of the least-squares fit (about a minute for 2D 128² crops on a CPU)
-FIT_STEPS = 300
+NORM_CONSTANT = 1000.0
+#: Adam steps of the least-squares fit (2–3 minutes for 2D crops of 128² on a 2-core CPU)
+FIT_STEPS = 1000
 
 
 def _delta(d: int) -> torch.Tensor:
@@ -60,40 +58,57 @@ def _outer(taps: list[float], d: int) -> torch.Tensor:
 
 @dataclass
 class LinearPath:
-    """The single-channel kernels of the main path (each ``3×3`` or ``3×3×3``).
+    """The kernels of the linear main path, ``out × in × 3×3(×3)`` each.
 
-    ``down[i]`` follows the asymmetric (0, 1) padding of :class:`~medlatent.model.layers.Downsample`; ``up[i]``
-    follows ×2 nearest upsampling (decoder order: lowest resolution first).
+    ``M`` linear feature maps travel through the encoder's levels; the latent holds ``C`` linear maps; the
+    decoder carries ``M`` maps up to its last upsampling, which makes the one output map. ``down[i]`` follows the
+    asymmetric (0, 1) padding of :class:`~medlatent.model.layers.Downsample`; ``up[i]`` follows ×2 nearest
+    upsampling (decoder order: lowest resolution first).
     """
 
     spatial_dims: int
-    enc_in: torch.Tensor
-    down: list[torch.Tensor]
-    enc_out: torch.Tensor
-    dec_in: torch.Tensor
-    up: list[torch.Tensor]
-    dec_out: torch.Tensor
+    enc_in: torch.Tensor  # M × 1
+    down: list[torch.Tensor]  # M × M each
+    enc_out: torch.Tensor  # C × M
+    dec_in: torch.Tensor  # M × C
+    up: list[torch.Tensor]  # M × M each, the last 1 × M
+    dec_out: torch.Tensor  # 1 × 1
     history: list[float] = field(default_factory=list)
 
+    @property
+    def maps(self) -> int:
+        return self.enc_in.shape[0]
+
     @classmethod
-    def interpolation(cls, spatial_dims: int, levels: int) -> LinearPath:
-        """Box averaging down, bilinear (trilinear) up: the starting point of the fit."""
-        d = spatial_dims
+    def interpolation(cls, spatial_dims: int, levels: int, maps: int = 1, latent: int = 1,
+                      noise: float = 0.01, seed: int = 0) -> LinearPath:
+        """Box averaging down and bilinear (trilinear) up on the first map; the others start as small random
+        mixtures (``noise``) so that the fit can put them to use. The starting point of :func:`fit_linear_path`."""
+        d, m = spatial_dims, maps
+        g = torch.Generator().manual_seed(seed)
         box = torch.zeros((3,) * d)
         box[(slice(0, 2),) * d] = 0.5**d
         lin = _outer([0.25, 0.5, 0.25], d)  # after nearest ×2: taps (¼, ¾) per phase and axis, i.e. bilinear
-        return cls(d, _delta(d), [box.clone() for _ in range(levels)], _delta(d), _delta(d),
-                   [lin.clone() for _ in range(levels)], _delta(d))
+
+        def k(out: int, inp: int, base: torch.Tensor) -> torch.Tensor:
+            w = noise * torch.randn((out, inp, *(3,) * d), generator=g)
+            for i in range(min(out, inp)):
+                w[i, i] += base
+            return w
+
+        up = [k(m, m, lin) for _ in range(levels - 1)] + [k(1, m, lin)] if levels else []
+        return cls(d, k(m, 1, _delta(d)), [k(m, m, box) for _ in range(levels)], k(latent, m, _delta(d)),
+                   k(m, latent, _delta(d)), up, k(1, 1, _delta(d)))
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.enc_in, *self.down, self.enc_out, self.dec_in, *self.up, self.dec_out]
 
     def _conv(self, x: torch.Tensor, k: torch.Tensor, stride: int = 1, padding: int = 1) -> torch.Tensor:
         conv = F.conv2d if self.spatial_dims == 2 else F.conv3d
-        return conv(x, k[None, None], stride=stride, padding=padding)
+        return conv(x, k, stride=stride, padding=padding)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """``B×1×…`` image → ``B×1×…/2**levels`` (what latent channel 0 holds at initialisation)."""
+        """``B×1×…`` image → ``B×C×…/2**levels``: the latent ``z`` of the initialised network."""
         h = self._conv(x, self.enc_in)
         for k in self.down:
             h = self._conv(F.pad(h, (0, 1) * self.spatial_dims), k, stride=2, padding=0)
@@ -106,14 +121,17 @@ class LinearPath:
         return self._conv(h, self.dec_out)
 
 
-def fit_linear_path(batches, spatial_dims: int, levels: int, steps: int = 300, lr: float = 2e-3) -> LinearPath:
-    """Least-squares fit of the main-path kernels: minimise ``‖decode(encode(x)) − x‖²`` with Adam.
+def fit_linear_path(batches, spatial_dims: int, levels: int, *, maps: int = 1, latent: int = 1,
+                    steps: int = 300, lr: float = 1e-2) -> LinearPath:
+    """Least-squares fit of the main-path kernels: minimise ``‖decode(encode(x)) − x‖²`` with Adam (cosine
+    learning-rate decay).
 
     Args:
         batches: an iterator of ``B×C×…`` image batches in [-1, 1] (channels are averaged to one).
         levels: downsampling steps (``len(ch_mult) − 1``).
+        maps, latent: linear feature maps inside the network (``M``) and in the latent (``C``).
     """
-    path = LinearPath.interpolation(spatial_dims, levels)
+    path = LinearPath.interpolation(spatial_dims, levels, maps, latent)
     params = path.parameters()
     for p in params:
         p.requires_grad_(True)
@@ -133,71 +151,74 @@ def fit_linear_path(batches, spatial_dims: int, levels: int, steps: int = 300, l
     return path
 
 
-def _group_size(channels: int, groups: int, where: str) -> int:
+def _group_size(channels: int, groups: int, pairs: int, where: str) -> int:
     g = channels // groups
-    if g < 4 or g % 2:
-        raise ValueError(f"codec initialisation needs an even number (≥ 4) of channels per GroupNorm group at the "
-                         f"{where}; it has {channels} channels in {groups} groups")
+    if g < 2 * pairs + 2 or g % 2:
+        raise ValueError(f"codec initialisation needs an even number of channels per GroupNorm group, at least "
+                         f"{2 * pairs + 2}, at the {where} ({pairs} linear map(s) and their negatives, plus constants); "
+                         f"it has {channels} channels in {groups} groups")
     return g
 
 
 @torch.no_grad()
-def _route(conv: nn.Module, kernel: torch.Tensor | None, source: str = "pair", reserved: range = range(0)) -> None:
-    """Make ``conv`` carry the pair: outputs 0/1 = ``±kernel`` applied to inputs 0/1 (``source="pair"``), to the
-    mean of all inputs (``"mean"``: the image's channels) or to input 0 (``"first"``: latent channel 0). Nothing
-    else flows into the pair; ``reserved`` outputs start at zero. The other outputs keep their random
-    initialisation (features of the image, pair included)."""
+def _route(conv: nn.Module, kernel: torch.Tensor | None, source: str = "pairs", reserved: range = range(0),
+           maps: int = 1) -> None:
+    """Make ``conv`` carry the linear maps as pairs: output ``o`` = ``kernel[o]`` applied to the input maps and
+    output ``M + o`` its negative, where the input maps are the pairs' positive halves (``source="pairs"``), the
+    mean of all input channels (``"image"``) or the first input channels (``"latent"``). ``kernel=None`` is the
+    identity on ``maps`` maps (1×1 shortcuts). Nothing else flows into the pairs; ``reserved`` outputs start at
+    zero; the other outputs keep their random initialisation (features of the image)."""
     w, b = conv.weight, conv.bias
-    w[:2] = 0
-    b[:2] = 0
+    if kernel is None:
+        kernel = torch.zeros((maps, maps, *w.shape[2:]))
+        kernel[range(maps), range(maps)] = 1.0
+    kernel = kernel.to(w.dtype)
+    mo, mi = kernel.shape[:2]
+    w[:2 * mo] = 0
+    b[:2 * mo] = 0
     w[reserved.start:reserved.stop] = 0
     b[reserved.start:reserved.stop] = 0
-    if kernel is None:  # 1×1 shortcut: identity on the pair
-        kernel = torch.ones((1,) * (w.ndim - 2))
-    kernel = kernel.to(w.dtype).reshape(w.shape[2:])
-    if source == "pair":
-        w[0, 0] = kernel
-        w[1, 1] = kernel
-    elif source == "first":
-        w[0, 0] = kernel
-        w[1, 0] = -kernel
-    else:
+    if source == "image":
         n = w.shape[1]
-        w[0, :] = kernel / n
-        w[1, :] = -kernel / n
+        w[:mo] = kernel[:, :1] / n
+        w[mo:2 * mo] = -kernel[:, :1] / n
+    else:
+        w[:mo, :mi] = kernel
+        w[mo:2 * mo, :mi] = -kernel if source == "latent" else 0
+        if source == "pairs":
+            w[mo:2 * mo, mi:2 * mi] = kernel
 
 
 @torch.no_grad()
-def _norm_pass(norm: nn.GroupNorm, last_conv: nn.Module, g: int) -> None:
-    """Constants ±K in channels 2…g−1 (bias of ``last_conv``), and the norm's affine map that sends the pair to
-    ``±s + B``."""
-    n = g - 2
-    signs = torch.tensor([1.0, -1.0] * (n // 2))
-    last_conv.bias[2:g] = NORM_CONSTANT * signs
-    sigma = NORM_CONSTANT * (n / g) ** 0.5  # the group's standard deviation for s = 0
-    norm.weight[:2] = sigma
-    norm.bias[:2] = SWISH_SHIFT
-    norm.weight[2:g] = 1.0
-    norm.bias[2:g] = 0.0
+def _norm_pass(norm: nn.GroupNorm, last_conv: nn.Module, g: int, maps: int) -> None:
+    """Constants ±K in channels 2M…g−1 (bias of ``last_conv``), and the norm's scale that gives the pairs back
+    their own values."""
+    n = g - 2 * maps
+    last_conv.bias[2 * maps:g] = NORM_CONSTANT * torch.tensor([1.0, -1.0] * (n // 2))
+    norm.weight[:2 * maps] = NORM_CONSTANT * (n / g) ** 0.5  # the group's standard deviation for s = 0
+    norm.bias[:2 * maps] = 0.0
+    norm.weight[2 * maps:g] = 1.0
+    norm.bias[2 * maps:g] = 0.0
 
 
 @torch.no_grad()
-def _read_pair(conv: nn.Module, kernel: torch.Tensor, rows: range, g: int) -> None:
-    """``conv`` reads the shifted pair as ``½·k*(s + B) − ½·k*(−s + B) = k*s`` into ``rows``; the constant
-    channels are read by nothing."""
+def _read_pairs(conv: nn.Module, kernel: torch.Tensor, g: int) -> None:
+    """``conv`` reads the pairs after swish as ``k*swish(s) − k*swish(−s) = k*s`` into its first outputs (one per
+    kernel row); nothing reads the constant channels."""
     w, b = conv.weight, conv.bias
+    k = kernel.to(w.dtype)
+    mo, mi = k.shape[:2]
     w[:, :g] = 0
-    k = kernel.to(w.dtype).reshape(w.shape[2:])
-    for r in rows:
-        w[r] = 0
-        w[r, 0] = 0.5 * k
-        w[r, 1] = -0.5 * k
-        b[r] = 0
+    w[:mo] = 0
+    b[:mo] = 0
+    w[:mo, :mi] = k
+    w[:mo, mi:2 * mi] = -k
 
 
 @torch.no_grad()
 def init_as_codec(model: MedVAE, path: LinearPath, logvar: float = -14.0) -> MedVAE:
-    """Set ``model``'s weights so that it runs ``path`` on latent channel 0 (see the module docstring).
+    """Set ``model``'s weights so that it runs ``path`` (see the module docstring): ``z`` (the posterior mean)
+    is ``path.encode(x)`` and the decoder returns ``path.decode(z)``.
 
     Weights off the main path keep their random initialisation; residual branches and attention blocks start as
     the identity. ``logvar`` is the posterior's initial log-variance (small: training samples the posterior).
@@ -205,55 +226,64 @@ def init_as_codec(model: MedVAE, path: LinearPath, logvar: float = -14.0) -> Med
     from medlatent.training.build import zero_init_residual
 
     cfg = model.config
-    if cfg.spatial_dims != path.spatial_dims or len(cfg.ch_mult) - 1 != len(path.down):
-        raise ValueError(f"linear path for {path.spatial_dims}D with {len(path.down)} levels does not fit the model "
-                         f"({cfg.spatial_dims}D, ch_mult {cfg.ch_mult})")
+    m, levels = path.maps, len(cfg.ch_mult) - 1
+    if (cfg.spatial_dims, levels, cfg.z_channels, cfg.embed_dim) != (path.spatial_dims, len(path.down),
+                                                                       path.enc_out.shape[0], path.enc_out.shape[0]):
+        raise ValueError(f"a linear path for {path.spatial_dims}D, {len(path.down)} levels and "
+                         f"{path.enc_out.shape[0]} latent channels does not fit the model ({cfg.spatial_dims}D, "
+                         f"ch_mult {cfg.ch_mult}, z_channels {cfg.z_channels}, embed_dim {cfg.embed_dim})")
     enc, dec = model.encoder, model.decoder
-    top = cfg.ch * cfg.ch_mult[-1]
-    bottom = cfg.ch * cfg.ch_mult[0]
-    ge = _group_size(top, cfg.norm_groups, "encoder output")
-    gd = _group_size(bottom, cfg.norm_groups, "decoder output")
+    widths = [cfg.ch * k for k in cfg.ch_mult]
+    top, bottom = widths[-1], widths[0]
+    ge = _group_size(top, cfg.norm_groups, m, "encoder output")
+    gd = _group_size(bottom, cfg.norm_groups, 1, "decoder output")
+    if 2 * m > bottom:
+        raise ValueError(f"{m} linear maps need {2 * m} channels; the first level has {bottom}")
     zero_init_residual(model)
 
-    # encoder: conv_in, per level its shortcuts and downsampler, then the constants before norm_out
-    _route(enc.conv_in, path.enc_in, "mean", reserved=range(2, ge) if cfg.ch == top else range(0))
+    # encoder: conv_in, per level its shortcuts and downsampler; the constants and norm_out; conv_out
+    def enc_keep(width: int) -> range:
+        return range(2 * m, ge) if width == top else range(0)
+
+    _route(enc.conv_in, path.enc_in, "image", reserved=enc_keep(bottom))
     for level, stage in enumerate(enc.down):
-        width = cfg.ch * cfg.ch_mult[level]
-        keep = range(2, ge) if width == top else range(0)
         for block in stage.block:
             if hasattr(block, "nin_shortcut"):
-                _route(block.nin_shortcut, None, reserved=keep)
+                _route(block.nin_shortcut, None, reserved=enc_keep(widths[level]), maps=m)
         if hasattr(stage, "downsample"):  # keeps the level's width
-            _route(stage.downsample.conv, path.down[level], reserved=keep)
-    _norm_pass(enc.norm_out, enc.mid.block_2.conv2, ge)
+            _route(stage.downsample.conv, path.down[level], reserved=enc_keep(widths[level]))
+    _norm_pass(enc.norm_out, enc.mid.block_2.conv2, ge, m)
     c = cfg.z_channels
-    enc.conv_out.weight[:, :ge] = 0
-    enc.conv_out.weight[c:] = 0
+    enc.conv_out.weight[c:] = 0  # log-variance: constant
     enc.conv_out.bias[c:] = logvar
-    _read_pair(enc.conv_out, path.enc_out, range(1), ge)
+    _read_pairs(enc.conv_out, path.enc_out, ge)
     for q in (model.quant_conv, model.post_quant_conv):
         q.weight.zero_()
         q.bias.zero_()
         n = min(q.weight.shape[:2])
         q.weight[range(n), range(n)] = 1.0
 
-    # decoder: conv_in reads latent channel 0 into the pair; upsamplers and shortcuts carry it
-    keep_dec = range(2, gd)
-    _route(dec.conv_in, path.dec_in, "first", reserved=keep_dec if top == bottom else range(0))
+    # decoder: conv_in reads the latent into M pairs; the last upsampler makes the one output pair
+    def dec_keep(width: int, pairs: int) -> range:
+        return range(2 * pairs, gd) if width == bottom else range(0)
+
+    _route(dec.conv_in, path.dec_in, "latent", reserved=dec_keep(top, m))
     for level in reversed(range(len(cfg.ch_mult))):
         stage = dec.up[level]
-        keep = keep_dec if cfg.ch * cfg.ch_mult[level] == bottom else range(0)
+        pairs = 1 if level == 0 else m  # level 0 comes after the last upsampling
         for block in stage.block:
             if hasattr(block, "nin_shortcut"):
-                _route(block.nin_shortcut, None, reserved=keep)
-        if hasattr(stage, "upsample"):  # keeps the level's width
-            _route(stage.upsample.conv, path.up[len(cfg.ch_mult) - 1 - level], reserved=keep)
-    _norm_pass(dec.norm_out, dec.up[0].block[-1].conv2, gd)
-    _read_pair(dec.conv_out, path.dec_out, range(cfg.out_channels), gd)
+                _route(block.nin_shortcut, None, reserved=dec_keep(widths[level], pairs), maps=pairs)
+        if hasattr(stage, "upsample"):  # keeps the level's width; its output is at level − 1's resolution
+            k = path.up[levels - level]
+            _route(stage.upsample.conv, k, reserved=dec_keep(widths[level], k.shape[0]))
+    _norm_pass(dec.norm_out, dec.up[0].block[-1].conv2, gd, 1)
+    _read_pairs(dec.conv_out, path.dec_out.expand(cfg.out_channels, 1, *path.dec_out.shape[2:]), gd)
     return model
 
 
-def codec_from_data(arch, data, *, seed: int = 0, steps: int = FIT_STEPS, batch: int = 8) -> MedVAE:
+def codec_from_data(arch, data, *, seed: int = 0, steps: int = FIT_STEPS, batch: int = 8,
+                    maps: int | None = None) -> MedVAE:
     """A new model of architecture ``arch`` initialised as the codec fitted to the training views of ``data``
     (a :class:`~medlatent.training.data.DataConfig`; the same crops, flips and inversions training uses).
     Deterministic given ``seed``, so every rank of a distributed run builds the same weights."""
@@ -267,7 +297,9 @@ def codec_from_data(arch, data, *, seed: int = 0, steps: int = FIT_STEPS, batch:
             idx = torch.randint(len(ds), (batch,), generator=rng).tolist()
             yield torch.stack([ds[(i, 10_000 + n * batch + j)]["image"] for j, i in enumerate(idx)])
 
-    path = fit_linear_path(batches(), arch.spatial_dims, len(arch.ch_mult) - 1, steps=steps)
+    maps = maps or arch.z_channels
+    path = fit_linear_path(batches(), arch.spatial_dims, len(arch.ch_mult) - 1, maps=maps,
+                           latent=arch.z_channels, steps=steps)
     return init_as_codec(MedVAE(arch), path)
 
 

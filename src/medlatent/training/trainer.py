@@ -119,7 +119,9 @@ class Trainer:
         # identical initial weights on every rank; different posterior noise / dropout per rank
         torch.manual_seed(t.seed)
         np.random.seed(t.seed)
-        self.model, self.params = build_model(cfg)
+        # a run that resumes takes its weights from the checkpoint: no need to fit a codec initialisation first
+        resuming = t.resume == "auto" and bool(checkpoint_dirs(Path(t.output_dir))) or t.resume not in (None, "auto")
+        self.model, self.params = build_model(cfg, weights_follow=resuming)
         self.model.to(self.acc.device)
         if self.acc.device.type == "cpu":
             # channels-last speeds up CPU inference but makes oneDNN's conv backward ~2x slower
