@@ -1,19 +1,19 @@
 """Start a member of the family as an interpolation codec ("linear-path" initialisation).
 
-Before any training, the network built here stores a low-pass, downsampled copy of the image in latent channel 0
-and enlarges it again with learned linear filters. Every residual branch and attention block starts as the
-identity (last convolution zeroed), and the convolutions on the main path — ``conv_in``, the stride-2
-downsamplers, the 1×1 shortcuts, the upsampling convolutions, ``conv_out``, ``quant_conv``/``post_quant_conv`` —
-carry the image as a pair of channels ``(s, −s)``. Training then learns corrections on top of a codec that is
-already about as good as interpolation, instead of learning the identity map from noise; the other latent
-channels start as random features of the image and are free for detail.
+Before any training, the network built here is a linear codec: ``M`` linear feature maps of the image travel down
+the encoder's main path to the ``C`` latent channels, and the decoder's main path enlarges them back to the image.
+Every residual branch and attention block starts as the identity (last convolution zeroed); the convolutions on
+the main path — ``conv_in``, the stride-2 downsamplers, the 1×1 shortcuts, the upsampling convolutions,
+``conv_out``, ``quant_conv``/``post_quant_conv`` — carry each map as a pair of channels ``(s, −s)``; their other
+channels keep random weights (features for the residual branches). Training then learns corrections on top of a
+codec that is already close to interpolation quality, instead of learning the identity map from noise.
 
-The filters of that linear path are fitted first, by least squares on training images (:func:`fit_linear_path`):
-a single-channel copy of the main path (same padding, strides and nearest upsampling), so the full network
-reproduces it exactly.
+The kernels of that linear path are fitted first, by least squares on training images (:func:`fit_linear_path`):
+a copy of the main path with ``M`` channels (same padding, strides and nearest upsampling), which the full network
+then reproduces to float precision.
 
-Two non-linear layers sit on the main path, the last GroupNorm + swish of the encoder and of the decoder. The pair
-crosses them almost linearly:
+Two non-linear layers sit on the main path, the last GroupNorm + swish of the encoder and of the decoder. The pairs
+cross them linearly:
 
 * GroupNorm: the pair shares its group with constant channels ``±K`` (the biases of the last residual conv
   before the norm). The group mean is then exactly zero and the variance ``(2·E[s²] + n·K²)/g`` is dominated by
