@@ -109,3 +109,31 @@ def test_training_config_builds_a_codec_model(tmp_path: Path):
         rec = model.decode(model.encode(x).mean)
     # before any training step the model already reconstructs like a (fitted) interpolation codec
     assert F.mse_loss(rec, x).item() < 0.5 * F.mse_loss(torch.zeros_like(x), x).item()
+
+
+def test_warmup_ramps_the_learning_rate_linearly(tmp_path: Path):
+    pytest.importorskip("accelerate")
+    import csv
+
+    import yaml
+
+    from medlatent.training.config import load_config
+    from medlatent.training.trainer import Trainer
+
+    root = tmp_path / "images"
+    root.mkdir()
+    shutil.copy(sample_file("CT_small.dcm"), root / "ct.dcm")
+    raw = {"model": {"name": "medvae_4_1_2d", "arch": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,
+                                                       "z_channels": 1, "embed_dim": 1}},
+           "data": {"train": str(root), "size": 16, "mode": "random_crop"},
+           "loss": {"perceptual": "none", "disc_start": 10**9},
+           "optim": {"base_lr": 1e-3, "scale_lr": False, "warmup_steps": 4},
+           "train": {"output_dir": str(tmp_path / "run"), "max_steps": 6, "batch_size": 1, "log_every": 1,
+                     "ckpt_every": 1000}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    trainer = Trainer(load_config(str(tmp_path / "cfg.yaml")))
+    trainer.fit()
+    with (tmp_path / "run" / "log.csv").open() as fh:
+        lrs = [float(r["lr"]) for r in csv.DictReader(fh)]
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert trainer.opt.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)

@@ -58,6 +58,9 @@ class OptimSection:
     base_lr: float = 4.5e-6
     scale_lr: bool = True
     betas: tuple[float, float] = (0.5, 0.9)
+    #: linear learning-rate warm-up over the first steps (0: none, as the official recipe). Worth it when
+    #: fine-tuning a good starting point: Adam's first steps move every weight by the full learning rate.
+    warmup_steps: int = 0
     weight_decay: float = 0.0
     grad_clip: float | None = None
 
@@ -124,6 +127,8 @@ class TrainConfig:
         if self.model.lora_rank and self.loss.adaptive_disc_weight and t.stage != "stage2":
             raise ConfigError("the adaptive GAN weight needs the decoder's last layer to train, which LoRA freezes; "
                               "set loss.adaptive_disc_weight=false (the official LoRA recipe: weight 1.0)")
+        if self.optim.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be ≥ 0, got {self.optim.warmup_steps}")
         if self.optim.base_lr <= 0:
             raise ConfigError(f"optim.base_lr must be > 0, got {self.optim.base_lr}")
         return self

@@ -264,11 +264,12 @@ class Trainer:
             if budget < math.inf and self._over_budget(time.perf_counter() - t0 > budget):
                 stop = self.progress.step + 1  # one more step, then the end-of-run log, validation, checkpoint
             micro = [next(batches) for _ in range(t.grad_accum)]
+            lr = self._set_lr(self.progress.step + 1)
             logs = self._stage2_step(micro) if self.stage == "stage2" else self._stage1_step(micro)
             self.progress.step += 1
             s = self.progress.step
             if s % t.log_every == 0 or s == stop:
-                self._log({"step": s, "epoch": self.progress.epoch, "lr": self.lr,
+                self._log({"step": s, "epoch": self.progress.epoch, "lr": lr,
                            "seconds": round(time.perf_counter() - t0, 2), **logs})
             if self.val_ds is not None and (s % t.val_every == 0 or s == stop):
                 metrics = self.validate()
@@ -276,6 +277,15 @@ class Trainer:
                 self.save()
         self._barrier()
         return metrics
+
+    def _set_lr(self, step: int) -> float:
+        """The learning rate of optimiser step ``step`` (1-based): ``optim.warmup_steps`` of linear warm-up."""
+        warm = self.cfg.optim.warmup_steps
+        lr = self.lr * min(1.0, step / warm) if warm else self.lr
+        for opt in filter(None, (self.opt, self.opt_d)):
+            for group in opt.optimizer.param_groups:
+                group["lr"] = lr
+        return lr
 
     def _over_budget(self, local: bool) -> bool:
         """Every rank stops at the same step: the time budget is over when any rank says so."""
