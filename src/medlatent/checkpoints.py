@@ -202,6 +202,8 @@ def save_pretrained(model: MedVAE, directory: str | Path, name: str | None = Non
     meta = {"format": "medlatent", "format_version": FORMAT_VERSION, "medlatent_version": __version__,
             "model": name, "config": model.config.to_dict(),
             "source": {k: v for k, v in model.weights_info.items() if k != "model"}}
+    if model.max_tile:
+        meta["max_tile"] = model.max_tile
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_write(directory / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
@@ -223,6 +225,12 @@ def _load_directory(directory: Path, map_location: str | torch.device) -> MedVAE
     load_state_dict_strict(model, merge_lora(read_state_dict(weights, map_location)), str(weights))
     model.weights_info = {"model": meta.get("model") or directory.name, "file": str(weights),
                           "sha256": sha256_file(weights)}
+    tile = meta.get("max_tile")
+    if tile is not None and (not isinstance(tile, int) or tile < 2 * model.downsample_per_axis
+                             or tile % model.downsample_per_axis):
+        raise CheckpointError(f"{cfg_path}: max_tile must be a multiple of {model.downsample_per_axis} "
+                              f"(at least twice that), got {tile!r}")
+    model.max_tile = tile
     return model.eval()
 
 

@@ -154,6 +154,10 @@ class MedVAE(nn.Module):
             self.channel_proj = conv_nd(d, c, c, kernel_size=1)
         #: where the weights came from (model name, file, sha256); filled by the loaders.
         self.weights_info: dict[str, str] = {}
+        #: largest image-space tile edge the tiling engine picks by itself for this model (``max_tile`` in
+        #: ``config.json``; None: no limit). For members trained on small crops: their GroupNorm statistics over a
+        #: whole large image lie outside what they were trained on, while tiles of the training scale do not.
+        self.max_tile: int | None = None
         # Channels-last activations run the convolutions ~15-25% faster on CPU (oneDNN) and suit cuDNN;
         # weights in this layout make every conv produce it. Values are unchanged; state dicts are too.
         self.to(memory_format=torch.channels_last if d == 2 else torch.channels_last_3d)
