@@ -30,12 +30,11 @@ METHODS = INTERPOLATION[2]  # nearest, bilinear, bicubic
 @torch.inference_mode()
 def evaluate(heldout: Path, model_name: str, out: Path | None = None, max_tile: int | None = None) -> dict:
     from medlatent import MedVAE
+    from medlatent.engine.tiled import TiledAutoencoder
     from medlatent.io.discover import discover
     from medlatent.io.readers import read_image
     from medlatent.metrics import ms_ssim, psnr
     from medlatent.preprocessing import preprocess
-
-    from medlatent.engine.tiled import TiledAutoencoder
 
     model = MedVAE.from_pretrained(model_name).eval()
     if max_tile:
