@@ -62,14 +62,19 @@ def gather(out: Path) -> None:
         print(split, sorted(p.name for p in (out / split).iterdir()))
 
 
-def train(data: Path, run: Path, overrides: list[str]) -> None:
+def _config(data: Path, run: Path, overrides: list[str]):
+    """The preset with the gathered folders, the run directory and the command line's overrides."""
     from medlatent.training.config import load_config
+
+    return load_config("medlatent_small_4_4_2d-stage1",
+                       [f"data.train={data / 'train'}", f"data.val={data / 'heldout'}", f"train.output_dir={run}",
+                        *overrides])
+
+
+def train(data: Path, run: Path, overrides: list[str]) -> None:
     from medlatent.training.run import run as run_training
 
-    cfg = load_config("medlatent_small_4_4_2d-stage1",
-                      [f"data.train={data / 'train'}", f"data.val={data / 'heldout'}", f"train.output_dir={run}",
-                       *overrides])
-    print(json.dumps(run_training(cfg), indent=2))
+    print(json.dumps(run_training(_config(data, run, overrides)), indent=2))
 
 
 def init_codec(data: Path, run: Path, overrides: list[str]) -> Path:
@@ -79,10 +84,8 @@ def init_codec(data: Path, run: Path, overrides: list[str]) -> Path:
 
     from medlatent.training.build import architecture
     from medlatent.training.codec_init import codec_from_data
-    from medlatent.training.config import load_config
 
-    cfg = load_config("medlatent_small_4_4_2d-stage1",
-                      [f"data.train={data / 'train'}", f"train.output_dir={run}", "model.init=codec", *overrides])
+    cfg = _config(data, run, ["model.init=codec", *overrides])
     torch.manual_seed(cfg.train.seed)  # as the trainer seeds before building the model
     model = codec_from_data(architecture(cfg), cfg.data, seed=cfg.train.seed)
     out = model.save_pretrained(run / "init")
@@ -176,7 +179,6 @@ def ship(run: Path, results: Path, init_results: Path, weights: str = "final") -
     meta["max_tile"] = 2 * int(cfg["data"]["size"])
     (dest / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     shutil.copy(run / weights / "model.safetensors", dest / "model.safetensors")
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
     rows = list(csv.DictReader((run / "log.csv").open()))
     vals = [json.loads(line) for line in (run / "val.jsonl").read_text().splitlines()]
     res = json.loads(results.read_text())

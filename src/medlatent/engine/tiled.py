@@ -119,7 +119,7 @@ class TiledAutoencoder:
             if st.max_tokens:
                 cap = int(round(st.max_tokens ** (1 / self.model.spatial_dims))) * s
                 tile = max(8 * s, min(tile, cap))
-            if getattr(self.model, "max_tile", None):  # the model's own limit (MedVAE.max_tile)
+            if self.model.max_tile:  # the model's own limit
                 tile = min(tile, self.model.max_tile)
         if st.overlap is not None:
             overlap = st.overlap

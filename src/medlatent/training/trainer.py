@@ -120,8 +120,8 @@ class Trainer:
         torch.manual_seed(t.seed)
         np.random.seed(t.seed)
         # a run that resumes takes its weights from the checkpoint: no need to fit a codec initialisation first
-        resuming = t.resume == "auto" and bool(checkpoint_dirs(Path(t.output_dir))) or t.resume not in (None, "auto")
-        self.model, self.params = build_model(cfg, weights_follow=resuming)
+        resume_from = self._resume_dir()
+        self.model, self.params = build_model(cfg, weights_follow=resume_from is not None)
         self.model.to(self.acc.device)
         if self.acc.device.type == "cpu":
             # channels-last speeds up CPU inference but makes oneDNN's conv backward ~2x slower
@@ -157,7 +157,8 @@ class Trainer:
         self.sampler = EpochSampler(len(self.train_ds), t.batch_size, t.seed, rank=self.rank, world_size=self.world)
         self.progress = Progress()
         self._log_columns: list[str] = []
-        self._resume()
+        if resume_from is not None:
+            self._resume(resume_from)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -279,7 +280,11 @@ class Trainer:
         return metrics
 
     def _set_lr(self, step: int) -> float:
-        """The learning rate of optimiser step ``step`` (1-based): ``optim.warmup_steps`` of linear warm-up."""
+        """The learning rate of optimiser step ``step`` (1-based): ``optim.warmup_steps`` of linear warm-up.
+
+        Set before every step, so the configuration decides it: resuming with a new ``optim.base_lr`` (e.g. to
+        decay it for the last steps) takes effect; with an unchanged config the run continues as it was.
+        """
         warm = self.cfg.optim.warmup_steps
         lr = self.lr * min(1.0, step / warm) if warm else self.lr
         for opt in filter(None, (self.opt, self.opt_d)):
@@ -386,28 +391,26 @@ class Trainer:
         self._barrier()
         return d
 
-    def _resume(self) -> None:
+    def _resume_dir(self) -> Path | None:
+        """The checkpoint ``train.resume`` names: the newest in ``output_dir`` for ``auto`` (None if there is
+        none), a given folder, or None when resuming is off."""
         src = self.cfg.train.resume
         if not src:
-            return
+            return None
         if src == "auto":
             found = checkpoint_dirs(self.out)
-            if not found:
-                return
-            directory = found[-1]
-        else:
-            directory = Path(src)
-            if not (directory / "state.pt").is_file():
-                raise FileNotFoundError(f"train.resume={src}: not a checkpoint folder (no state.pt)")
+            return found[-1] if found else None
+        directory = Path(src)
+        if not (directory / "state.pt").is_file():
+            raise FileNotFoundError(f"train.resume={src}: not a checkpoint folder (no state.pt)")
+        return directory
+
+    def _resume(self, directory: Path) -> None:
         state = load_checkpoint_state(directory, self.model, self.rank, self.world)
         self.opt.optimizer.load_state_dict(state["opt"])
         if self.opt_d is not None and "opt_d" in state:
             self.opt_d.optimizer.load_state_dict(state["opt_d"])
-        # the configuration decides the learning rate: resuming with a new optim.base_lr (e.g. to decay it for
-        # the last steps) takes effect; with an unchanged config this restores the same value
-        for opt in filter(None, (self.opt, self.opt_d)):
-            for group in opt.optimizer.param_groups:
-                group["lr"] = self.lr
+        if "loss" in state:  # the discriminator and the learned log-variance (stage 1)
             self.loss.load_state_dict({**self.loss.state_dict(), **state["loss"]})
         if self.ema and "ema" in state:
             self.ema.shadow = [s.to(self.acc.device) for s in state["ema"]]
