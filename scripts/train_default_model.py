@@ -68,6 +68,7 @@ def _config(data: Path, run: Path, overrides: list[str]):
 
     return load_config("medlatent_small_4_4_2d-stage1",
                        [f"data.train={data / 'train'}", f"data.val={data / 'heldout'}", f"train.output_dir={run}",
+                        "train.keep_checkpoints=10",  # average() reads the last checkpoints
                         *overrides])
 
 

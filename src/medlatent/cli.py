@@ -22,7 +22,14 @@ class ModelLoadError(RuntimeError):
     """A model could not be built or loaded; the message says why and what to do."""
 
 
-def _load_model(model: str, checkpoint: Optional[Path], random_weights: bool = False):
+# How each command can be given weights when the Hub cannot (only options that command has).
+PROVIDE_BY_OPTIONS = "`--checkpoint FILE` (the downloaded file) or `--model DIR` (a folder from `medlatent convert`)"
+PROVIDE_FOR_PROFILE = ("`--checkpoint FILE` (the downloaded file), a folder from `medlatent convert` as MODEL, "
+                       "or `--random-weights` (timings only)")
+
+
+def _load_model(model: str, checkpoint: Optional[Path], random_weights: bool = False, provide: Optional[str] = None):
+    """The model, or :class:`ModelLoadError` in one line; ``provide`` names this command's ways to give weights."""
     from medlatent import MedVAE
     from medlatent.checkpoints import CheckpointError
     from medlatent.hub import ConfigMismatchError, WeightsNotFoundError
@@ -31,13 +38,18 @@ def _load_model(model: str, checkpoint: Optional[Path], random_weights: bool = F
         if random_weights:
             return MedVAE.from_config(model).eval()
         return MedVAE.from_pretrained(model, checkpoint=checkpoint)
-    except (KeyError, FileNotFoundError, CheckpointError, ConfigMismatchError, WeightsNotFoundError) as e:
+    except WeightsNotFoundError as e:
+        if provide is None:
+            raise ModelLoadError(str(e)) from e
+        raise ModelLoadError(f"{e.summary}. Download it where the Hub is reachable (`{e.download_command}`) "
+                             f"and give {provide}.") from e
+    except (KeyError, FileNotFoundError, CheckpointError, ConfigMismatchError) as e:
         raise ModelLoadError(e.args[0] if isinstance(e, KeyError) else str(e)) from e
 
 
-def _load(model: str, checkpoint: Optional[Path], random_weights: bool = False):
+def _load(model: str, checkpoint: Optional[Path], random_weights: bool = False, provide: Optional[str] = None):
     try:
-        return _load_model(model, checkpoint, random_weights)
+        return _load_model(model, checkpoint, random_weights, provide)
     except ModelLoadError as e:
         _fail(str(e))
 
@@ -147,15 +159,16 @@ def profile(
         dims = [int(n) for n in size.lower().split("x")]
     except ValueError:
         _fail(f"--size must look like 512x512 or 128x128x128, got {size!r}")
-    net = _load(model, checkpoint, random_weights).to(device)
+    if not untiled and batch != 1:
+        _fail("tiled profiling takes --batch 1 (add --untiled to time a batch)")
+    tiles = _tiles(tile, overlap, max_memory, tile_batch, norm)  # options checked before any weights are fetched
+    net = _load(model, checkpoint, random_weights, provide=PROVIDE_FOR_PROFILE).to(device)
     if len(dims) != net.spatial_dims:
         _fail(f"--size needs {net.spatial_dims} numbers for this {net.spatial_dims}D model, got {size!r}")
     x = torch.rand(batch, net.config.in_channels, *dims, device=device) * 2 - 1
     from medlatent.engine.tiled import TiledAutoencoder
 
-    runner = TiledAutoencoder(net, _tiles(tile, overlap, max_memory, tile_batch, norm))
-    if not untiled and batch != 1:
-        _fail("tiled profiling takes --batch 1 (add --untiled to time a batch)")
+    runner = TiledAutoencoder(net, tiles)
     try:
         with torch.inference_mode():
             t0 = time.perf_counter()
@@ -211,30 +224,78 @@ class _Progress:
         self.progress.update(self.task, advance=1, description=escape(res.item))
 
 
-def _record_skipped(out: Path, skipped_inputs, manifest: str) -> None:
-    """Inputs that never became items (missing, unsupported, unreadable headers) go into the manifest too."""
-    import json
+def _discover_or_fail(console, inputs: list[Path], output: Path):
+    """Check the output folder, then find the inputs: fails before any model loads when ``-o`` is unusable or
+    the inputs hold nothing to encode."""
+    from medlatent.batch import check_output
+    from medlatent.io.atomic import OutputError
+    from medlatent.io.discover import discover_inputs
 
-    if skipped_inputs:
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / manifest, "a") as mf:
+    try:
+        check_output(output, inputs)
+    except OutputError as e:
+        _fail(str(e))
+    found = discover_inputs(inputs, exclude=output)
+    if not found.items:
+        _list_inputs(console, found.failed, found.ignored)
+        _fail("nothing to encode: " + "; ".join(f"{p}: {why}" for p, why in found.empty or found.failed))
+    return found
+
+
+def _record_skipped(out: Path, skipped_inputs, manifest: str, ignored=()) -> None:
+    """Inputs that never became items go into the manifest too: failed ones (missing, unsupported, unreadable
+    headers, broken links, inputs without images) and known non-image files, as skipped with what they are."""
+    from medlatent.batch import Manifest
+    from medlatent.io.atomic import OutputError
+
+    try:
+        with Manifest(out / manifest) as mf:
             for p, why in skipped_inputs:
-                mf.write(json.dumps({"item": str(p), "status": "failed", "reason": why}) + "\n")
+                mf.write({"item": str(p), "status": "failed", "reason": why})
+            for p, why in ignored:
+                mf.write({"item": str(p), "status": "skipped", "reason": f"not an image: {why}"})
+    except OutputError as e:
+        _fail(str(e))
 
 
-def _finish(console, report, out: Path, skipped_inputs) -> None:
-    """Summary, failures listed with reasons, non-zero exit if anything failed (skipped inputs recorded first)."""
-    from medlatent.batch import MANIFEST
-
-    counts = report.counts()
-    failures = [(r.item, r.reason) for r in report.failed] + [(str(p), why) for p, why in skipped_inputs]
-    console.print(f"done: {counts.get('ok', 0)} written, {counts.get('skipped', 0)} already complete, "
-                  f"{len(failures)} failed — manifest {out / MANIFEST}", highlight=False)
+def _list_inputs(console, failures, ignored, limit: int = 10) -> None:
+    """Known non-image files (the first ``limit``; all are in the manifest), then failures with reasons."""
+    if ignored:
+        console.print(f"not images, skipped ({len(ignored)}):", highlight=False)
+        for p, why in list(ignored)[:limit]:
+            console.print(f"  {p}: {why}", highlight=False, markup=False)
+        if len(ignored) > limit:
+            console.print(f"  … and {len(ignored) - limit} more (all listed in the manifest)", highlight=False)
     if failures:
         console.print("[red]failures:[/red]")
         for item, why in failures:
             console.print(f"  {item}: {why}", highlight=False, markup=False)
+
+
+def _finish(console, report, out: Path, skipped_inputs, ignored=()) -> None:
+    """Summary, skipped non-images and failures listed with reasons, non-zero exit if anything failed."""
+    from medlatent.batch import MANIFEST
+
+    counts = report.counts()
+    failures = [(r.item, r.reason) for r in report.failed] + [(str(p), why) for p, why in skipped_inputs]
+    not_images = f"{len(ignored)} not images (skipped), " if ignored else ""
+    console.print(f"done: {counts.get('ok', 0)} written, {counts.get('skipped', 0)} already complete, "
+                  f"{not_images}{len(failures)} failed — manifest {out / MANIFEST}", highlight=False)
+    _list_inputs(console, failures, ignored)
+    if failures:
         raise typer.Exit(code=1)
+
+
+def _run_batch(console, label: str, jobs: list, output: Path, **kw):
+    """``run_jobs`` under a progress bar; an output that stops taking writes (disk full) ends the command."""
+    from medlatent.batch import run_jobs
+    from medlatent.io.atomic import OutputError
+
+    try:
+        with _Progress(console, len(jobs), label) as bar:
+            return run_jobs(jobs, output, progress=bar, **kw)
+    except OutputError as e:
+        _fail(str(e))
 
 
 @app.command()
@@ -268,8 +329,8 @@ def encode(
     import numpy as np
     import torch
 
-    from medlatent.batch import Job, run_jobs
-    from medlatent.io.discover import discover, read_item
+    from medlatent.batch import Job
+    from medlatent.io.discover import read_item
     from medlatent.io.image import ImageData
     from medlatent.io.writers import write_image
     from medlatent.latentfile import SUFFIX, write_latent
@@ -283,14 +344,15 @@ def encode(
         part = shard_from(shard)
     except ValueError as e:
         _fail(str(e))
-    net = _compile(_load(model, checkpoint).to(device_for(device)), compile_model)
-    batch = batch or (1 if net.quant_conv.weight.device.type == "cpu" else 8)
-    opts = EncodeOptions(modality=modality, stage2=stage2, precision=precision,
-                         tiles=_tiles(tile, overlap, max_memory, tile_batch, norm), batch=batch)
-    items, skipped_inputs = discover(inputs)
-    items = part.take(items)
-    skipped_inputs = part.take(skipped_inputs)
     console = _console()
+    found = _discover_or_fail(console, inputs, output)
+    tiles = _tiles(tile, overlap, max_memory, tile_batch, norm)  # options checked before any weights are fetched
+    net = _compile(_load(model, checkpoint, provide=PROVIDE_BY_OPTIONS).to(device_for(device)), compile_model)
+    batch = batch or (1 if net.quant_conv.weight.device.type == "cpu" else 8)
+    opts = EncodeOptions(modality=modality, stage2=stage2, precision=precision, tiles=tiles, batch=batch)
+    items = part.take(found.items)
+    skipped_inputs = part.take(found.failed + found.empty)
+    ignored = part.take(found.ignored)
 
     def make_job(item):
         latent_path = output / (item.name + SUFFIX)
@@ -309,13 +371,12 @@ def encode(
         return Job(item.name, outs, lambda: prepare(net, read_item(item, uneven), opts), run)
 
     label = f"encoding (shard {part.rank + 1}/{part.world})" if part.active else "encoding"
-    with _Progress(console, len(items), label) as bar:
-        report = run_jobs([make_job(it) for it in items], output, resume=resume, prefetch=prefetch, progress=bar,
-                          manifest=part.manifest_name, batch=batch,
-                          compute=lambda prepared: encode_prepared(net, prepared, opts))
-    _record_skipped(output, skipped_inputs, part.manifest_name)
+    report = _run_batch(console, label, [make_job(it) for it in items], output, resume=resume, prefetch=prefetch,
+                        manifest=part.manifest_name, batch=batch,
+                        compute=lambda prepared: encode_prepared(net, prepared, opts))
+    _record_skipped(output, skipped_inputs, part.manifest_name, ignored)
     failed_all = finish(part, output, len(report.failed) + len(skipped_inputs))
-    _finish(console, report, output, skipped_inputs)
+    _finish(console, report, output, skipped_inputs, ignored)
     if failed_all:
         raise typer.Exit(code=1)
 
@@ -325,10 +386,13 @@ def _model_for_latent(lf, model: Optional[str], checkpoint: Optional[Path], cach
     key = (name, checkpoint)
     if key not in cache:
         try:
-            cache[key] = _load_model(name, checkpoint)
+            cache[key] = _load_model(name, checkpoint, provide=PROVIDE_BY_OPTIONS)
         except ModelLoadError as e:
-            raise ModelLoadError(f"cannot load model {name!r} named in the latent file: {e} "
-                                 "(pass --model NAME|DIR to choose the decoder)") from e
+            # remembered, so that the next latent of this model fails at once instead of asking the Hub again
+            cache[key] = ModelLoadError(f"cannot load model {name!r} named in the latent file: {e} "
+                                        "(pass --model NAME|DIR to choose the decoder)")
+    if isinstance(cache[key], ModelLoadError):
+        raise ModelLoadError(str(cache[key]))
     return cache[key]
 
 
@@ -351,9 +415,11 @@ def decode(
     compile_model: bool = COMPILE_OPT,
 ) -> None:
     """Decode latent files back to images on the original grid, orientation and intensity units."""
-    from medlatent.batch import Job, run_jobs
+    from medlatent.batch import MANIFEST, Job, check_output
+    from medlatent.io.atomic import OutputError
+    from medlatent.io.discover import find_latents
     from medlatent.io.writers import output_suffix, write_image
-    from medlatent.latentfile import SUFFIX, read_latent, read_latent_header
+    from medlatent.latentfile import read_latent, read_latent_header
     from medlatent.pipeline import decode_latent
 
     if fmt is not None:
@@ -361,14 +427,17 @@ def decode(
             output_suffix(fmt)
         except ValueError as e:
             _fail(str(e))
-    files: list[tuple[str, Path]] = []
-    for p in latents:
-        if p.is_dir():
-            files += [(str(f.relative_to(p))[: -len(SUFFIX)], f) for f in sorted(p.rglob("*" + SUFFIX))]
-        else:
-            files.append((p.name[: -len(SUFFIX)] if p.name.endswith(SUFFIX) else p.stem, p))
-    cache: dict = {}
     console = _console()
+    try:
+        check_output(output, latents)
+    except OutputError as e:
+        _fail(str(e))
+    found = find_latents(latents, exclude=output)
+    if not found.items:
+        _list_inputs(console, found.failed, [])
+        _fail("nothing to decode: " + "; ".join(f"{p}: {why}" for p, why in found.empty or found.failed))
+    files = [(it.name, it.paths[0]) for it in found.items]
+    cache: dict = {}
 
     tiles = _tiles(tile, overlap, max_memory, tile_batch, norm)
 
@@ -392,9 +461,9 @@ def decode(
 
         return Job(name, [target], lambda: read_latent(path), run)
 
-    with _Progress(console, len(files), "decoding") as bar:
-        report = run_jobs([make_job(n, p) for n, p in files], output, resume=resume, progress=bar)
-    _finish(console, report, output, [])
+    report = _run_batch(console, "decoding", [make_job(n, p) for n, p in files], output, resume=resume)
+    _record_skipped(output, found.failed + found.empty, MANIFEST)
+    _finish(console, report, output, found.failed + found.empty)
 
 
 @app.command()
@@ -421,7 +490,9 @@ def info(file: Path = typer.Argument(..., help="A latent file.")) -> None:
     typer.echo(f"padding         {rec.pad} → model shape {tuple(rec.model_shape)}")
     typer.echo("original affine " + np_fmt(rec.original_affine))
     typer.echo("latent affine   " + np_fmt(lf.latent_affine.tolist()))
-    typer.echo(f"medlatent       {lf.medlatent_version}")
+    typer.echo(f"medlatent       {lf.medlatent_version} (file format {lf.format_version})")
+    typer.echo("checksum        " + ("tensors and metadata verified" if lf.metadata_verified else
+                                     "tensors verified; metadata unverified (older format: re-encode to check)"))
 
 
 def np_fmt(rows) -> str:
@@ -448,20 +519,23 @@ def roundtrip(
 ) -> None:
     """Encode and decode: writes the latent, the reconstruction, a comparison PNG and PSNR / MS-SSIM per file."""
     import csv
+    import io
     import json
 
-    from medlatent.batch import MANIFEST, Job, run_jobs
-    from medlatent.io.discover import discover, read_item
+    from medlatent.batch import MANIFEST, Job
+    from medlatent.io.atomic import OutputError, write_text
+    from medlatent.io.discover import read_item
     from medlatent.io.writers import output_suffix, write_image
     from medlatent.latentfile import SUFFIX, write_latent
     from medlatent.pipeline import EncodeOptions, decode_latent, encode_image
     from medlatent.report import comparison_png, roundtrip_metrics
 
-    net = _load(model, checkpoint).to(device)
-    tiles = _tiles(tile, overlap, max_memory, tile_batch, norm)
-    opts = EncodeOptions(modality=modality, precision=precision, tiles=tiles)
-    items, skipped_inputs = discover(inputs)
     console = _console()
+    found = _discover_or_fail(console, inputs, output)
+    tiles = _tiles(tile, overlap, max_memory, tile_batch, norm)  # options checked before any weights are fetched
+    net = _load(model, checkpoint, provide=PROVIDE_BY_OPTIONS).to(device)
+    opts = EncodeOptions(modality=modality, precision=precision, tiles=tiles)
+    items, skipped_inputs = found.items, found.failed + found.empty
 
     def make_job(item):
         base = output / item.name
@@ -486,22 +560,25 @@ def roundtrip(
 
         return Job(item.name, [latent_path, recon, compare], lambda: read_item(item, uneven), run)
 
-    with _Progress(console, len(items), "roundtrip") as bar:
-        report = run_jobs([make_job(it) for it in items], output, resume=resume, progress=bar)
+    report = _run_batch(console, "roundtrip", [make_job(it) for it in items], output, resume=resume)
     rows = [{"item": r.item, **r.info} for r in report.results if r.status == "ok"]
     if rows:
-        with open(output / "metrics.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r}, key=lambda k: (k != "item", k)))
-            w.writeheader()
-            w.writerows(rows)
+        table = io.StringIO(newline="")
+        w = csv.DictWriter(table, fieldnames=sorted({k for r in rows for k in r}, key=lambda k: (k != "item", k)))
+        w.writeheader()
+        w.writerows(rows)
+        try:
+            write_text(output / "metrics.csv", table.getvalue())
+            write_text(output / "summary.json", json.dumps(rows, indent=2) + "\n")
+        except OutputError as e:
+            _fail(str(e))
         for r in rows:
             console.print(f"  {r['item']}: PSNR {r['psnr']:.2f} dB, MS-SSIM {r['ms_ssim']:.4f}, "
                           f"{r['pixels']} pixels → {r['latent_values']} latent values, "
                           f"file {r['source_file_bytes']} B → latent file {r['latent_file_bytes']} B "
                           f"(÷{r['storage_ratio']:.1f})", highlight=False)
-        (output / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
-    _record_skipped(output, skipped_inputs, MANIFEST)
-    _finish(console, report, output, skipped_inputs)
+    _record_skipped(output, skipped_inputs, MANIFEST, found.ignored)
+    _finish(console, report, output, skipped_inputs, found.ignored)
 
 
 
@@ -509,18 +586,26 @@ def roundtrip(
 def train(
     config: Optional[str] = typer.Argument(None, help="A training YAML file or a preset name (see --presets)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="section.key=value settings, e.g. data.train=x.csv"),
-    presets: bool = typer.Option(False, "--presets", help="List the bundled presets and exit."),
+    presets: bool = typer.Option(False, "--presets", help="List the bundled presets with what each does, and exit."),
     show: bool = typer.Option(False, "--show", help="Print the resolved configuration as YAML and exit."),
+    reference: bool = typer.Option(False, "--reference", help="Print every configuration key with its default and "
+                                                              "meaning (Markdown; docs/training-config.md), and exit."),
 ) -> None:
-    """Train or fine-tune a model: stage 1, stage 2 (2D) or stage 2-3D. Resumes from OUTPUT_DIR when possible.
+    """Train a model from a preset or YAML file: stage 1, stage 2 (2D) or stage 2-3D. Resumes from
+    train.output_dir when it holds checkpoints. To fine-tune a trained model, `medlatent finetune` is shorter.
 
     Example: medlatent train medvae_4_1_2d-stage1 data.train=/data/train.csv train.output_dir=runs/mmg
     """
-    from medlatent.training.config import ConfigError, load_config, preset_names
+    from medlatent.training.config import ConfigError, load_config, preset_descriptions
 
     if presets:
-        for name in preset_names():
-            typer.echo(name)
+        for name, description in preset_descriptions().items():
+            typer.echo(f"{name}\n    {description}")
+        return
+    if reference:
+        from medlatent.training.reference import config_reference
+
+        typer.echo(config_reference())
         return
     if config is None:
         _fail("give a YAML file or a preset name (medlatent train --presets lists them)")
@@ -528,16 +613,80 @@ def train(
         cfg = load_config(config, overrides or [], check=not show)
     except ConfigError as e:
         _fail(str(e))
+    _train_or_show(cfg, show)
+
+
+def _train_or_show(cfg, show: bool) -> None:
+    """Print the configuration (``--show``) or run it: exit 0 with the model's folder, 1 with the reason, or
+    128 + the signal number after SIGINT/SIGTERM (a checkpoint of the last step saved)."""
+    from medlatent.training.config import ConfigError
+    from medlatent.training.data import DataError
+    from medlatent.training.run import run
+    from medlatent.training.trainer import TrainingInterrupted
+
     if show:
         typer.echo(cfg.to_yaml())
         return
-    from medlatent.training.run import run
-
     try:
         summary = run(cfg)
-    except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as e:
+    except TrainingInterrupted as e:
+        typer.secho(str(e), err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(code=e.exit_code) from None
+    except (ConfigError, DataError, FileNotFoundError, RuntimeError, ValueError) as e:
         _fail(str(e))
-    typer.echo(f"done: step {summary['step']}, metrics {summary['metrics']}, model in {summary['exported']}")
+    typer.echo(f"done: step {summary['step']}, metrics {summary['metrics']}; model {summary['name']!r} in "
+               f"{summary['exported']} (use it with --model {summary['exported']})")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def finetune(
+    model: str = typer.Argument(..., help="The model to start from: a registry name (the bundled default, or an "
+                                          "official member whose weights are cached or downloadable), a model "
+                                          "folder (e.g. RUN_DIR/final, `medlatent convert` output) or a checkpoint."),
+    data: Path = typer.Argument(..., help="Training images: a folder (walked recursively) or a CSV with a path "
+                                          "column (optional split and modality columns)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="section.key=value settings applied last, e.g. "
+                                                               "data.size=256 (keys: medlatent train --reference)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Run folder: logs, checkpoints, final/. Re-running "
+                                                            "the same command resumes."),
+    steps: int = typer.Option(2000, "--steps", min=1, help="Optimiser steps in total (train.max_steps)."),
+    name: Optional[str] = typer.Option(None, "--name", help="The fine-tuned model's name, recorded in "
+                                                            "final/config.json and every latent file it writes "
+                                                            "(default: the run folder's name)."),
+    show: bool = typer.Option(False, "--show", help="Print the resolved configuration as YAML and exit."),
+) -> None:
+    """Fine-tune a trained model on your images; the result loads with --model RUN_DIR/final.
+
+    The recipe is the model's preset (medlatent train --presets) with the weights of MODEL as the start, a
+    short learning-rate warm-up and a seeded 10% of the files held out for validation (data.val=none: none).
+
+    Example: medlatent finetune medlatent_small_4_4_2d samples/2d -o runs/ft --steps 200
+    """
+    from medlatent.training.config import ConfigError
+    from medlatent.training.finetune import finetune_config
+
+    try:
+        cfg = finetune_config(model, data, output, steps=steps, name=name, overrides=overrides or [],
+                              check=not show)
+    except ConfigError as e:
+        _fail(str(e))
+    _train_or_show(cfg, show)
+
+
+@app.command("export-ckpt")
+def export_ckpt(
+    model_dir: Path = typer.Argument(..., help="A trained model folder (RUN_DIR/final or a checkpoint folder)."),
+    output: Path = typer.Option(..., "--output", "-o", help="The .ckpt file to write."),
+) -> None:
+    """Write a trained model as an official-format .ckpt ({"state_dict": ...}) that the official MedVAE code loads."""
+    from medlatent.checkpoints import CheckpointError
+    from medlatent.training.export import ExportError, export_folder_ckpt
+
+    try:
+        path, note = export_folder_ckpt(model_dir, output)
+    except (CheckpointError, ExportError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {path} ({note})")
 
 
 @app.command()
@@ -547,14 +696,26 @@ def samples(
     max_size_3d: int = typer.Option(64, help="Block-average volumes to at most this many voxels per axis (0: keep)."),
 ) -> None:
     """Gather real public sample images from installed packages (pip install 'medlatent[samples]')."""
-    from medlatent.samples import gather
+    from medlatent.io.atomic import OutputError, check_output_dir
+    from medlatent.samples import MANIFEST, gather
 
-    found = gather(output, max_size_2d, max_size_3d)
-    if not found:
-        _fail("no sample sources found; install them with: pip install 'medlatent[samples]'")
-    for s in found:
+    try:
+        check_output_dir(output)
+    except OutputError as e:
+        _fail(str(e))
+    got = gather(output, max_size_2d, max_size_3d)
+    for s in got.written:
         typer.echo(f"{s.path}  ← {s.note}")
-    typer.echo(f"{len(found)} samples in {output} (2D: {output / '2d'}, 3D: {output / '3d'})")
+    for s in got.skipped:  # what is missing, and why: the summary below promises only what was written
+        typer.secho(f"{'failed' if s.failed else 'skipped'}: {s.name}: {s.reason}", err=True,
+                    fg=typer.colors.RED if s.failed else typer.colors.YELLOW)
+    if not got.written:
+        _fail("no sample could be written (reasons above)")
+    per_dims = [f"{n} {d}D in {output / f'{d}d'}" for d in (2, 3) if (n := sum(s.dims == d for s in got.written))]
+    skipped = f", {len(got.skipped)} skipped" if got.skipped else ""
+    typer.echo(f"{len(got.written)} samples ({', '.join(per_dims)}){skipped} — manifest {output / MANIFEST}")
+    if any(s.failed for s in got.skipped):
+        raise typer.Exit(code=1)
 
 
 def _add_subcommands() -> None:

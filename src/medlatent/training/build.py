@@ -34,8 +34,21 @@ def architecture(cfg: TrainConfig) -> MedVAEConfig:
 
 
 def _load(source: str) -> MedVAE:
+    from medlatent.hub import WeightsNotFoundError
+
     try:
         return load_pretrained(source)
+    except WeightsNotFoundError as e:
+        info = get_model_info(source)
+        why = str(e).split(" Download it where", 1)[0]
+        raise ConfigError(
+            f"the released weights of {source} are not available here ({why}). Download them where the Hub is "
+            f"reachable (`huggingface-cli download {info.repo_id} {info.hub_checkpoint}`) and start from the file: "
+            f"model.init=PATH with `medlatent train`, or `medlatent finetune PATH DATA -o RUN_DIR`; or copy a "
+            "Hugging Face cache (HF_HOME) that holds them to this machine"
+        ) from e
+    except KeyError as e:
+        raise ConfigError(f"cannot load {source!r}: {e.args[0]}") from e
     except Exception as e:
         raise ConfigError(f"cannot load {source!r}: {e}") from e
 
@@ -95,7 +108,10 @@ def build_model(cfg: TrainConfig, weights_follow: bool = False) -> tuple[MedVAE,
         if model.config != arch:
             raise ConfigError(f"model.init {m.init!r} has architecture {model.config.to_dict()}, "
                               f"which differs from the config's {arch.to_dict()}")
-    model.weights_info = {"model": m.name or "custom", "weights": m.init}
+    started = model.weights_info
+    model.weights_info = {"model": cfg.export_name(), "weights": m.init}
+    if "sha256" in started:  # where a fine-tuned model came from, recorded in its config.json
+        model.weights_info.update(init_model=started.get("model", ""), init_sha256=started["sha256"])
 
     if stage == "stage2":
         if not arch.stage2_head:

@@ -17,8 +17,11 @@ import yaml
 
 from medlatent.training.data import DataConfig
 from medlatent.training.losses import LossConfig
+from medlatent.training.options import option
 
 STAGES = ("stage1", "stage2", "stage2_3d")
+#: ``train.log_with`` values and the module each needs
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
 class ConfigError(ValueError):
@@ -27,73 +30,87 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelSection:
-    """Which network is trained and where its weights start.
+    """Which network is trained, where its weights start, and the name it is exported under."""
 
-    Attributes:
-        name: registry member whose architecture is used (``medlatent models``), or None with ``arch``.
-        arch: architecture overrides on top of ``name`` (or a full ``MedVAEConfig`` dict when name is None),
-            e.g. ``{ch: 64}`` for a small member.
-        init: ``random``; ``codec`` (an interpolation codec fitted to the training images, which training then
-            refines: :mod:`medlatent.training.codec_init`); ``pretrained`` (the member's released weights); a path
-            to a medlatent directory or
-            checkpoint; or ``natural:PATH`` — a natural-image KL-VAE (LDM or diffusers) to adapt with LoRA.
-        lora_rank: >0 trains only rank-r LoRA adapters on the ResnetBlock/attention convs (official: 4).
-        inflate_from: stage 2-3D only: the 2D model (name or path) whose kernels are inflated to 3D.
-        zero_init_residual: with ``init: random``, start every ResnetBlock and attention block as the identity
-            (last conv of each residual branch zeroed), which makes training from scratch converge faster.
-    """
-
-    name: str | None = "medvae_4_1_2d"
-    arch: dict[str, Any] = field(default_factory=dict)
-    init: str = "random"
-    lora_rank: int = 0
-    inflate_from: str | None = None
-    zero_init_residual: bool = False
+    name: str | None = option(
+        "medvae_4_1_2d", "Registry member whose architecture is used (`medlatent models`), or null with `arch`.")
+    arch: dict[str, Any] = option(
+        help="Architecture overrides on top of `name` (or a full MedVAEConfig dict when `name` is null), "
+             "e.g. `{ch: 64}` for a narrower member.", factory=dict)
+    init: str = option(
+        "random", "Starting weights: `random`; `codec` (an interpolation codec fitted to the training images, which "
+                  "training refines); `pretrained` (the released or bundled weights of `name`); a path to a "
+                  "medlatent model folder (e.g. a run's `final/`) or a checkpoint file; or `natural:PATH`, a "
+                  "natural-image KL-VAE (LDM or diffusers) adapted with LoRA.")
+    lora_rank: int = option(0, "> 0 trains only rank-r LoRA adapters on the ResnetBlock/attention convs (official: 4).")
+    inflate_from: str | None = option(
+        None, "stage2_3d only: the 2D model (name or path) whose kernels are inflated to 3D.")
+    zero_init_residual: bool = option(
+        False, "With `init: random`, start every ResnetBlock and attention block as the identity (last conv of each "
+               "residual branch zeroed): faster convergence from scratch.")
+    export_name: str | None = option(
+        None, "Name of the trained model, written to `final/config.json` and shown in latent files and reports. "
+              "null: the name of `train.output_dir`.")
 
 
 @dataclass
 class OptimSection:
     """Adam settings. The official recipe scales ``base_lr`` by batch size × gradient accumulation."""
 
-    base_lr: float = 4.5e-6
-    scale_lr: bool = True
-    betas: tuple[float, float] = (0.5, 0.9)
-    #: linear learning-rate warm-up over the first steps (0: none, as the official recipe). Worth it when
-    #: fine-tuning a good starting point: Adam's first steps move every weight by the full learning rate.
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float | None = None
+    base_lr: float = option(4.5e-6, "Learning rate per sample; multiplied by batch_size × grad_accum when "
+                                    "`scale_lr` is true (the official rule).")
+    scale_lr: bool = option(True, "Scale `base_lr` by batch_size × grad_accum.")
+    betas: tuple[float, float] = option((0.5, 0.9), "Adam betas (official: [0.5, 0.9]).")
+    warmup_steps: int = option(
+        0, "Linear learning-rate warm-up over the first steps (0: none, as the official recipe). Worth it when "
+           "fine-tuning a good starting point: Adam's first steps move every weight by the full learning rate.")
+    weight_decay: float = option(0.0, "Adam weight decay.")
+    grad_clip: float | None = option(None, "Clip the gradient norm to this value (null: no clipping).")
 
 
 @dataclass
 class LoopSection:
-    """The loop: stage, length, batch, precision, checkpoints and logging.
+    """The loop: stage, length, batch, precision, checkpoints and logging."""
 
-    ``batch_size`` is per process; the effective batch is ``batch_size × grad_accum × processes``.
-    ``max_minutes`` (optional) ends the run at the first step past a wall-clock budget, with a checkpoint
-    and the export, as if ``max_steps`` had been reached.
-    """
-
-    stage: str = "stage1"
-    output_dir: str = "runs/medlatent"
-    max_steps: int = 10000
-    max_minutes: float | None = None
-    batch_size: int = 4
-    grad_accum: int = 1
-    mixed_precision: str = "no"
-    seed: int = 0
-    sample_posterior: bool = True
-    ema_decay: float | None = None
-    log_every: int = 20
-    val_every: int = 500
-    val_max_images: int = 32
-    previews: int = 4
-    ckpt_every: int = 500
-    keep_checkpoints: int = 2
-    resume: str | None = "auto"
-    export_merged: bool = True
-    log_with: list[str] = field(default_factory=list)
-    cpu: bool = False
+    stage: str = option("stage1", "`stage1` (autoencoder), `stage2` (2D stage-2 head) or `stage2_3d` "
+                                  "(3D autoencoder inflated from 2D).")
+    output_dir: str = option("runs/medlatent", "Run folder: config, logs, checkpoints, previews and `final/`. "
+                                               "Re-running with the same folder resumes.")
+    max_steps: int = option(10000, "Optimiser steps to train (a resumed run counts the steps already done).")
+    max_minutes: float | None = option(
+        None, "Wall-clock budget: the run ends at the first step past it, with a checkpoint and the export, as if "
+              "`max_steps` had been reached (null: no budget).")
+    batch_size: int = option(4, "Samples per process per micro-batch; the effective batch is "
+                                "batch_size × grad_accum × processes.")
+    grad_accum: int = option(1, "Micro-batches per optimiser step.")
+    mixed_precision: str = option("no", "`no`, `bf16` or `fp16` (autocast).")
+    seed: int = option(0, "Seed of the weights, data order, augmentation and the validation split.")
+    sample_posterior: bool = option(True, "Decode a sample of the posterior during training (official); false "
+                                          "decodes the mean.")
+    ema_decay: float | None = option(
+        None, "Keep an exponential moving average of the weights with this decay (e.g. 0.999); validation and the "
+              "export use it (null: off).")
+    log_every: int = option(20, "Write one `log.csv` row (and tracker values) every this many steps, each value "
+                                "averaged over those steps.")
+    val_every: int = option(500, "Validate every this many steps (and at the last step).")
+    val_max_images: int = option(32, "Validate on at most this many validation images (whole images).")
+    previews: int = option(4, "Validation images shown in `previews/step_*.png` (input | reconstruction | "
+                              "4×difference).")
+    ckpt_every: int = option(500, "Save a checkpoint every this many steps (and at the last step, and on "
+                                  "SIGINT/SIGTERM).")
+    keep_checkpoints: int = option(
+        2, "Checkpoints kept in `checkpoints/` (the newest; each holds the model and the optimiser state). "
+           "Raise it to keep more, 0 keeps all.")
+    resume: str | None = option(
+        "auto", "`auto`: continue from the newest checkpoint in `output_dir` if there is one; a checkpoint "
+                "folder; or null to start over.")
+    export_merged: bool = option(True, "Fold LoRA adapters into the convs of `final/` (false keeps them in the "
+                                       "official adapter layout).")
+    log_with: list[str] = option(
+        help="Experiment trackers besides `log.csv`: `tensorboard` (writes `tensorboard/` in the run folder; "
+             "pip install 'medlatent[tensorboard]') and/or `wandb` (pip install wandb). A tracker that is not "
+             "installed stops the run at its start.", factory=list)
+    cpu: bool = option(False, "Train on the CPU even when a GPU is present.")
 
 
 @dataclass
@@ -131,13 +148,39 @@ class TrainConfig:
             raise ConfigError(f"optim.warmup_steps must be ≥ 0, got {self.optim.warmup_steps}")
         if self.optim.base_lr <= 0:
             raise ConfigError(f"optim.base_lr must be > 0, got {self.optim.base_lr}")
+        if self.model.init == "pretrained" and not self.model.name:
+            raise ConfigError("model.init=pretrained needs model.name, the registry member whose weights to start "
+                              "from (`medlatent models`); or give model.init=PATH to a model folder or checkpoint")
+        if t.keep_checkpoints < 0:
+            raise ConfigError(f"train.keep_checkpoints must be ≥ 0 (0 keeps all), got {t.keep_checkpoints}")
+        unknown = [x for x in t.log_with if x not in TRACKERS]
+        if unknown:
+            raise ConfigError(f"train.log_with: unknown tracker {unknown[0]!r}; supported: {', '.join(TRACKERS)}")
         return self
+
+    def export_name(self) -> str:
+        """The trained model's name: ``model.export_name``, else the name of the output folder."""
+        return self.model.export_name or Path(self.train.output_dir).resolve().name
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def check_trackers(names: list[str]) -> None:
+    """Refuse ``train.log_with`` trackers whose package is not installed (accelerate would log nothing)."""
+    import importlib.util
+
+    for name in names:
+        module = TRACKERS.get(name)
+        if module is None:
+            raise ConfigError(f"train.log_with: unknown tracker {name!r}; supported: {', '.join(TRACKERS)}")
+        if importlib.util.find_spec(module) is None:
+            extra = "pip install 'medlatent[tensorboard]'" if name == "tensorboard" else f"pip install {module}"
+            raise ConfigError(f"train.log_with={name}: the {module} package is not installed ({extra}); remove "
+                              f"{name} from train.log_with to train with log.csv only")
 
 
 def _plain(obj: Any) -> Any:
@@ -224,6 +267,15 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return d
 
 
+def preset_descriptions() -> dict[str, str]:
+    """Each bundled preset's one-line description (its ``description`` key)."""
+    out = {}
+    for name in preset_names():
+        raw, _ = _read_yaml(name)
+        out[name] = str(raw.get("description") or "")
+    return out
+
+
 def preset_names() -> list[str]:
     """Names of the bundled presets (``medvae_4_1_2d-stage1`` …)."""
     return sorted(p.name[:-5] for p in resources.files("medlatent.training.presets").iterdir()
@@ -242,15 +294,19 @@ def _read_yaml(source: str) -> tuple[dict[str, Any], str]:
         hint = f" Closest presets: {', '.join(close)}." if close else ""
         raise ConfigError(f"{source}: no such file or preset.{hint} List presets with `medlatent train --presets`.")
     try:
-        return yaml.safe_load(text) or {}, where
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: a training config is a mapping of sections (model, data, loss, optim, train)")
+    return raw, where
 
 
 def load_config(source: str | None, overrides: list[str] | tuple[str, ...] = (), *, check: bool = True
                 ) -> TrainConfig:
     """Read a YAML file or a bundled preset name, apply overrides, validate."""
     raw, where = _read_yaml(source) if source else ({}, "defaults")
+    raw.pop("description", None)  # a preset's one-line summary (`medlatent train --presets`)
     try:
         cfg = from_dict(apply_overrides(raw, list(overrides)))
     except ConfigError as e:

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medlatent.io.image import ImageReadError
 from medlatent.preprocessing import PreprocessingError, preprocess
+from medlatent.training.options import option
 
 logger = logging.getLogger(__name__)
 
@@ -60,55 +61,53 @@ class DataError(ValueError):
 # ------------------------------------------------------------------------------------------ config
 @dataclass
 class DataConfig:
-    """Where the training images are and how they are cut into training samples.
+    """Where the training images are and how they are cut into training samples (the ``data`` section)."""
 
-    Attributes:
-        train: a folder (walked recursively; DICOM series become volumes) or a CSV manifest with columns
-            ``path`` (required; relative to the CSV's folder), ``split`` (train/val/test) and ``modality``
-            (ct/mri/xray/other; overrides ``modality``). A CSV with a ``split`` column trains on its
-            ``train`` rows.
-        val: folder or CSV for validation (a CSV's ``val`` rows when it has a split column). None: the
-            train CSV's ``val`` rows when there are any, else no validation.
-        spatial_dims: 2 or 3 (the model's).
-        in_channels: the model's input channels (1 or 3); RGB files are averaged for 1, gray repeated for 3.
-        size: crop side (2D) or cubic patch side (3D; 64 in the paper); a multiple of the model's reduction.
-        mode: 2D only: ``random_crop``, ``resize`` or ``random_resized_crop``. 3D always uses random patches.
-        crop_side: ``random_resized_crop`` only: range of the crop's side as a fraction of the image's short
-            side (uniform). A low end near ``size / short side`` mixes native-resolution detail with whole-image
-            views, so the model learns both fine structure and the global intensity of large images.
-        flips: random flips (2D: horizontal and vertical; 3D: each axis), training only.
-        invert: probability of inverting the intensities (x → −x) of a training sample, so that bright flat
-            regions (saturated radiograph borders, MONOCHROME1-like displays) are seen as often as dark ones.
-        modality: ``auto`` (from the file) or ct/mri/xray/other for every image without a CSV modality.
-        mri_percentiles: clip 3D MRI to these percentiles before min–max (as at inference; None: min–max).
-        slices_from_volumes: 2D only: 3D files give random 2D slices (else a 3D file is an error).
-        cache: keep each preprocessed image in memory (per loader worker), so every file is read once.
-            Costs 4 bytes per pixel/voxel per worker.
-        num_workers: data loader processes (0: load in the training process).
-        pad_value: value of the padding around images smaller than the crop (-1: the bottom of the range).
-    """
-
-    train: str
-    val: str | None = None
-    spatial_dims: int = 2
-    in_channels: int = 1
-    size: int = 256
-    mode: str = "random_crop"
-    crop_side: tuple[float, float] = RESIZED_CROP_SIDE
-    flips: bool = True
-    invert: float = 0.0
-    modality: str = "auto"
-    mri_percentiles: tuple[float, float] | None = None
-    slices_from_volumes: bool = True
-    cache: bool = True
-    num_workers: int = 2
-    pad_value: float = -1.0
+    train: str = option(
+        help="REQUIRED. A folder (walked recursively; DICOM series become volumes) or a CSV manifest with columns "
+             "`path` (relative to the CSV's folder), optional `split` (train/val/test) and `modality` "
+             "(ct/mri/xray/other). A CSV with a `split` column trains on its `train` rows.")
+    val: str | None = option(
+        "auto", "Validation images: `auto` (a CSV's `val` rows when it has a split column, else a seeded "
+                "`val_fraction` of the training files, held out from training and listed in `val_split.txt`); a "
+                "folder or CSV (its `val` rows when it has a split column); or `none` (also null) for no "
+                "validation.")
+    val_fraction: float = option(
+        0.1, "With `val: auto` and no split column: the fraction of training files held out for validation (at "
+             "least one file when there are two or more; 0 holds none out).")
+    spatial_dims: int = option(2, "2 or 3 (the model's).")
+    in_channels: int = option(1, "The model's input channels (1 or 3); RGB files are averaged for 1, gray "
+                                 "repeated for 3.")
+    size: int = option(256, "Crop side (2D) or cubic patch side (3D; 64 in the paper); a multiple of the model's "
+                            "reduction.")
+    mode: str = option("random_crop", "2D only: `random_crop` (native resolution), `resize` (whole image to "
+                                      "size×size, as the official 2D fine-tuning) or `random_resized_crop`. 3D "
+                                      "always uses random patches.")
+    crop_side: tuple[float, float] = option(
+        RESIZED_CROP_SIDE, "`random_resized_crop` only: range of the crop's side as a fraction of the image's "
+                           "short side (uniform).")
+    flips: bool = option(True, "Random flips (2D: horizontal and vertical; 3D: each axis), training only.")
+    invert: float = option(0.0, "Probability of inverting a training sample's intensities (x → −x).")
+    modality: str = option("auto", "`auto` (from the file) or ct/mri/xray/other for every image without a CSV "
+                                   "modality.")
+    mri_percentiles: tuple[float, float] | None = option(
+        None, "Clip 3D MRI to these percentiles before min–max, as at inference (null: plain min–max).")
+    slices_from_volumes: bool = option(True, "2D only: 3D files give random 2D slices (else a 3D file is an "
+                                             "error).")
+    cache: bool = option(True, "Keep each preprocessed image in memory (per loader worker); 4 bytes per "
+                               "pixel/voxel per worker.")
+    num_workers: int = option(2, "Data loader processes (0: load in the training process).")
+    pad_value: float = option(-1.0, "Value of the padding around images smaller than the crop (-1: the bottom "
+                                    "of the range).")
 
     def __post_init__(self) -> None:
         # ``train`` may be empty here (a config being assembled); build_datasets refuses an empty one
         self.train = str(self.train) if self.train is not None else ""
-        if self.val is not None:
-            self.val = str(self.val) or None
+        self.val = normalise_val(self.val)
+        if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) \
+                or not 0.0 <= self.val_fraction < 1.0:
+            raise DataError(f"val_fraction must be a number in [0, 1), got {self.val_fraction!r}")
+        self.val_fraction = float(self.val_fraction)
         if self.mri_percentiles is not None:
             self.mri_percentiles = tuple(float(v) for v in self.mri_percentiles)  # type: ignore[assignment]
         self.crop_side = check_crop_side(self.crop_side)
@@ -130,6 +129,16 @@ class DataConfig:
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise DataError(f"unknown data option {k!r}{hint}; options: {', '.join(known)}")
         return cls(**d)
+
+
+def normalise_val(value: Any) -> str | None:
+    """``data.val`` as ``"auto"``, a source path, or None for no validation (``none``, null or empty)."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    if text.lower() in ("", "none", "null", "false"):
+        return None
+    return "auto" if text.lower() == "auto" else text
 
 
 def check_crop_side(value: Any) -> tuple[float, float]:
@@ -367,6 +376,8 @@ class ImageDataset(Dataset):
         self.cache = cache
         self.pad_value = float(pad_value)
         self._cache: dict[int, np.ndarray] = {}
+        #: how the images were chosen (validation sets: from the data config; shown in val_split.txt)
+        self.selection = ""
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -547,13 +558,53 @@ class EpochSampler(Sampler):
 
 
 # ------------------------------------------------------------------------------------------ building
-def build_datasets(cfg: DataConfig, *, downsample: int) -> tuple[ImageDataset, ImageDataset | None]:
+def hold_out(entries: list[Entry], fraction: float, seed: int) -> tuple[list[Entry], list[Entry]]:
+    """Split ``entries`` by file into (train, validation): a seeded random ``fraction`` held out.
+
+    At least one file is held out when there are two or more and ``fraction > 0``; at least one stays for
+    training. The choice depends only on ``seed`` and the sorted paths, so a resumed run holds out the same files.
+    """
+    n = len(entries)
+    if fraction <= 0 or n < 2:
+        return list(entries), []
+    k = min(n - 1, max(1, round(fraction * n)))
+    order = sorted(range(n), key=lambda i: str(entries[i].path))
+    picked = set(np.random.default_rng([seed, 7919]).choice(order, size=k, replace=False).tolist())
+    return [e for i, e in enumerate(entries) if i not in picked], [e for i, e in enumerate(entries) if i in picked]
+
+
+def split_sources(cfg: DataConfig, seed: int = 0) -> tuple[list[Entry], list[Entry] | None, str]:
+    """The training and validation images ``cfg`` selects, and how the validation set was chosen.
+
+    Returns:
+        ``(train, val, how)``: ``val`` is None without validation; ``how`` is a short phrase for logs and
+        ``val_split.txt`` (``"held out 10% of the training files (seed 0)"``, ``"val rows of x.csv"``, …).
+    """
+    train_entries = read_source(cfg.train, split="train", modality=cfg.modality)
+    if cfg.val is None:
+        return train_entries, None, "no validation (data.val: none)"
+    if cfg.val != "auto":
+        return train_entries, read_source(cfg.val, split="val", modality=cfg.modality), f"data.val={cfg.val}"
+    if manifest_has_split(cfg.train):
+        val = read_source(cfg.train, split="val", modality=cfg.modality, required=False) or None
+        return train_entries, val, f"the 'val' rows of {cfg.train}" if val else f"none: {cfg.train} has no val rows"
+    train_entries, val = hold_out(train_entries, cfg.val_fraction, seed)
+    if not val:
+        why = "data.val_fraction is 0" if cfg.val_fraction <= 0 else "only one training file"
+        logger.warning("no validation: %s (give data.val=FOLDER|CSV to validate on other images)", why)
+        return train_entries, None, f"none: {why}"
+    return train_entries, val, (f"held out {len(val)} of {len(train_entries) + len(val)} training files "
+                                f"(data.val_fraction {cfg.val_fraction:g}, seed {seed})")
+
+
+def build_datasets(cfg: DataConfig, *, downsample: int, seed: int = 0) -> tuple[ImageDataset, ImageDataset | None]:
     """The training set (random samples) and the validation set (deterministic samples, or None).
 
     Args:
         cfg: the data section of the training configuration.
         downsample: the model's per-axis reduction (4 or 8); ``cfg.size`` must be a multiple of it so that
             latents tile the crop exactly.
+        seed: seed of the automatic validation split (``data.val: auto`` on a folder).
     """
     if not cfg.train:
         raise DataError("data.train is not set: give a folder of images or a CSV manifest "
@@ -561,13 +612,8 @@ def build_datasets(cfg: DataConfig, *, downsample: int) -> tuple[ImageDataset, I
     if downsample < 1 or cfg.size % downsample:
         raise DataError(f"data.size {cfg.size} must be a multiple of the model's reduction per axis ({downsample}), "
                         f"e.g. {max(downsample, cfg.size // downsample * downsample)}")
-    train_entries = read_source(cfg.train, split="train", modality=cfg.modality)
-    if cfg.val is not None:
-        val_entries: list[Entry] | None = read_source(cfg.val, split="val", modality=cfg.modality)
-    elif manifest_has_split(cfg.train):
-        val_entries = read_source(cfg.train, split="val", modality=cfg.modality, required=False) or None
-    else:
-        val_entries = None
+    train_entries, val_entries, how = split_sources(cfg, seed)
+
     def dataset(entries: list[Entry], train: bool) -> ImageDataset:
         return ImageDataset(entries, train=train, spatial_dims=cfg.spatial_dims, in_channels=cfg.in_channels,
                             size=cfg.size, mode=cfg.mode, flips=cfg.flips, mri_percentiles=cfg.mri_percentiles,
@@ -576,8 +622,9 @@ def build_datasets(cfg: DataConfig, *, downsample: int) -> tuple[ImageDataset, I
 
     train = dataset(train_entries, True)
     val = dataset(val_entries, False) if val_entries else None
-    logger.info("training images: %d from %s; validation: %s", len(train), cfg.train,
-                f"{len(val)} images" if val is not None else "none")
+    if val is not None:
+        val.selection = how
+    logger.info("training images: %d from %s; validation: %s", len(train), cfg.train, how)
     return train, val
 
 

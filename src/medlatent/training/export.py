@@ -13,7 +13,14 @@ from pathlib import Path
 
 import torch
 
-from medlatent.checkpoints import StateDict, save_pretrained
+from medlatent.checkpoints import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    StateDict,
+    load_pretrained,
+    read_state_dict,
+    save_pretrained,
+)
 from medlatent.io.atomic import atomic_write
 from medlatent.model.autoencoder import MedVAE
 from medlatent.model.lora import LoRAConv, merge_lora_modules
@@ -100,4 +107,38 @@ def export_official_ckpt(model: MedVAE, path: str | Path, *, merged: bool) -> Pa
     return path
 
 
-__all__ = ["export_model", "export_official_ckpt", "merged_copy"]
+class ExportError(ValueError):
+    """A model folder that cannot be exported in the requested format; the message says what to do."""
+
+
+def export_folder_ckpt(directory: str | Path, path: str | Path) -> tuple[Path, str]:
+    """``medlatent export-ckpt``: a medlatent model folder (e.g. ``RUN_DIR/final``) as an official ``.ckpt``.
+
+    Plain members are written merged. For the architectures the official code builds with LoRA adapters
+    (``medvae_4_3_2d``, ``medvae_8_4_2d``) the folder must hold its adapters (a run with
+    ``train.export_merged: false``): the official loader injects adapters and loads with ``strict=False``, so
+    merged weights would silently stay unloaded there.
+
+    Returns:
+        ``(path, note)``: the file written and a few words on its layout.
+    """
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
+        raise ExportError(f"{directory}: not a medlatent model folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
+                          "give RUN_DIR/final or a RUN_DIR/checkpoints/step_* folder")
+    model = load_pretrained(directory)  # checks the weights against the architecture
+    member = _official_lora_member(model)
+    if not member:
+        return export_official_ckpt(model, path, merged=True), "merged weights, official key layout"
+    raw = read_state_dict(directory / WEIGHTS_FILE)
+    if not any(".lora_" in k for k in raw):
+        raise ExportError(f"{directory}: this is the {member} architecture, which the official code loads with "
+                          "LoRA adapters (strict=False), so merged weights would silently stay unloaded there. "
+                          "Train with train.export_merged=false to keep the adapters, then export that final/")
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        torch.save({"state_dict": {k: v.contiguous() for k, v in raw.items()}}, tmp)
+    return path, f"LoRA adapters kept in the official layout of {member}"
+
+
+__all__ = ["ExportError", "export_folder_ckpt", "export_model", "export_official_ckpt", "merged_copy"]

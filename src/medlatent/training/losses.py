@@ -25,6 +25,7 @@ from torch import nn
 from medlatent.model.posterior import DiagonalGaussian
 from medlatent.training.clip import BIOMEDCLIP, ClipConsistency, load_biomedclip
 from medlatent.training.discriminator import PatchDiscriminator
+from medlatent.training.options import option
 from medlatent.training.perceptual import MSSSIMLoss, load_lpips, over_slices
 
 PERCEPTUAL_CHOICES = ("lpips", "ms_ssim", "none")
@@ -34,37 +35,31 @@ PERCEPTUAL_CHOICES = ("lpips", "ms_ssim", "none")
 class LossConfig:
     """Weights and switches of the stage-1 objective (the ``loss`` section of a training config).
 
-    Attributes:
-        perceptual: ``lpips`` (official), ``ms_ssim`` (offline, no pretrained weights) or ``none``.
-        perceptual_weight: weight of the perceptual term inside the reconstruction loss.
-        lpips_weights: LPIPS weights file, or ``auto`` (lpips + torchvision packages); see
-            :func:`~medlatent.training.perceptual.load_lpips` (None = random weights, tests only).
-        kl_weight: KL penalty weight (paper and official: 1e-6).
-        disc_weight: scale of the adaptive adversarial weight (official 0.5).
-        disc_start: step from which the adversarial terms are on (official experiments: 3125).
-        disc_layers: stride-2 layers of the PatchGAN (official 3, which needs sides ≥ 24; 1 suits tiny crops).
-        adaptive_disc_weight: balance the adversarial gradient against the reconstruction gradient at the
-            decoder's last layer; False uses a fixed weight 1.0, as the official code does for LoRA training.
-        learn_logvar: train the scalar log-variance that scales the reconstruction loss.
-        clip_weight: weight of the BiomedCLIP reconstruction-consistency term; 0 turns it off. The official
-            criterion multiplies it by 100 when ``use_biomedclip_loss`` is on. That flag defaults to off and
-            no released config sets it; ``medvae_finetune.py`` only adds a BiomedCLIP metric slot for the
-            LoRA members ``medvae_4_3_2d`` / ``medvae_8_4_2d`` ("uses lora and needs biomedclip loss"),
-            while the paper lists the term for all four 2D stage-1 base models. Use 100 to follow the paper.
-        clip_model: open_clip source of the BiomedCLIP encoder.
+    On ``clip_weight``: the official criterion multiplies the BiomedCLIP term by 100 when
+    ``use_biomedclip_loss`` is on. That flag defaults to off and no released config sets it;
+    ``medvae_finetune.py`` only adds a BiomedCLIP metric slot for the LoRA members ``medvae_4_3_2d`` /
+    ``medvae_8_4_2d``, while the paper lists the term for all four 2D stage-1 base models.
     """
 
-    perceptual: str = "lpips"
-    perceptual_weight: float = 1.0
-    lpips_weights: str | None = "auto"
-    kl_weight: float = 1e-6
-    disc_weight: float = 0.5
-    disc_start: int = 3125
-    disc_layers: int = 3
-    adaptive_disc_weight: bool = True
-    learn_logvar: bool = False
-    clip_weight: float = 0.0
-    clip_model: str = BIOMEDCLIP
+    perceptual: str = option("lpips", "`lpips` (official; needs the lpips + torchvision weights), `ms_ssim` "
+                                      "(offline, no pretrained weights) or `none`.")
+    perceptual_weight: float = option(1.0, "Weight of the perceptual term inside the reconstruction loss.")
+    lpips_weights: str | None = option(
+        "auto", "LPIPS weights file, or `auto` (the lpips + torchvision packages); null: random weights (tests "
+                "only).")
+    kl_weight: float = option(1e-6, "KL penalty weight (paper and official: 1e-6).")
+    disc_weight: float = option(0.5, "Scale of the adaptive adversarial weight (official 0.5).")
+    disc_start: int = option(3125, "Step from which the PatchGAN terms are on (official experiments: 3125); a "
+                                   "huge value switches the GAN off.")
+    disc_layers: int = option(3, "Stride-2 layers of the PatchGAN (official 3, which needs sides ≥ 24; 1 suits "
+                                 "tiny crops).")
+    adaptive_disc_weight: bool = option(
+        True, "Balance the adversarial gradient against the reconstruction gradient at the decoder's last layer; "
+              "false uses a fixed weight 1.0, as the official code does for LoRA training.")
+    learn_logvar: bool = option(False, "Train the scalar log-variance that scales the reconstruction loss.")
+    clip_weight: float = option(0.0, "Weight of the BiomedCLIP reconstruction-consistency term; 0 turns it off "
+                                     "(100 follows the paper).")
+    clip_model: str = option(BIOMEDCLIP, "open_clip source of the BiomedCLIP encoder.")
 
     def __post_init__(self) -> None:
         if self.perceptual not in PERCEPTUAL_CHOICES:

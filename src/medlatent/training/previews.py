@@ -1,11 +1,15 @@
-"""PNG previews of validation reconstructions: input | reconstruction | |difference|, one row per image."""
+"""PNG previews of validation reconstructions (input | reconstruction | |difference|, one row per image) and the
+run's training and validation curves."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def _panel(t: torch.Tensor) -> np.ndarray:
@@ -35,4 +39,65 @@ def save_previews(pairs: list[tuple[torch.Tensor, torch.Tensor]], path: Path) ->
     grid = np.concatenate(rows, axis=0)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((np.clip(grid, 0, 1) * 255).round().astype(np.uint8)).save(path)
+    return path
+
+
+def _columns(log_csv: Path) -> dict[str, list[tuple[int, float]]]:
+    """``{column: [(step, value)]}`` of a run's ``log.csv`` (empty cells left out)."""
+    import csv
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    if not log_csv.exists():
+        return out
+    with log_csv.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            for k, v in row.items():
+                if k != "step" and v not in (None, ""):
+                    out.setdefault(k, []).append((int(row["step"]), float(v)))
+    return out
+
+
+def _val_rows(val_jsonl: Path) -> list[dict]:
+    import json
+
+    if not val_jsonl.exists():
+        return []
+    return [json.loads(line) for line in val_jsonl.read_text().splitlines() if line.strip()]
+
+
+def save_curves(run_dir: Path) -> Path | None:
+    """``curves.png``: the training loss terms of ``log.csv`` and the validation PSNR / MS-SSIM of ``val.jsonl``
+    against the step. Skipped, with a logged warning, when matplotlib is not installed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        logger.warning("curves.png skipped: matplotlib is not installed (pip install matplotlib); the values are "
+                       "in log.csv and val.jsonl")
+        return None
+    run_dir = Path(run_dir)
+    train = _columns(run_dir / "log.csv")
+    val = _val_rows(run_dir / "val.jsonl")
+    if not train and not val:
+        return None
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_loss, ax_psnr = fig.subplots(1, 2)
+    # per-pixel terms share a scale; `total` (a per-image sum) is drawn only when none of them is logged
+    keys = [k for k in ("rec", "perceptual", "clip", "disc") if k in train] or [k for k in ("total",) if k in train]
+    for key in keys:
+        steps, values = zip(*train[key])
+        ax_loss.plot(steps, values, label=key)
+    ax_loss.set(xlabel="step", ylabel="training loss (log.csv, mean per logging interval)", title="training")
+    if ax_loss.lines:
+        ax_loss.legend()
+    points = [(r["step"], r["val_psnr"]) for r in val if isinstance(r.get("val_psnr"), (int, float))]
+    if points:
+        steps, values = zip(*points)
+        ax_psnr.plot(steps, values, "o-", color="tab:green")
+    ax_psnr.set(xlabel="step", ylabel="validation PSNR (dB)", title="validation" if points else "no validation")
+    for ax in (ax_loss, ax_psnr):
+        ax.ticklabel_format(useOffset=False, axis="y")
+    path = run_dir / "curves.png"
+    fig.savefig(path, dpi=100)
     return path

@@ -17,6 +17,9 @@ import copy
 import csv
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +34,24 @@ from medlatent.model import MedVAE
 from medlatent.model.lora import merge_lora_modules
 from medlatent.training.build import build_model
 from medlatent.training.checkpointing import checkpoint_dirs, load_checkpoint_state, prune, save_checkpoint
-from medlatent.training.config import TrainConfig
+from medlatent.training.config import TrainConfig, check_trackers
 from medlatent.training.data import EpochSampler, build_datasets, make_loader
+
+#: the files of a run folder that the trainer writes besides checkpoints and ``final/``
+LOG_FILE, VAL_FILE, SPLIT_FILE, CURVES_FILE = "log.csv", "val.jsonl", "val_split.txt", "curves.png"
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped the run after a checkpoint of the step it was in was saved."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}: checkpoint saved in "
+                         f"{checkpoint}; run the same command again to resume from it")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
 class _Stage1Step(nn.Module):
@@ -104,13 +123,16 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, perceptual: nn.Module | None = None, clip: nn.Module | None = None) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
         self.cfg = cfg.validate()
         t = cfg.train
+        check_trackers(t.log_with)  # a tracker that is not installed stops the run here, not silently later
         self.acc = Accelerator(
             mixed_precision=t.mixed_precision, cpu=t.cpu, log_with=t.log_with or None,
-            project_dir=t.output_dir, kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+            project_config=ProjectConfiguration(project_dir=t.output_dir,
+                                                logging_dir=str(Path(t.output_dir) / "tensorboard")),
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         )
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.out = Path(t.output_dir)
@@ -153,12 +175,24 @@ class Trainer:
             self.opt_d = self.acc.prepare(self.opt_d)
         self.ema = EMA(self.params, t.ema_decay) if t.ema_decay else None
 
-        self.train_ds, self.val_ds = build_datasets(cfg.data, downsample=self.model.downsample_per_axis)
+        self.train_ds, self.val_ds = build_datasets(cfg.data, downsample=self.model.downsample_per_axis,
+                                                    seed=t.seed)
         self.sampler = EpochSampler(len(self.train_ds), t.batch_size, t.seed, rank=self.rank, world_size=self.world)
         self.progress = Progress()
         self._log_columns: list[str] = []
+        self._pending: dict[str, list[float]] = {}  # per-step values since the last log row: [sum, count]
+        self._elapsed = 0.0  # training seconds of earlier processes of this run (restored on resume)
+        self._t0: float | None = None  # perf_counter() at which this run's elapsed time would have been 0
+        self._stop_signal: int | None = None
         if resume_from is not None:
             self._resume(resume_from)
+        if self.is_main and self.val_ds is not None:
+            from medlatent.training.validation import write_split
+
+            write_split(self.out / SPLIT_FILE, self.val_ds.entries, self.val_ds.selection)
+        if t.log_with:
+            self.acc.init_trackers("medlatent", config=_flat(cfg.to_dict()),
+                                   init_kwargs={"wandb": {"name": self.out.resolve().name}})
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -259,25 +293,83 @@ class Trainer:
         batches = self._batches()
         metrics: dict[str, float] = {}
         self.step_module.train()
-        t0 = time.perf_counter()
+        started = time.perf_counter()
+        self._t0 = started - self._elapsed  # the seconds column continues across resumes
         budget = t.max_minutes * 60 if t.max_minutes else math.inf
-        while self.progress.step < stop:
-            if budget < math.inf and self._over_budget(time.perf_counter() - t0 > budget):
-                stop = self.progress.step + 1  # one more step, then the end-of-run log, validation, checkpoint
-            micro = [next(batches) for _ in range(t.grad_accum)]
-            lr = self._set_lr(self.progress.step + 1)
-            logs = self._stage2_step(micro) if self.stage == "stage2" else self._stage1_step(micro)
-            self.progress.step += 1
-            s = self.progress.step
-            if s % t.log_every == 0 or s == stop:
-                self._log({"step": s, "epoch": self.progress.epoch, "lr": lr,
-                           "seconds": round(time.perf_counter() - t0, 2), **logs})
-            if self.val_ds is not None and (s % t.val_every == 0 or s == stop):
-                metrics = self.validate()
-            if s % t.ckpt_every == 0 or s == stop:
-                self.save()
+        with self._stop_on_signals():
+            while self.progress.step < stop:
+                if budget < math.inf and self._over_budget(time.perf_counter() - started > budget):
+                    stop = self.progress.step + 1  # one more step, then the end-of-run log, validation, checkpoint
+                micro = [next(batches) for _ in range(t.grad_accum)]
+                lr = self._set_lr(self.progress.step + 1)
+                logs = self._stage2_step(micro) if self.stage == "stage2" else self._stage1_step(micro)
+                self.progress.step += 1
+                s = self.progress.step
+                self._add_pending({"lr": lr, **logs})
+                interrupted = self._signalled()
+                if s % t.log_every == 0 or s == stop or interrupted:
+                    self._flush_log(stop)
+                if interrupted:
+                    self._interrupt()
+                if self.val_ds is not None and (s % t.val_every == 0 or s == stop):
+                    metrics = self.validate()
+                if s % t.ckpt_every == 0 or s == stop:
+                    self.save()
         self._barrier()
+        if self.is_main:
+            from medlatent.training.previews import save_curves
+
+            save_curves(self.out)
         return metrics
+
+    # ------------------------------------------------------------------ interrupts
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM finish the current step, save a checkpoint and stop (a second signal stops at once)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {}
+
+        def handler(signum: int, frame) -> None:
+            if self._stop_signal is not None:
+                for sig, old in previous.items():
+                    signal.signal(sig, old)
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            print(f"{signal.Signals(signum).name}: finishing step {self.progress.step + 1}, then saving a checkpoint "
+                  "(send it again to stop at once, losing the steps since the last checkpoint)",
+                  file=sys.stderr, flush=True)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _signalled(self) -> bool:
+        """Whether any rank received SIGINT/SIGTERM (all ranks stop at the same step)."""
+        local = self._stop_signal is not None
+        if self.world == 1 or not dist.is_initialized():
+            return local
+        flag = torch.tensor([float(self._stop_signal or 0)], device=self.acc.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self._stop_signal is None:
+            self._stop_signal = int(flag.item())
+        return bool(flag.item())
+
+    def _interrupt(self) -> None:
+        """Save the step just finished (unless its checkpoint exists) and raise :class:`TrainingInterrupted`."""
+        d = self.out / "checkpoints" / f"step_{self.progress.step:07d}"
+        if not (d / "state.pt").is_file():
+            d = self.save()
+        if self.is_main:
+            from medlatent.training.previews import save_curves
+
+            save_curves(self.out)
+        raise TrainingInterrupted(self._stop_signal or signal.SIGINT, self.progress.step, d)
 
     def _set_lr(self, step: int) -> float:
         """The learning rate of optimiser step ``step`` (1-based): ``optim.warmup_steps`` of linear warm-up.
@@ -301,42 +393,58 @@ class Trainer:
         return bool(flag.item())
 
     # ------------------------------------------------------------------ logging, validation, export
+    def _add_pending(self, logs: dict[str, float]) -> None:
+        for k, v in logs.items():
+            total = self._pending.setdefault(k, [0.0, 0])
+            total[0] += float(v)
+            total[1] += 1
+
+    def _flush_log(self, stop: int) -> None:
+        """One log row: every value averaged over the steps since the previous row (terms that are off in some
+        of them, like ``disc`` before ``loss.disc_start``, over the steps that had them)."""
+        means = {k: total / n for k, (total, n) in self._pending.items()}
+        self._pending = {}
+        row = {"step": self.progress.step, "epoch": self.progress.epoch,
+               "seconds": round(time.perf_counter() - self._t0, 2), **means}
+        self._log(row)
+        if self.is_main:
+            terms = "  ".join(f"{k} {means[k]:.4g}" for k in ("total", "rec", "clip", "disc") if k in means)
+            print(f"step {row['step']}/{stop}  {terms}  lr {means.get('lr', 0):.3g}  {row['seconds']:.0f} s",
+                  flush=True)
+
     def _log(self, row: dict[str, Any]) -> None:
         if self.cfg.train.log_with:
             self.acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         if not self.is_main:
             return
-        path = self.out / "log.csv"
+        path = self.out / LOG_FILE
         new = [k for k in row if k not in self._log_columns]
         if new or not path.exists():
-            old_rows = list(csv.DictReader(path.open())) if path.exists() else []
+            old_rows = _read_rows(path)
             self._log_columns += new
-            with path.open("w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=self._log_columns)
-                w.writeheader()
-                w.writerows(old_rows)
+            _write_rows(path, self._log_columns, old_rows)
         with path.open("a", newline="") as fh:
-            csv.DictWriter(fh, fieldnames=self._log_columns).writerow(row)
+            csv.DictWriter(fh, fieldnames=self._log_columns, lineterminator="\n").writerow(row)
 
     def _truncate_log(self, step: int) -> None:
         """Drop log rows after ``step`` (written by a run killed after its last checkpoint)."""
-        path = self.out / "log.csv"
+        path = self.out / LOG_FILE
         if not path.exists():
             return
-        with path.open() as fh:
-            reader = csv.DictReader(fh)
-            self._log_columns = list(reader.fieldnames or [])
-            rows = [r for r in reader if int(r["step"]) <= step]
-        with path.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=self._log_columns)
-            w.writeheader()
-            w.writerows(rows)
+        with path.open(newline="") as fh:
+            self._log_columns = list(csv.DictReader(fh).fieldnames or [])
+        _write_rows(path, self._log_columns, [r for r in _read_rows(path) if int(r["step"]) <= step])
+        val = self.out / VAL_FILE
+        if val.exists():  # validation rows after the checkpoint, likewise
+            kept = [ln for ln in val.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            val.write_text("".join(ln + "\n" for ln in kept))
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """PSNR / MS-SSIM of posterior-mean reconstructions on the validation set, PNG previews (main process)."""
-        from medlatent.metrics import ms_ssim, psnr
+        """PSNR / MS-SSIM of whole validation images, as ``medlatent evaluate recon`` measures them
+        (:mod:`medlatent.training.validation`), and PNG previews (main process)."""
         from medlatent.training.previews import save_previews
+        from medlatent.training.validation import validate_model
 
         metrics: dict[str, float] = {}
         if self.is_main:
@@ -344,27 +452,19 @@ class Trainer:
             was_training = model.training
             model.eval()
             ctx = self.ema.swapped() if self.ema else contextlib.nullcontext()
-            scores: dict[str, list[float]] = {"val_psnr": [], "val_ms_ssim": []}
-            shown = []
-            with ctx:
-                for i in range(min(len(self.val_ds), self.cfg.train.val_max_images)):
-                    x = self.val_ds[i]["image"][None].to(self.acc.device)
-                    rec = model.reconstruct(x).clamp(-1, 1)
-                    a, b = ((x[0] + 1) / 2).float().cpu(), ((rec[0] + 1) / 2).float().cpu()
-                    scores["val_psnr"].append(psnr(a, b))
-                    dims = model.spatial_dims  # volumes arrive as 1×X×Y×Z
-                    value = ms_ssim(a if dims == 2 else a[0], b if dims == 2 else b[0], spatial_dims=dims)
-                    if not math.isnan(value):
-                        scores["val_ms_ssim"].append(value)
-                    if len(shown) < self.cfg.train.previews:
-                        shown.append((a, b))
-            model.train(was_training)
-            metrics = {k: float(np.mean([v for v in vals if math.isfinite(v)])) if vals else float("nan")
-                       for k, vals in scores.items()}
+            entries = self.val_ds.entries[: self.cfg.train.val_max_images]
+            try:
+                with ctx:
+                    metrics, shown = validate_model(model, entries, self.cfg.data, self.cfg.train.previews)
+            finally:
+                model.train(was_training)
             save_previews(shown, self.out / "previews" / f"step_{self.progress.step:07d}.png")
             row = {"step": self.progress.step, **{k: round(v, 4) for k, v in metrics.items()}}
-            with (self.out / "val.jsonl").open("a") as fh:
+            row["val_images"] = len(entries)
+            with (self.out / VAL_FILE).open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
+            if self.cfg.train.log_with:
+                self.acc.log({k: v for k, v in metrics.items() if k != "val_images"}, step=self.progress.step)
         self._barrier()
         return metrics
 
@@ -373,6 +473,7 @@ class Trainer:
             "step": self.progress.step, "epoch": self.progress.epoch, "batch_in_epoch": self.progress.batch_in_epoch,
             "opt": self.opt.optimizer.state_dict(),
             "config": self.cfg.to_dict(),
+            "seconds": self._elapsed if self._t0 is None else time.perf_counter() - self._t0,
         }
         if self.opt_d is not None:
             state["opt_d"] = self.opt_d.optimizer.state_dict()
@@ -415,6 +516,7 @@ class Trainer:
         if self.ema and "ema" in state:
             self.ema.shadow = [s.to(self.acc.device) for s in state["ema"]]
         self.progress = Progress(state["step"], state["epoch"], state["batch_in_epoch"])
+        self._elapsed = float(state.get("seconds", 0.0))
         if self.is_main:
             self._truncate_log(self.progress.step)
             print(f"resumed from {directory} at step {self.progress.step}")
@@ -430,12 +532,37 @@ class Trainer:
             if merged:
                 merge_lora_modules(model)
             model.requires_grad_(False)
-            model.save_pretrained(directory, name=self.cfg.model.name)
+            model.save_pretrained(directory, name=self.cfg.export_name())
         self._barrier()
         return directory
 
     def end(self) -> None:
         self.acc.end_training()
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _write_rows(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"seed": 0}}`` → ``{"train.seed": 0}``, lists and None as text (what trackers store)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (bool, int, float, str)) else str(v)
+    return out
 
 
 def _accumulate(total: dict[str, float], logs: dict[str, float], n: int) -> None:
