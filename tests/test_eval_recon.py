@@ -208,7 +208,9 @@ def test_recon_evaluation_2d_on_real_files(tmp_path):
     res = evaluate_reconstruction([ct, mr], model, tmp_path / "out", opts)
     assert res.failures == []
     rows = _read_csv(tmp_path / "out" / "results.csv")
-    assert len(rows) == 2 * 4 and {r["method"] for r in rows} == {"medlatent", "nearest", "bilinear", "bicubic"}
+    # C=2, f=4: the equal-values row is bicubic at f=4/2 (÷√2 per axis, sizes rounded)
+    assert len(rows) == 2 * 5 and {r["method"] for r in rows} == {"medlatent", "nearest", "bilinear", "bicubic",
+                                                                  "bicubic (f=2)"}
     ct_rows = [r for r in rows if r["image"] == "CT_small"]
     assert all(float(r["roi_psnr"]) > 0 for r in ct_rows)
     assert all(r["roi_psnr"] == "" for r in rows if r["image"] == "MR_small")
@@ -227,7 +229,7 @@ def test_recon_evaluation_2d_on_real_files(tmp_path):
     pngs = sorted(p.name for p in (tmp_path / "out" / "figures").glob("*.png"))
     assert "psnr.png" in pngs and any(p.startswith("example_1_") for p in pngs)
     # the ROI PSNR is the PSNR of the cropped [0, 1] arrays: a 2-pixel box of identical values would be inf
-    assert len(_read_csv(tmp_path / "out" / "roi_results.csv")) == 4
+    assert len(_read_csv(tmp_path / "out" / "roi_results.csv")) == 5
 
 
 def test_recon_evaluation_3d_with_a_slicewise_2d_model(tmp_path):
@@ -238,7 +240,7 @@ def test_recon_evaluation_3d_with_a_slicewise_2d_model(tmp_path):
                                   extra_methods={"2d-slicewise": slicewise_spec(model2d, model3d)})
     assert res.failures == []
     methods = {r["method"] for r in res.rows}
-    assert methods == {"medlatent", "trilinear", "area", "2d-slicewise"}
+    assert methods == {"medlatent", "trilinear", "area", "area (f=4)", "2d-slicewise"}  # f=8, C=2: area at f=4
     for r in res.rows:
         assert math.isfinite(r["psnr"]) and 0 < r["ms_ssim"] <= 1
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

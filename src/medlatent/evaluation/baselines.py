@@ -109,6 +109,50 @@ def interpolation_methods(spatial_dims: int, s: int, names: tuple[str, ...] | li
     return {n: (lambda x, _m=n: roundtrip(x, s, _m)) for n in chosen}
 
 
+def per_axis_factor(f: float, spatial_dims: int) -> float:
+    """The per-axis reduction ``f**(1/d)`` of a downsizing factor ``f`` (area in 2D, volume in 3D); an integer
+    when ``f`` is a ``d``-th power (16 → 4 in 2D), else a float (16/3 → 2.31 in 2D)."""
+    if not (isinstance(f, (int, float)) and math.isfinite(f) and f > 1):
+        raise BaselineError(f"an interpolation factor f must be a number > 1, got {f!r}")
+    r = f ** (1 / spatial_dims)
+    return float(round(r)) if abs(r - round(r)) < 1e-6 else r
+
+
+def resized_shape(shape: tuple[int, ...], r: float) -> tuple[int, ...]:
+    """Spatial size after shrinking ``shape`` by ``r`` per axis (rounded, at least 1): what an interpolation
+    codec at that factor stores."""
+    return tuple(max(1, round(n / r)) for n in shape)
+
+
+def interpolation_at(spatial_dims: int, f: float, mode: str) -> tuple[Method, int]:
+    """An interpolation baseline at any downsizing factor ``f`` and the size multiple its input needs.
+
+    An integer per-axis factor ``s`` (``f = s**d``) is :func:`roundtrip` on an input padded to a multiple of
+    ``s``; any other factor shrinks to :func:`resized_shape` (rounded per axis) and enlarges back, on the
+    unpadded input. E.g. a 2D model with f=16 and C=4 stores as many values as bicubic at f=4 (÷2 per axis).
+
+    Returns:
+        ``(method, multiple)``.
+    """
+    if mode not in INTERPOLATION.get(spatial_dims, ()):
+        raise BaselineError(f"unknown {spatial_dims}D interpolation {mode!r}; choose one of "
+                            f"{', '.join(INTERPOLATION.get(spatial_dims, ()))}")
+    r = per_axis_factor(f, spatial_dims)
+    if r.is_integer():
+        s = int(r)
+        return (lambda x: roundtrip(x, s, mode)), s
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        size = resized_shape(tuple(x.shape[2:]), r)
+        if mode in ("nearest", "area"):
+            small = F.interpolate(x, size=size, mode=mode)
+        else:
+            small = F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=mode != "trilinear")
+        return enlarge(small, tuple(x.shape[2:]), mode)
+
+    return run, 1
+
+
 # ===================================================================================== the model
 def round_latent(z: torch.Tensor, latent_dtype: str | None) -> torch.Tensor:
     """``z`` as stored: rounded through ``latent_dtype`` (``float16`` by default in latent files), back in float32."""

@@ -71,6 +71,18 @@ def _parse_list(text: Optional[str]) -> Optional[tuple[str, ...]]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def _parse_factors(text: str) -> tuple[float, ...]:
+    """``--interp-f 4,16`` → ``(4.0, 16.0)``; each a number > 1."""
+    try:
+        factors = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        _fail(f"--interp-f takes comma-separated numbers such as 4,16; got {text!r}")
+    bad = [f for f in factors if not f > 1 or f != f or f == float("inf")]
+    if bad:
+        _fail(f"--interp-f factors must be numbers > 1 (f = pixels per stored value); got {bad[0]:g}")
+    return factors
+
+
 def _parse_percentiles(text: Optional[str]) -> Optional[tuple[float, float]]:
     if text is None:
         return None
@@ -93,11 +105,20 @@ def register(app: typer.Typer) -> None:
     def recon(
         inputs: list[Path] = typer.Argument(..., help="Image files, folders and/or CSVs (path[,modality])."),
         output: Path = typer.Option(..., "--output", "-o", help="Folder for results.csv, summary.json, report.md."),
-        model: str = MODEL_OPT,
+        model: Optional[list[str]] = typer.Option(
+            None, "--model", "-m", help=f"Registry name or model folder (e.g. a run's final/); repeat to compare "
+                                        f"several in one report (default: {DEFAULT_MODEL})."),
         checkpoint: Optional[Path] = CHECKPOINT_OPT,
         baselines: Optional[str] = typer.Option(
             None, "--baselines", help="Comma-separated interpolation baselines, or 'none' (default: all; 2D "
                                       "nearest,bilinear,bicubic; 3D nearest,trilinear,area)."),
+        equal_values: bool = typer.Option(
+            True, "--equal-values/--no-equal-values", help="For each model with C > 1, an interpolation row at "
+                                                           "f/C: as many values stored as the latent."),
+        interp_f: str = typer.Option("", "--interp-f", help="Extra interpolation rows at these factors f, e.g. "
+                                                            "4,16 (any number > 1)."),
+        interp: Optional[str] = typer.Option(None, "--interp", help="Interpolation of the equal-values and "
+                                                                   "--interp-f rows (default: bicubic 2D, area 3D)."),
         natural: Optional[list[Path]] = typer.Option(
             None, "--natural", help="Local diffusers AutoencoderKL/VQModel folder to compare (repeatable)."),
         model2d: Optional[str] = typer.Option(
@@ -118,19 +139,34 @@ def register(app: typer.Typer) -> None:
         max_memory: Optional[float] = typer.Option(None, "--max-memory", help="Activation memory budget in GB."),
         uneven: str = UNEVEN_OPT,
     ) -> None:
-        """Reconstruction quality (PSNR, MS-SSIM, ROI PSNR) of a model against baselines, paper-style mean ± sd."""
+        """Reconstruction quality (PSNR, MS-SSIM, ROI PSNR) of one or more models against baselines at the same f
+        and at equal values stored, paper-style mean ± sd."""
         from medlatent.cli import ModelLoadError, _load_model
         from medlatent.engine.tiled import TileSettings
         from medlatent.evaluation.baselines import BaselineError, NaturalModelError, natural_image_autoencoder
-        from medlatent.evaluation.recon import (EvaluationInputError, ReconOptions, evaluate_reconstruction,
-                                                natural_spec, slicewise_spec)
+        from medlatent.evaluation.recon import (
+            EvaluationInputError,
+            ReconOptions,
+            evaluate_reconstruction,
+            format_seed_stat,
+            format_values_stored,
+            natural_spec,
+            slicewise_spec,
+        )
 
         if latent_dtype not in ("float16", "float32"):
             _fail(f"--latent-dtype must be float16 or float32, got {latent_dtype!r}")
-        try:
-            net = _load_model(model, checkpoint).to(device).eval()
-        except ModelLoadError as e:
-            _fail(str(e))
+        names = model or [DEFAULT_MODEL]
+        if checkpoint is not None and len(names) > 1:
+            _fail("--checkpoint goes with a single --model; give each further model as a folder or checkpoint path")
+        nets = []
+        for name in names:
+            try:
+                nets.append(_load_model(name, checkpoint).to(device).eval())
+            except ModelLoadError as e:
+                _fail(str(e))
+        if len({n.spatial_dims for n in nets}) > 1:
+            _fail("the --model list mixes 2D and 3D models; compare one dimensionality per run")
         extra = {}
         for folder in natural or []:
             try:
@@ -139,7 +175,7 @@ def register(app: typer.Typer) -> None:
                 _fail(str(e))
             extra[f"{'KL-VAE' if ae.kind == 'kl' else 'VQ-GAN'}:{folder.name}"] = natural_spec(ae)
         if model2d is not None:
-            if net.spatial_dims != 3:
+            if nets[0].spatial_dims != 3:
                 _fail("--model2d compares a 2D model slice by slice with a 3D --model; this model is 2D")
             try:
                 net2 = _load_model(model2d, None).to(device).eval()
@@ -147,23 +183,30 @@ def register(app: typer.Typer) -> None:
                 _fail(str(e))
             if net2.spatial_dims != 2:
                 _fail(f"--model2d {model2d!r} is a {net2.spatial_dims}D model; give a 2D one")
-            extra[f"2D:{net2.weights_info.get('model') or model2d} slice-wise"] = slicewise_spec(net2, net)
+            label = f"2D:{net2.weights_info.get('model') or model2d} slice-wise"
+            reductions = {n.downsample_per_axis: n for n in nets}
+            for n3 in reductions.values():
+                extra[label + (f" (f={n3.f})" if len(reductions) > 1 else "")] = slicewise_spec(net2, n3)
         opts = ReconOptions(baselines=_parse_list(baselines), modality=modality,
                             mri_percentiles=_parse_percentiles(mri_percentiles), latent_dtype=latent_dtype,
                             precision=precision, tiles=TileSettings(tile=tile, max_memory_gb=max_memory),
                             samples=samples, seeds=seeds, replace=replace, roi_csv=roi, figures=figures,
-                            title=title, uneven=uneven)
+                            title=title, uneven=uneven, equal_values=equal_values,
+                            interp_f=_parse_factors(interp_f), interp=interp)
         try:
-            res = evaluate_reconstruction(inputs, net, output, opts, extra_methods=extra, progress=_progress)
+            res = evaluate_reconstruction(inputs, nets, output, opts, extra_methods=extra, progress=_progress)
         except (EvaluationInputError, BaselineError, ValueError) as e:
             _fail(str(e))
-        from medlatent.evaluation.report import format_stat
-
+        k = len(res.summary["protocol"]["seeds"])
         for name, m in res.summary["methods"].items():
-            typer.echo(f"{name:>28}  PSNR {format_stat(m['psnr']['mean'], m['psnr']['sd'], 2):>16} dB   "
-                       f"MS-SSIM {format_stat(m['ms_ssim']['mean'], m['ms_ssim']['sd'], 4):>16}"
-                       + (f"   ROI PSNR {format_stat(m['roi_psnr']['mean'], m['roi_psnr']['sd'], 2)} dB"
-                          if "roi_psnr" in m else ""))
+            typer.echo(f"{name:>28}  values {format_values_stored(m['values_stored']):>7}   "
+                       f"PSNR {format_seed_stat(m['psnr'], k, 2):>16} dB   "
+                       f"MS-SSIM {format_seed_stat(m['ms_ssim'], k, 4):>16}"
+                       + (f"   ROI PSNR {format_seed_stat(m['roi_psnr'], k, 2)} dB" if "roi_psnr" in m else ""))
+        for m in res.summary["models"]:
+            typer.echo(f"model {m['name']}: weights SHA-256 {m['weights_sha256'][:12]}")
+        for w in res.summary["warnings"]:
+            typer.secho(f"warning: {w}", err=True, fg=typer.colors.YELLOW)
         typer.echo(f"report: {res.files['report']}")
         _report_failures(res.failures, output)
 

@@ -38,6 +38,7 @@ evaluated is a failure with its reason (naming the file), never skipped silently
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -50,7 +51,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from medlatent.evaluation.baselines import Method, interpolation_methods, model_method, slicewise_method
+from medlatent.evaluation.baselines import (
+    Method,
+    interpolation_at,
+    interpolation_methods,
+    model_method,
+    per_axis_factor,
+    resized_shape,
+    slicewise_method,
+)
 from medlatent.metrics import ms_ssim, psnr
 
 if TYPE_CHECKING:
@@ -303,30 +312,91 @@ def _over_images(values: Sequence[float]) -> dict[str, Any]:
 
 
 # ===================================================================================== methods
+#: Shape of a preprocessed input ``1×C×…`` → how many values a method stores for it.
+StoredCount = Callable[[tuple[int, ...]], int]
+
+
 @dataclass
 class MethodSpec:
-    """A reconstruction method with what the report says about it (the paper's ``f`` and ``C`` columns)."""
+    """A reconstruction method with what the report says about it (the paper's ``f`` and ``C`` columns).
+
+    Attributes:
+        fn: the method (:data:`medlatent.evaluation.baselines.Method`).
+        f, C: downsizing factor and latent channels for the table (``C`` is ``None`` for interpolation).
+        note: one line on what the method does.
+        multiple: its input is edge-padded to a multiple of this per axis (``None``: the first model's reduction).
+        in_channels: channels the preprocessing keeps for it (``None``: the first model's).
+        stored: values the method keeps for an input of a given shape (the "values stored" column).
+        weights_sha256: SHA-256 of a model's weights (models only).
+    """
 
     fn: Method
-    f: int | None = None
+    f: float | None = None
     C: int | None = None
     note: str = ""
+    multiple: int | None = None
+    in_channels: int | None = None
+    stored: StoredCount | None = None
+    weights_sha256: str = ""
+
+
+def _latent_count(C: int, s: int) -> StoredCount:  # noqa: N803 - the paper's name
+    """Values of a latent of ``C`` channels at ÷``s`` per axis of a padded input."""
+    return lambda shape: C * math.prod(n // s for n in shape[2:])
 
 
 def natural_spec(ae: "NaturalImageAutoencoder") -> MethodSpec:
     """A natural-image autoencoder as a method (slice by slice on volumes; ``f`` is per 2D image/slice)."""
     kind = "KL-VAE" if ae.kind == "kl" else "VQ-GAN"
-    return MethodSpec(ae.method(), ae.downsample_per_axis**2, ae.C, f"{kind} from {ae.source} (RGB-replicated)")
+    s, c = ae.downsample_per_axis, ae.C
+
+    def stored(shape: tuple[int, ...]) -> int:
+        plane = c * math.ceil(shape[2] / s) * math.ceil(shape[3] / s)
+        return plane * (shape[4] if len(shape) == 5 else 1)
+
+    return MethodSpec(ae.method(), ae.downsample_per_axis**2, ae.C, f"{kind} from {ae.source} (RGB-replicated)",
+                      stored=stored)
 
 
 def slicewise_spec(model2d: "MedVAE", model3d: "MedVAE", latent_dtype: str | None = "float16") -> MethodSpec:
     """A 2D model on volumes at the 3D model's latent size (paper Table 7, without decoder fine-tuning)."""
-    return MethodSpec(slicewise_method(model2d, model3d.downsample_per_axis, latent_dtype=latent_dtype),
-                      model3d.f, model2d.C, "2D model slice by slice, latents resized to the 3D latent size")
+    s3 = model3d.downsample_per_axis
+    return MethodSpec(slicewise_method(model2d, s3, latent_dtype=latent_dtype), model3d.f, model2d.C,
+                      "2D model slice by slice, latents resized to the 3D latent size", multiple=s3, in_channels=1,
+                      stored=lambda shape: model2d.C * math.prod(max(1, n // s3) for n in shape[2:]),
+                      weights_sha256=weights_sha256(model2d))
 
 
 def _model_name(model: "MedVAE") -> str:
     return str(model.weights_info.get("model") or "medlatent")
+
+
+def weights_sha256(model: "MedVAE") -> str:
+    """SHA-256 of the model's weights file, or of its tensors when it has no file (random or in-memory weights)."""
+    known = model.weights_info.get("sha256")
+    if known:
+        return str(known)
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode() + b"\0")
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_labels(models: Sequence["MedVAE"]) -> list[str]:
+    """One row name per model: its name, with the weights' SHA-256 (12 hex) appended where two share a name
+    (a fine-tuned run's ``final/`` keeps its base model's name)."""
+    names = [_model_name(m) for m in models]
+    base = [n if names.count(n) == 1 else f"{n}@{weights_sha256(m)[:12]}" for n, m in zip(names, models)]
+    # the same weights twice (a registry name and a copy of it): number them in the order given
+    return [b if base.count(b) == 1 else f"{b}#{base[:i + 1].count(b)}" for i, b in enumerate(base)]
+
+
+def format_f(f: float | None) -> str:
+    """``16`` for integer factors, ``5.33`` otherwise; ``–`` when unknown."""
+    if f is None:
+        return "–"
+    return str(int(f)) if float(f).is_integer() else f"{f:.3g}"
 
 
 @dataclass
@@ -345,6 +415,10 @@ class ReconOptions:
         figures: how many example figures (paper Figure 4) to draw.
         title: report title.
         uneven: DICOM series with uneven slices: ``refuse`` or ``resample``.
+        equal_values: for every model with ``C > 1``, an interpolation row at ``f / C``: it stores as many
+            values per image as the model's latent (e.g. bicubic ÷2 per axis for a 2D model with f=16, C=4).
+        interp_f: further interpolation rows at these factors ``f`` (any number > 1).
+        interp: the interpolation of those rows (``None``: bicubic in 2D, area in 3D).
     """
 
     baselines: tuple[str, ...] | None = None
@@ -360,6 +434,9 @@ class ReconOptions:
     figures: int = 2
     title: str | None = None
     uneven: str = "refuse"
+    equal_values: bool = True
+    interp_f: tuple[float, ...] = ()
+    interp: str | None = None
 
 
 @dataclass
@@ -383,37 +460,48 @@ def _view(arr: np.ndarray, spatial_dims: int) -> np.ndarray:
 @dataclass
 class ImageEvaluation:
     """One image's results: ``metrics[method]`` has ``psnr``, ``ms_ssim``, ``roi_psnr`` (mean over boxes, NaN
-    without boxes) and ``roi_psnrs`` (per box); ``original`` and ``recons[method]`` are the [0, 1] arrays on the
-    original grid (``C×H×W`` or ``X×Y×Z``); ``preprocessing`` is the record of what was done to the image."""
+    without boxes), ``roi_psnrs`` (per box) and ``stored`` (values the method kept, ``None`` if unknown);
+    ``original`` and ``recons[method]`` are the [0, 1] arrays on the original grid (``C×H×W`` or ``X×Y×Z``);
+    ``preprocessing`` is the record of what was done to the image (for the first model); ``pixels`` the
+    number of pixels (voxels) of the image."""
 
     metrics: dict[str, dict[str, Any]]
     original: np.ndarray
     recons: dict[str, np.ndarray]
     preprocessing: "Preprocessing"
+    pixels: int = 0
 
 
 def evaluate_image(img: "ImageData", model: "MedVAE", methods: Mapping[str, MethodSpec], *,
                    modality: str = "auto", mri_percentiles: tuple[float, float] | None = None,
                    boxes: Sequence[Box] = ()) -> ImageEvaluation:
-    """Metrics of every method on one image, preprocessed for ``model`` as ``medlatent encode`` does.
+    """Metrics of every method on one image, preprocessed as ``medlatent encode`` does.
+
+    Each method gets the image padded to its own ``multiple`` (a model: its reduction), so its result does not
+    depend on the other methods of the run; all are compared on the original grid.
 
     Args:
         img: the image as read.
-        model: decides the preprocessing (dimensionality, channels, padding to its reduction).
+        model: the first model: its dimensionality, and the padding and channels of methods that name none.
         methods: ``{name: MethodSpec}`` (see :func:`build_methods`).
         boxes: regions for ROI PSNR, in the image's own pixel indices.
     """
     from medlatent.preprocessing import preprocess, restore
     from medlatent.report import to_unit
 
-    x, rec = preprocess(img, spatial_dims=model.spatial_dims, in_channels=model.config.in_channels,
-                        downsample=model.downsample_per_axis, modality=modality, mri_percentiles=mri_percentiles)
-    xt = torch.from_numpy(x)[None]
-    truth = to_unit(np.asarray(img.array), rec)
-    d = rec.spatial_dims
+    d = model.spatial_dims
+    prepared: dict[tuple[int, int], tuple[torch.Tensor, "Preprocessing", np.ndarray]] = {}
     metrics: dict[str, dict[str, Any]] = {}
     recons: dict[str, np.ndarray] = {}
+    first = None
     for name, spec in methods.items():
+        key = (spec.in_channels or model.config.in_channels, spec.multiple or model.downsample_per_axis)
+        if key not in prepared:
+            x, rec = preprocess(img, spatial_dims=d, in_channels=key[0], downsample=key[1], modality=modality,
+                                mri_percentiles=mri_percentiles)
+            prepared[key] = (torch.from_numpy(x)[None], rec, to_unit(np.asarray(img.array), rec))
+        xt, rec, truth = prepared[key]
+        first = first or (truth, rec)
         with torch.inference_mode():
             y = spec.fn(xt)
         if tuple(y.shape) != tuple(xt.shape):
@@ -421,21 +509,86 @@ def evaluate_image(img: "ImageData", model: "MedVAE", methods: Mapping[str, Meth
         out = to_unit(restore(y[0].float().cpu().numpy(), rec, "float32"), rec)
         rois = [roi_psnr(truth, out, b, d) for b in boxes]
         metrics[name] = {"psnr": psnr(truth, out), "ms_ssim": ms_ssim(truth, out, spatial_dims=d),
-                         "roi_psnr": float(np.mean(rois)) if rois else float("nan"), "roi_psnrs": rois}
+                         "roi_psnr": float(np.mean(rois)) if rois else float("nan"), "roi_psnrs": rois,
+                         "stored": spec.stored(tuple(xt.shape)) if spec.stored else None}
         recons[name] = out
-    return ImageEvaluation(metrics, truth, recons, rec)
+    if first is None:
+        raise ValueError("no methods to evaluate")
+    return ImageEvaluation(metrics, first[0], recons, first[1], math.prod(img.spatial_shape))
 
 
 # ===================================================================================== the whole evaluation
-def build_methods(model: "MedVAE", options: ReconOptions,
+def _as_models(model: "MedVAE | Sequence[MedVAE]") -> list["MedVAE"]:
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    if not models:
+        raise ValueError("give at least one model")
+    dims = {m.spatial_dims for m in models}
+    if len(dims) > 1:
+        raise ValueError("the models mix 2D and 3D; compare models of one dimensionality per run")
+    return models
+
+
+def default_interp(spatial_dims: int) -> str:
+    """The interpolation of the equal-values rows: bicubic in 2D, area (antialiased) in 3D."""
+    return "bicubic" if spatial_dims == 2 else "area"
+
+
+def _interp_spec(d: int, f: float, mode: str, in_channels: int, note: str) -> MethodSpec:
+    fn, multiple = interpolation_at(d, f, mode)
+    r = per_axis_factor(f, d)
+    if multiple > 1:
+        def stored(shape: tuple[int, ...]) -> int:
+            return shape[1] * math.prod(n // multiple for n in shape[2:])
+    else:
+        def stored(shape: tuple[int, ...]) -> int:
+            return shape[1] * math.prod(resized_shape(tuple(shape[2:]), r))
+    return MethodSpec(fn, f, None, note, multiple=multiple, in_channels=in_channels, stored=stored)
+
+
+def build_methods(model: "MedVAE | Sequence[MedVAE]", options: ReconOptions,
                   extra: Mapping[str, MethodSpec] | None = None) -> dict[str, MethodSpec]:
-    """The model first, then the interpolation baselines at its ``s``, then ``extra`` methods."""
-    s, d = model.downsample_per_axis, model.spatial_dims
-    methods = {_model_name(model): MethodSpec(
-        model_method(model, latent_dtype=options.latent_dtype, tiles=options.tiles, precision=options.precision),
-        model.f, model.C, f"posterior mean, z stored as {options.latent_dtype or 'float32'}")}
-    for name, fn in interpolation_methods(d, s, options.baselines).items():
-        methods[name] = MethodSpec(fn, model.f, None, f"shrink ÷{s} per axis and enlarge back")
+    """The models first, then the interpolation baselines at each model's ``s``, the equal-values rows (an
+    interpolation at ``f / C`` for every model with ``C > 1``, then ``options.interp_f``), then ``extra``.
+
+    Baselines are named by their interpolation (``bicubic``) when every model has the same ``f``, else with the
+    factor (``bicubic (f=64)``); equal-values and ``interp_f`` rows always carry it (``bicubic (f=4)``).
+    """
+    models = _as_models(model)
+    d = models[0].spatial_dims
+    methods: dict[str, MethodSpec] = {}
+    labels = model_labels(models)
+    for label, m in zip(labels, models):
+        s = m.downsample_per_axis
+        methods[label] = MethodSpec(
+            model_method(m, latent_dtype=options.latent_dtype, tiles=options.tiles, precision=options.precision),
+            m.f, m.C, f"posterior mean, z stored as {options.latent_dtype or 'float32'}", multiple=s,
+            in_channels=m.config.in_channels, stored=_latent_count(m.C, s), weights_sha256=weights_sha256(m))
+    done: set[tuple[str, float]] = set()
+    several_f = len({m.f for m in models}) > 1
+    for m in models:
+        s = m.downsample_per_axis
+        for name, fn in interpolation_methods(d, s, options.baselines).items():
+            if (name, float(m.f)) in done:
+                continue
+            done.add((name, float(m.f)))
+            methods[f"{name} (f={m.f})" if several_f else name] = MethodSpec(
+                fn, m.f, None, f"shrink ÷{s} per axis and enlarge back", multiple=s,
+                in_channels=m.config.in_channels, stored=_latent_count(1, s))
+    mode = options.interp or default_interp(d)
+    wanted: list[tuple[float, str]] = []
+    if options.equal_values:
+        wanted += [(m.f / m.C, f"stores as many values as {label} (f={m.f}, C={m.C})")
+                   for label, m in zip(labels, models) if m.C > 1]
+    wanted += [(float(f), "--interp-f") for f in options.interp_f]
+    for f, why in wanted:
+        f = float(f)
+        if (mode, round(f, 6)) in {(n, round(g, 6)) for n, g in done}:
+            continue
+        done.add((mode, f))
+        r = per_axis_factor(f, d)
+        how = f"÷{format_f(r)}" if r.is_integer() else f"÷{r:.3f} (sizes rounded)"
+        methods[f"{mode} (f={format_f(f)})"] = _interp_spec(
+            d, f, mode, models[0].config.in_channels, f"{mode}: shrink {how} per axis and enlarge back; {why}")
     for name, spec in (extra or {}).items():
         if name in methods:
             raise ValueError(f"method name {name!r} is used twice")
@@ -476,36 +629,40 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
                             "x".join(map(str, v)) if isinstance(v, (list, tuple)) else v) for k, v in r.items()})
 
 
-def evaluate_reconstruction(inputs: Sequence[str | Path], model: "MedVAE", out_dir: str | Path,
+def evaluate_reconstruction(inputs: Sequence[str | Path], model: "MedVAE | Sequence[MedVAE]", out_dir: str | Path,
                             options: ReconOptions | None = None, *,
                             extra_methods: Mapping[str, MethodSpec] | None = None,
                             progress: Callable[["ItemResult"], None] | None = None) -> ReconResult:
-    """Evaluate reconstructions of ``inputs`` by ``model`` and the baselines; write results and a report.
+    """Evaluate reconstructions of ``inputs`` by one or more models and the baselines; write results and a report.
 
     Args:
         inputs: files, folders and CSVs (see :func:`gather_inputs`).
-        model: the autoencoder (2D or 3D), in eval mode, on its device.
+        model: the autoencoder (2D or 3D), or several of one dimensionality, in eval mode, on their devices.
         out_dir: output folder (created).
         options: see :class:`ReconOptions`.
         extra_methods: more methods (:func:`natural_spec`, :func:`slicewise_spec`, or your own :class:`MethodSpec`).
         progress: called with each image's :class:`medlatent.batch.ItemResult`.
 
     Returns:
-        :class:`ReconResult`; ``failures`` lists ``(item, reason)`` for inputs that could not be evaluated.
+        :class:`ReconResult`; ``failures`` lists ``(item, reason)`` for inputs that could not be evaluated;
+        ``summary["warnings"]`` says which numbers cannot mean much (see :func:`recon_warnings`).
     """
     from medlatent.batch import Job, run_jobs
 
     opts = options or ReconOptions()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    models = _as_models(model)
+    first, d = models[0], models[0].spatial_dims
     items, skipped = gather_inputs(inputs)
     rois = read_rois(opts.roi_csv) if opts.roi_csv else {}
-    methods = build_methods(model, opts, extra_methods)
+    methods = build_methods(models, opts, extra_methods)
     sampling = draw_samples(len(items), opts.samples, opts.seeds, opts.replace)
+    out = Path(out_dir)  # created once the arguments are known to be usable: a refused run leaves nothing
+    out.mkdir(parents=True, exist_ok=True)
     chosen = range(len(items)) if sampling.samples >= len(items) else sampling.union()
     fig_dir = out / "figures"
     figures: list[tuple[str, Path]] = []
     values: dict[str, dict[str, dict[int, float]]] = {m: {k: {} for k in METRICS} for m in methods}
+    stored: dict[str, list[tuple[int, int]]] = {m: [] for m in methods}  # (values stored, image pixels)
     rows: list[dict[str, Any]] = []
     roi_rows: list[dict[str, Any]] = []
     matched: set[Path] = set()
@@ -519,7 +676,7 @@ def evaluate_reconstruction(inputs: Sequence[str | Path], model: "MedVAE", out_d
             if boxes:
                 matched.add(key)
             try:
-                ev = evaluate_image(img, model, methods, modality=item.modality or opts.modality,
+                ev = evaluate_image(img, first, methods, modality=item.modality or opts.modality,
                                     mri_percentiles=opts.mri_percentiles, boxes=boxes)
             except Exception as e:  # the manifest and the summary must say which file failed
                 if str(item.source) in str(e):
@@ -529,7 +686,8 @@ def evaluate_reconstruction(inputs: Sequence[str | Path], model: "MedVAE", out_d
             for name, m in ev.metrics.items():
                 mine.append({"image": item.name, "source": str(item.source), "method": name,
                              "psnr": m["psnr"], "ms_ssim": m["ms_ssim"], "roi_psnr": m["roi_psnr"],
-                             "spatial_dims": model.spatial_dims, "shape": list(np.shape(img.array)),
+                             "values_stored": m["stored"] if m["stored"] is not None else "", "pixels": ev.pixels,
+                             "spatial_dims": d, "shape": list(np.shape(img.array)),
                              "modality": ev.preprocessing.modality})
                 for b, v in zip(boxes, m["roi_psnrs"]):
                     my_rois.append({"image": item.name, "method": name, "box": b.where,
@@ -538,7 +696,6 @@ def evaluate_reconstruction(inputs: Sequence[str | Path], model: "MedVAE", out_d
             if len(figures) < opts.figures:
                 from medlatent.evaluation.report import residual_figure
 
-                d = model.spatial_dims
                 path = fig_dir / f"example_{len(figures) + 1}_{_safe(item.name)}.png"
                 residual_figure(_view(ev.original, d), {k: _view(v, d) for k, v in ev.recons.items()}, path,
                                 title=item.name + ("" if d == 2 else " (middle slice)"))
@@ -549,6 +706,8 @@ def evaluate_reconstruction(inputs: Sequence[str | Path], model: "MedVAE", out_d
             for name, m in ev.metrics.items():
                 for k in METRICS:
                     values[name][k][index] = m[k]
+                if m["stored"] is not None:
+                    stored[name].append((m["stored"], ev.pixels))
             return {k: {"psnr": v["psnr"], "ms_ssim": v["ms_ssim"]} for k, v in ev.metrics.items()}
 
         return Job(item.name, [], lambda: load_input(item, opts.uneven), run)
@@ -564,16 +723,43 @@ def evaluate_reconstruction(inputs: Sequence[str | Path], model: "MedVAE", out_d
     for path in sorted(set(rois) - matched):
         logger.warning("ROI file names %s, which was not evaluated (not among the inputs, or not sampled)", path)
 
-    summary = _summary(model, methods, values, sampling, items, opts, failures, sorted(set(rois) - matched))
-    files = _write_outputs(out, rows, roi_rows, summary, sampling, items, figures, opts, model)
+    summary = _summary(models, methods, values, stored, sampling, items, opts, failures, sorted(set(rois) - matched))
+    files = _write_outputs(out, rows, roi_rows, summary, sampling, items, figures, opts)
     return ReconResult(rows, summary, failures, files)
 
 
-def _summary(model, methods, values, sampling: Sampling, items, opts: ReconOptions, failures,
+# thresholds below which a reconstruction summary is flagged (README: "Results that cannot mean anything")
+MIN_IMAGES = 20
+
+
+def recon_warnings(summary: Mapping[str, Any]) -> list[str]:
+    """Why the numbers of ``summary`` may not mean much: too few images, one seed, failed inputs."""
+    out = []
+    p = summary["protocol"]
+    n = p.get("evaluated", p["pool"])
+    if n < MIN_IMAGES:
+        out.append(f"only {n} image(s) evaluated (fewer than {MIN_IMAGES}): the means describe these images, not "
+                   "your data; evaluate at least 20, more to tell close methods apart")
+    if len(p["seeds"]) == 1:
+        out.append("one seed: there is no spread across seeds, so every sd reads n/a (1 seed); use --seeds 3 or more")
+    if summary["failures"]:
+        out.append(f"{len(summary['failures'])} input(s) failed and are left out of every mean")
+    return out
+
+
+def _stored_summary(pairs: Sequence[tuple[int, int]]) -> dict[str, Any] | None:
+    if not pairs:
+        return None
+    values, pixels = sum(v for v, _ in pairs), sum(px for _, px in pairs)
+    return {"per_image_mean": values / len(pairs), "per_pixel": values / pixels if pixels else float("nan")}
+
+
+def _summary(models, methods, values, stored, sampling: Sampling, items, opts: ReconOptions, failures,
              unmatched_rois) -> dict[str, Any]:
     per_method: dict[str, Any] = {}
     for name, spec in methods.items():
-        entry: dict[str, Any] = {"f": spec.f, "C": spec.C, "note": spec.note}
+        entry: dict[str, Any] = {"f": spec.f, "C": spec.C, "note": spec.note, "weights_sha256": spec.weights_sha256,
+                                 "values_stored": _stored_summary(stored[name])}
         for k in METRICS:
             vals = values[name][k]
             if k == "roi_psnr" and not any(not math.isnan(v) for v in vals.values()):
@@ -581,24 +767,50 @@ def _summary(model, methods, values, sampling: Sampling, items, opts: ReconOptio
             entry[k] = summarise(vals, sampling)
             entry[k]["over_images"] = _over_images(list(vals.values()))
         per_method[name] = entry
-    return {
-        "title": opts.title or f"Reconstruction quality of {_model_name(model)}",
-        "model": {"name": _model_name(model), "f": model.f, "C": model.C, "spatial_dims": model.spatial_dims,
-                  "downsample_per_axis": model.downsample_per_axis,
-                  "weights_sha256": model.weights_info.get("sha256", ""),
-                  "latent_dtype": opts.latent_dtype or "float32", "precision": opts.precision},
+    described = [{"name": label, "model": _model_name(m), "weights_sha256": weights_sha256(m),
+                  "file": m.weights_info.get("file", ""), "f": m.f, "C": m.C, "spatial_dims": m.spatial_dims,
+                  "downsample_per_axis": m.downsample_per_axis, "latent_dtype": opts.latent_dtype or "float32",
+                  "precision": opts.precision}
+                 for label, m in zip(model_labels(models), models)]
+    evaluated = len({i for v in values.values() for i in v["psnr"]})
+    summary = {
+        "title": opts.title or f"Reconstruction quality of {', '.join(m['name'] for m in described)}",
+        "model": described[0],
+        "models": described,
         "convention": CONVENTION,
-        "protocol": {"pool": len(items), "samples_per_seed": sampling.samples, "seeds": sampling.seeds,
-                     "replace": sampling.replace,
+        "protocol": {"pool": len(items), "evaluated": evaluated, "samples_per_seed": sampling.samples,
+                     "seeds": sampling.seeds, "replace": sampling.replace,
                      "statistic": "per seed: mean over its drawn images; reported: mean ± sd (ddof=1) across seeds"},
         "methods": per_method,
         "failures": [{"item": i, "reason": r} for i, r in failures],
         "unmatched_rois": [str(p) for p in unmatched_rois],
     }
+    summary["warnings"] = recon_warnings(summary)
+    return summary
 
 
-def _write_outputs(out: Path, rows, roi_rows, summary, sampling: Sampling, items, figures, opts: ReconOptions,
-                   model) -> dict[str, Path]:
+def format_seed_stat(stat: Mapping[str, Any], seeds: int, digits: int) -> str:
+    """``mean ± sd`` across seeds; ``mean ± n/a (1 seed)`` when there is no spread to report."""
+    from medlatent.evaluation.report import format_stat
+
+    if seeds == 1 and not _missing(stat.get("mean")):
+        return f"{format_stat(stat['mean'], None, digits)} ± n/a (1 seed)"
+    return format_stat(stat.get("mean"), stat.get("sd"), digits)
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def format_values_stored(entry: Mapping[str, Any] | None) -> str:
+    """``1/16``: values a method keeps per pixel (voxel) of the image; ``–`` when unknown."""
+    if not entry or _missing(entry.get("per_pixel")) or not entry["per_pixel"]:
+        return "–"
+    return f"1/{1 / entry['per_pixel']:.3g}"
+
+
+def _write_outputs(out: Path, rows, roi_rows, summary, sampling: Sampling, items, figures,
+                   opts: ReconOptions) -> dict[str, Path]:
     from medlatent.evaluation.report import bar_chart, format_stat, write_report
 
     files: dict[str, Path] = {}
@@ -622,14 +834,18 @@ def _write_outputs(out: Path, rows, roi_rows, summary, sampling: Sampling, items
                               title=f"{label}, mean ± sd across seeds", ylabel=label)
                 charts.append((f"{label} per method (error bars: sd across seeds)", p))
 
+    k = len(summary["protocol"]["seeds"])
     table = []
     for name, m in summary["methods"].items():
-        row = {"method": name, "f": m["f"], "C": m["C"] if m["C"] is not None else "–",
-               "PSNR (dB)": format_stat(m["psnr"]["mean"], m["psnr"]["sd"], 2),
-               "MS-SSIM": format_stat(m["ms_ssim"]["mean"], m["ms_ssim"]["sd"], 3)}
+        row = {"method": name, "weights SHA-256": m["weights_sha256"][:12] or "–", "f": format_f(m["f"]),
+               "C": m["C"] if m["C"] is not None else "–", "values stored": format_values_stored(m["values_stored"]),
+               "PSNR (dB)": format_seed_stat(m["psnr"], k, 2), "MS-SSIM": format_seed_stat(m["ms_ssim"], k, 3)}
         if "roi_psnr" in m:
-            row["ROI PSNR (dB)"] = format_stat(m["roi_psnr"]["mean"], m["roi_psnr"]["sd"], 2)
+            row["ROI PSNR (dB)"] = format_seed_stat(m["roi_psnr"], k, 2)
         table.append(row)
+    models = [{"model": m["name"], "weights SHA-256 (12 hex)": m["weights_sha256"][:12],
+               "weights file": m["file"] or "–", "dims": f"{m['spatial_dims']}D", "f": m["f"],
+               "÷ per axis": m["downsample_per_axis"], "C": m["C"]} for m in summary["models"]]
     over = [{"method": name, "images": m["psnr"]["over_images"]["n"],
              "PSNR (dB)": format_stat(m["psnr"]["over_images"]["mean"], m["psnr"]["over_images"]["sd"], 2),
              "MS-SSIM": format_stat(m["ms_ssim"]["over_images"]["mean"], m["ms_ssim"]["over_images"]["sd"], 3)}
@@ -639,8 +855,13 @@ def _write_outputs(out: Path, rows, roi_rows, summary, sampling: Sampling, items
                  for r in rows[:200]]
     p = summary["protocol"]
     notes = [
-        f"Model `{summary['model']['name']}`: {model.spatial_dims}D, f = {model.f} (÷{model.downsample_per_axis} "
-        f"per axis), C = {model.C}; z decoded after rounding to {summary['model']['latent_dtype']}.",
+        "Models: " + "; ".join(
+            f"`{m['name']}` (SHA-256 {m['weights_sha256'][:12]}): {m['spatial_dims']}D, f = {m['f']} "
+            f"(÷{m['downsample_per_axis']} per axis), C = {m['C']}" for m in summary["models"])
+        + f"; z decoded after rounding to {summary['model']['latent_dtype']}.",
+        "Values stored: numbers a method keeps per image, as a fraction of the image's pixels (voxels); a model "
+        "keeps C/f, an interpolation 1/f. Rows with equal values stored compare codecs at equal storage "
+        "(for a model with C > 1, its f / C interpolation row).",
         f"Metrics: {CONVENTION}",
         f"Protocol: {len(p['seeds'])} seed(s), {p['samples_per_seed']} image(s) per seed drawn "
         f"{'with replacement (bootstrap)' if p['replace'] else 'without replacement'} from {p['pool']} input(s); "
@@ -649,8 +870,10 @@ def _write_outputs(out: Path, rows, roi_rows, summary, sampling: Sampling, items
     if summary["failures"]:
         notes.append(f"**{len(summary['failures'])} input(s) failed** and are left out: " + "; ".join(
             f"`{f['item']}`: {f['reason']}" for f in summary["failures"][:20]))
-    tables = [("Summary (mean ± sd across seeds)", table), ("All evaluated images (mean ± sd across images)", over),
+    tables = [("Summary (mean ± sd across seeds)", table), ("Models", models),
+              ("All evaluated images (mean ± sd across images)", over),
               ("Per image" + (" (first 200 rows; all in results.csv)" if len(rows) > 200 else ""), per_image)]
-    files["report"] = write_report(out, summary["title"], tables, figures + charts, notes)
+    files["report"] = write_report(out, summary["title"], tables, figures + charts, notes,
+                                   warnings=summary["warnings"])
     files.update({f"figure_{i + 1}": path for i, (_, path) in enumerate(figures + charts)})
     return files

@@ -3,7 +3,7 @@
 A report is a folder holding ``report.md`` plus the figures it links to. Every function here takes plain data
 (lists of dicts, ``{name: {metric: value}}`` maps, numpy arrays), so any evaluation can use it:
 
-``write_report(out_dir, title, tables, figures=(), notes=())`` → ``out_dir/report.md``
+``write_report(out_dir, title, tables, figures=(), notes=(), warnings=())`` → ``out_dir/report.md``
     ``tables``: ``[(caption, rows)]`` where ``rows`` is a list of dicts (one table row each; columns are the
     keys of the first row, then any new keys in order of appearance; floats printed with 4 significant digits
     unless already strings). ``figures``: ``[(caption, path)]``, linked relative to ``out_dir``. ``notes``:
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 
 def _figure(**kw):
     """A matplotlib ``Figure`` drawn off-screen (no pyplot, so no global backend or display is touched)."""
@@ -83,8 +84,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | N
 
 
 def write_report(out_dir: str | Path, title: str, tables: Sequence[tuple[str, Sequence[Mapping[str, Any]]]],
-                 figures: Sequence[tuple[str, str | Path]] = (), notes: str | Sequence[str] = ()) -> Path:
-    """Write ``out_dir/report.md``: title, notes, captioned tables, then captioned figure links.
+                 figures: Sequence[tuple[str, str | Path]] = (), notes: str | Sequence[str] = (),
+                 warnings: Sequence[str] = ()) -> Path:
+    """Write ``out_dir/report.md``: title, notes, a "Warnings" section, captioned tables, then figure links.
 
     Args:
         out_dir: report folder (created); figure links are made relative to it.
@@ -92,6 +94,8 @@ def write_report(out_dir: str | Path, title: str, tables: Sequence[tuple[str, Se
         tables: ``[(caption, rows)]``; each rows list becomes one Markdown table under a ``##`` caption.
         figures: ``[(caption, path)]`` of image files (written beforehand, e.g. by :func:`bar_chart`).
         notes: text under the title (a string, or paragraphs as a list).
+        warnings: why some numbers cannot mean much (tiny test split, one seed, a reference at chance); one
+            bullet each under "## Warnings", before the tables, so a reader meets them first.
 
     Returns:
         The path of ``report.md``.
@@ -102,6 +106,9 @@ def write_report(out_dir: str | Path, title: str, tables: Sequence[tuple[str, Se
     for note in [notes] if isinstance(notes, str) else list(notes):
         if note:
             parts.append(note.rstrip() + "\n")
+    if warnings:
+        parts.append("## Warnings\n")
+        parts.append("\n".join(f"- **{w}**" for w in warnings) + "\n")
     for caption, rows in tables:
         parts.append(f"## {caption}\n")
         parts.append(markdown_table(list(rows)))
