@@ -159,7 +159,7 @@ def test_offline_profile_fails_at_once_naming_its_options(tmp_path):
     proc, attempts = _run_cli(tmp_path, ["profile", "medvae_4_1_2d"], HF_HUB_OFFLINE="1")
     msg = _one_error_line(proc)
     assert "vae_4x_1c_2D.ckpt" in msg and "not in the Hugging Face cache" in msg and "offline" in msg
-    assert "--checkpoint FILE" in msg and "--random-weights" in msg and "as MODEL" in msg
+    assert "--checkpoint FILE" in msg and "--random-weights" in msg and "in place of the model name" in msg
     assert "--model" not in msg  # profile takes the model as an argument, not as --model
     assert attempts == []
 

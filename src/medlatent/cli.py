@@ -24,8 +24,8 @@ class ModelLoadError(RuntimeError):
 
 # How each command can be given weights when the Hub cannot (only options that command has).
 PROVIDE_BY_OPTIONS = "`--checkpoint FILE` (the downloaded file) or `--model DIR` (a folder from `medlatent convert`)"
-PROVIDE_FOR_PROFILE = ("`--checkpoint FILE` (the downloaded file), a folder from `medlatent convert` as MODEL, "
-                       "or `--random-weights` (timings only)")
+PROVIDE_FOR_PROFILE = ("`--checkpoint FILE` (the downloaded file), a folder from `medlatent convert` in place of "
+                       "the model name, or `--random-weights` (timings only)")
 
 
 def _load_model(model: str, checkpoint: Optional[Path], random_weights: bool = False, provide: Optional[str] = None):
