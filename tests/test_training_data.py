@@ -57,7 +57,7 @@ def centre(x: np.ndarray, size: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ sources
 def test_folder_source_skips_non_images(images: Path):
-    train, val = build_datasets(DataConfig(train=str(images), size=32), downsample=4)
+    train, val = build_datasets(DataConfig(train=str(images), size=32, val="none"), downsample=4)
     assert val is None
     assert sorted(e.path.name for e in train.entries) == ["ct.dcm", "mr.dcm", "t1.nii"]
     for i in range(len(train)):
