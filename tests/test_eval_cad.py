@@ -243,13 +243,13 @@ def test_cad_end_to_end_separable(tmp_path, dims):
     image, latent, interp = res.rows
     assert image.mean >= 0.95 and len(image.runs) == 3
     assert (image.f, latent.f, interp.f) == (1, 2**dims, 2**dims) and latent.C == 2
-    # 2D latents: stage-2 features averaged over channels (1 channel); 3D: z with its C channels
-    assert latent.input_shape == ([1, size // 2, size // 2] if dims == 2 else [2] + [size // 2] * 3)
+    # latents averaged over their C=2 channels (App. B.1): one input channel, in 2D and 3D
+    assert latent.input_shape == [1] + [size // 2] * dims and latent.latent_channels == "mean"
     assert interp.input_shape == [1] + [size // 2] * dims
     assert all(0.0 <= a <= 1.0 for r in res.rows for a in r.aurocs)
     paths = write_cad_table(res, tmp_path / "out")
     md = paths["markdown"].read_text()
-    assert "| Method | f | C | task |" in md and "High-Resolution" in md
+    assert "| Method | f | C | input ch | task |" in md and "High-Resolution" in md
     lines = list(csv.DictReader(open(paths["csv"])))
     assert [r["kind"] for r in lines] == ["image", "latent", "interp"]
     assert len(lines[0]["auroc_per_seed"].split(";")) == 3

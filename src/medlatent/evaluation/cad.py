@@ -5,10 +5,11 @@ For one labelled CSV task the same classifier is trained on three kinds of input
 * ``image`` — the high-resolution image, preprocessed as for encoding (:func:`medlatent.preprocessing.preprocess`:
   intensities to [-1, 1], volumes to RAS, RGB to gray) and resized to a fixed input size
   (:attr:`CADConfig.size`, bicubic with antialiasing; the paper resized FFDMs to 1024×512 the same way);
-* ``latent`` — MedVAE's ``z`` of that image (posterior mean). For 2D models, the stage-2 features
-  ``stage2_features(z)`` when the model has the stage-2 head, averaged over channels when ``C > 1``
-  (App. B.1: "we preprocess latent representations by applying the mean operation across the channel
-  dimension"); for 3D models ``z`` itself (``C`` input channels);
+* ``latent`` — MedVAE's ``z`` of that image (posterior mean); for 2D models the stage-2 features
+  ``stage2_features(z)`` when the model has the stage-2 head. With ``C > 1`` latent channels the classifier
+  gets their mean as one input channel by default (App. B.1: "we preprocess latent representations by
+  applying the mean operation across the channel dimension"), or all ``C`` as ``C`` input channels
+  (``latent_channels="all"``); reports say which;
 * ``interp`` — the image shrunk to the latent's size by interpolation (bicubic by default; the paper's
   baseline). 3D uses the separable tricubic equivalent (2D bicubic per slice, then 1D along the slice axis).
 
@@ -49,12 +50,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, WeightedRandomSampler
 
-from medlatent.evaluation.classifiers import EVAL_EXTRA, PAPER_CLASSIFIER, build_classifier
+from medlatent.evaluation.classifiers import EVAL_EXTRA, PAPER_CLASSIFIER, build_classifier, check_classifier
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 KINDS = ("image", "latent", "interp")
+LATENT_CHANNELS = ("mean", "all")
+# results that cannot mean much are flagged in the report (README: "Show that latents keep the signal")
+MIN_TEST_IMAGES = 20
+MIN_TEST_PER_CLASS = 5
 RESIZE_MODES = ("nearest", "bilinear", "bicubic", "area")
 # bump when the way inputs are prepared changes, so old cache entries are not reused
 CACHE_VERSION = 1
@@ -85,6 +90,8 @@ class CADConfig:
         modality: passed to :func:`~medlatent.preprocessing.preprocess` (``auto``: from the file).
         device: where classifiers train (``"cpu"``, ``"cuda"``, ``"cuda:1"``, …); models encode where they are.
         pretrained: ImageNet weights for ``hrnet_w64`` (the paper used a pretrained HRNet).
+        pretrained_weights: a local file of those weights (default: the Hugging Face cache, where timm keeps
+            them, or a download; offline without them the run stops before any work, saying how to get them).
         preload_gb: inputs of one method are held in memory when they fit in this much; else read per batch.
         num_workers: DataLoader workers.
     """
@@ -102,6 +109,7 @@ class CADConfig:
     modality: str = "auto"
     device: str = "cpu"
     pretrained: bool = False
+    pretrained_weights: str | None = None
     preload_gb: float = 2.0
     num_workers: int = 0
 
@@ -150,6 +158,8 @@ class Method:
         model: the MedVAE (``latent``).
         downsample: per-axis reduction (``interp``; ``latent`` takes the model's).
         interp: interpolation of ``interp``: nearest, bilinear, bicubic or area.
+        latent_channels: ``latent`` with ``C > 1``: ``"mean"`` (one input channel, the paper's App. B.1) or
+            ``"all"`` (``C`` input channels).
     """
 
     label: str
@@ -157,6 +167,7 @@ class Method:
     model: Any = None
     downsample: int = 1
     interp: str = "bicubic"
+    latent_channels: str = "mean"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -166,6 +177,9 @@ class Method:
         if self.kind == "interp" and (self.downsample < 1 or self.interp not in RESIZE_MODES):
             raise ValueError(f"method {self.label!r}: downsample must be ≥ 1 and interp one of "
                              f"{', '.join(RESIZE_MODES)}")
+        if self.latent_channels not in LATENT_CHANNELS:
+            raise ValueError(f"latent channels must be one of {', '.join(LATENT_CHANNELS)}, "
+                             f"got {self.latent_channels!r}")
 
     @property
     def per_axis(self) -> int:
@@ -179,10 +193,15 @@ class Method:
     def C(self) -> int:  # noqa: N802 - the paper's name
         return self.model.C if self.kind == "latent" else 1
 
+    @property
+    def input_channels(self) -> int:
+        """Channels the classifier sees: ``C`` only for a latent given with ``latent_channels="all"``."""
+        return self.C if self.kind == "latent" and self.latent_channels == "all" else 1
+
 
 def default_methods(models: "Mapping[str, Any] | Sequence[Any] | Any | None" = None,
                     kinds: Sequence[str] = KINDS, interp: str = "bicubic", interp_f: Sequence[int] = (),
-                    spatial_dims: int = 2) -> list[Method]:
+                    spatial_dims: int = 2, latent_channels: str = "mean") -> list[Method]:
     """Table 1's rows for the given models: High-Resolution, then per model its latent and an interpolation
     baseline at the same per-axis reduction (one per distinct reduction).
 
@@ -193,6 +212,7 @@ def default_methods(models: "Mapping[str, Any] | Sequence[Any] | Any | None" = N
         interp_f: further interpolation rows at these downsizing factors ``f`` (the paper's: area or volume
             reduction, e.g. 64 = ÷8 per axis in 2D), with or without a model of that factor.
         spatial_dims: of the task, to turn ``interp_f`` into a per-axis reduction.
+        latent_channels: ``"mean"`` (the paper's) or ``"all"``: how latents with ``C > 1`` reach the classifier.
     """
     bad = [k for k in kinds if k not in KINDS]
     if bad:
@@ -220,7 +240,7 @@ def default_methods(models: "Mapping[str, Any] | Sequence[Any] | Any | None" = N
     for name, m in named:
         if "latent" in kinds:
             out.append(Method(f"MedVAE {name} (f={m.f}, C={m.C})" if len(named) > 1 else f"MedVAE (f={m.f}, C={m.C})",
-                              "latent", model=m))
+                              "latent", model=m, latent_channels=latent_channels))
         if "interp" in kinds:
             add_interp(m.downsample_per_axis, m.spatial_dims)
     for f in interp_f:
@@ -445,7 +465,8 @@ class InputBuilder:
         m = method.model
         if id(m) not in self._fingerprints:
             self._fingerprints[id(m)] = model_fingerprint(m)
-        s = {**self.image_settings, "kind": "latent", "model": self._fingerprints[id(m)], "stage2_mean_2d": True}
+        s = {**self.image_settings, "kind": "latent", "model": self._fingerprints[id(m)], "stage2_2d": True,
+             "latent_channels": method.latent_channels}
         return self.cache_dir / "latent" / f"{_slug(m.weights_info.get('model', 'model'))}-{_settings_digest(s)}"
 
     @staticmethod
@@ -513,7 +534,7 @@ class InputBuilder:
             return img
         if method.kind == "interp":
             return resize(img, [n // method.per_axis for n in self.size], method.interp).clamp_(-1.0, 1.0)
-        return latent_input(method.model, img)
+        return latent_input(method.model, img, method.latent_channels)
 
     def build(self, method: Method) -> "CachedInputs":
         """All rows' inputs for ``method`` (computed once, then read from the cache)."""
@@ -537,21 +558,23 @@ class InputBuilder:
 
 
 @torch.inference_mode()
-def latent_input(model: Any, image: torch.Tensor) -> torch.Tensor:
+def latent_input(model: Any, image: torch.Tensor, channels: str = "mean") -> torch.Tensor:
     """The classifier input of the ``latent`` method for one prepared image ``1×…`` in [-1, 1].
 
-    2D: ``stage2_features(z)`` when the model has the stage-2 head, then the channel mean when ``C > 1``
-    (App. B.1) → ``1×H/s×W/s``. 3D: ``z`` (``C×D/s×H/s×W/s``).
+    ``z`` (2D: ``stage2_features(z)`` when the model has the stage-2 head), then with ``channels="mean"`` the
+    mean over its ``C`` channels (App. B.1) → ``1×H/s×W/s`` (``1×D/s×H/s×W/s``); with ``"all"`` the ``C``
+    channels as they are → ``C×H/s×W/s``.
     """
     from medlatent.engine.tiled import TiledAutoencoder
 
+    if channels not in LATENT_CHANNELS:
+        raise ValueError(f"channels must be one of {', '.join(LATENT_CHANNELS)}, got {channels!r}")
     dev = model.quant_conv.weight.device
     z = TiledAutoencoder(model).encode(image[None].to(dev)).to(torch.float32)
-    if model.spatial_dims == 2:
-        if model.config.stage2_head:
-            z = model.stage2_features(z).float()
-        if z.shape[1] > 1:
-            z = z.mean(dim=1, keepdim=True)
+    if model.spatial_dims == 2 and model.config.stage2_head:
+        z = model.stage2_features(z).float()
+    if channels == "mean" and z.shape[1] > 1:
+        z = z.mean(dim=1, keepdim=True)
     return z[0].cpu()
 
 
@@ -651,7 +674,7 @@ def train_classifier(inputs: Dataset, labels: torch.Tensor, splits: Mapping[str,
     in_channels = int(inputs[0].shape[0])
     out = 1 if num_classes == 2 else num_classes
     net = build_classifier(config.classifier_for(spatial_dims), spatial_dims, in_channels, out,
-                           pretrained=config.pretrained).to(config.device)
+                           pretrained=config.pretrained, weights=config.pretrained_weights).to(config.device)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     data = _Labelled(inputs, labels)
     train_idx = list(splits["train"])
@@ -707,6 +730,20 @@ class MethodResult:
     C: int  # noqa: N815 - the paper's name
     input_shape: list[int]
     runs: list[SeedRun] = field(default_factory=list)
+    latent_channels: str = ""
+
+    @property
+    def input_channels(self) -> int:
+        """Channels the classifier saw (1 for images and channel-averaged latents)."""
+        return int(self.input_shape[0])
+
+    @property
+    def input_description(self) -> str:
+        """``1 (mean of C=4)``, ``4 (all C)`` or ``1``: what the classifier's input channels were."""
+        if self.kind == "latent" and self.C > 1:
+            return (f"{self.input_channels} (mean of C={self.C})" if self.latent_channels == "mean"
+                    else f"{self.input_channels} (all C)")
+        return str(self.input_channels)
 
     @property
     def aurocs(self) -> list[float]:
@@ -717,12 +754,18 @@ class MethodResult:
         return float(np.mean(self.aurocs))
 
     @property
-    def sd(self) -> float:
-        """Sample standard deviation over seeds (0 for one seed)."""
-        return float(np.std(self.aurocs, ddof=1)) if len(self.runs) > 1 else 0.0
+    def sd(self) -> float | None:
+        """Sample standard deviation over seeds; ``None`` for one seed (there is no spread to report)."""
+        return float(np.std(self.aurocs, ddof=1)) if len(self.runs) > 1 else None
+
+    def cell(self) -> str:
+        """``85.3±2.1`` (AUROC ×100), or ``85.3±n/a (1 seed)``."""
+        sd = "n/a (1 seed)" if self.sd is None else f"{100 * self.sd:.1f}"
+        return f"{100 * self.mean:.1f}±{sd}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.label, "kind": self.kind, "f": self.f, "C": self.C, "input_shape": self.input_shape,
+                "input_channels": self.input_channels, "latent_channels": self.latent_channels or None,
                 "auroc_mean": self.mean, "auroc_sd": self.sd, "runs": [dataclasses.asdict(r) for r in self.runs]}
 
 
@@ -739,8 +782,57 @@ class CADResult:
     rows: list[MethodResult]
 
     def to_dict(self) -> dict[str, Any]:
+        rows = []
+        for r in self.rows:
+            lo, hi = auroc_ci(r.mean, self.counts.get("test", {}))
+            rows.append({**r.to_dict(), "auroc_ci95": [lo, hi]})
         return {"task": self.task, "metric": self.metric, "class_names": self.class_names, "counts": self.counts,
-                "classifier": self.classifier, "config": self.config, "rows": [r.to_dict() for r in self.rows]}
+                "classifier": self.classifier, "config": self.config, "rows": rows, "warnings": cad_warnings(self)}
+
+
+def auroc_ci(auc: float, test_counts: Mapping[str, int], z: float = 1.96) -> tuple[float, float]:
+    """A 95% interval of an AUROC from the test split's class counts (Hanley & McNeil, Radiology 1982).
+
+    Binary: positives and negatives; multi-class (macro one-vs-rest): the smallest class against the rest,
+    the widest of its one-vs-rest intervals. It covers the test split's sampling only, not the spread over seeds.
+    """
+    counts = sorted(int(n) for n in test_counts.values())
+    if len(counts) < 2 or counts[0] < 1 or not math.isfinite(auc):
+        return 0.0, 1.0
+    n1, n0 = counts[0], sum(counts) - counts[0]
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    var = (auc * (1 - auc) + (n1 - 1) * (q1 - auc**2) + (n0 - 1) * (q2 - auc**2)) / (n1 * n0)
+    se = math.sqrt(max(var, 0.0))
+    return max(0.0, auc - z * se), min(1.0, auc + z * se)
+
+
+def cad_warnings(result: CADResult) -> list[str]:
+    """Why a CAD result may not mean anything: a test split under :data:`MIN_TEST_IMAGES` images or
+    :data:`MIN_TEST_PER_CLASS` per class, a single seed, rows whose AUROC 95% interval (:func:`auroc_ci`)
+    covers chance (0.5) — above all the high-resolution reference, without which the other rows compare with
+    nothing."""
+    out = []
+    test = result.counts.get("test", {})
+    n, smallest = sum(test.values()), min(test.values(), default=0)
+    if n < MIN_TEST_IMAGES or smallest < MIN_TEST_PER_CLASS:
+        split = ", ".join(f"{c}={k}" for c, k in test.items())
+        out.append(f"{result.task}: the test split has {n} image(s) ({split}); an AUROC from fewer than "
+                   f"{MIN_TEST_IMAGES} test images or {MIN_TEST_PER_CLASS} per class moves a lot with one image "
+                   "and says little; use more")
+    if len(result.config.get("seeds", ())) == 1:
+        out.append(f"{result.task}: one seed, so the sd over seeds is n/a (1 seed); use --seeds 0,1,2")
+    for row in result.rows:
+        lo, hi = auroc_ci(row.mean, test)
+        if not lo <= 0.5 <= hi:
+            continue
+        where = f"AUROC {row.mean:.2f}, 95% CI {lo:.2f}–{hi:.2f} covers 0.5"
+        if row.kind == "image":
+            out.append(f"{result.task}: the high-resolution reference is at chance ({where}): the classifier did "
+                       "not learn the task from full-resolution images, so the latent and interpolation rows have "
+                       "nothing to be compared with (more images or epochs, or a larger finding contrast)")
+        else:
+            out.append(f"{result.task}: {row.label} is indistinguishable from chance ({where})")
+    return out
 
 
 def run_cad(csv_path: str | Path, methods: Sequence[Method], *, config: CADConfig | None = None,
@@ -767,12 +859,17 @@ def run_cad(csv_path: str | Path, methods: Sequence[Method], *, config: CADConfi
     labels = torch.tensor([e.label for e in data.entries], dtype=torch.long)
     splits = {s: data.indices(s) for s in SPLITS if data.indices(s)}
     classifier = config.classifier_for(dims)
+    # before any input is prepared: a missing timm or offline weights fail now, in one line
+    weights = check_classifier(classifier, dims, config.pretrained, config.pretrained_weights)
+    if weights is not None:
+        config = dataclasses.replace(config, pretrained_weights=str(weights))
     with tempfile.TemporaryDirectory(prefix="medlatent-cad-") as tmp:
         builder = InputBuilder(data, dims, config, Path(cache_dir) if cache_dir is not None else Path(tmp))
         rows = []
         for method in methods:
             inputs = builder.build(method)
-            row = MethodResult(method.label, method.kind, method.f(dims), method.C, list(inputs.shape))
+            row = MethodResult(method.label, method.kind, method.f(dims), method.C, list(inputs.shape),
+                               latent_channels=method.latent_channels if method.kind == "latent" else "")
             for seed in config.seeds:
                 run = train_classifier(inputs, labels, splits, num_classes=data.num_classes, spatial_dims=dims,
                                        config=config, seed=seed)
@@ -806,14 +903,15 @@ def _task_dims(data: CADTask, methods: Sequence[Method], spatial_dims: int | Non
 
 # ------------------------------------------------------------------------------------------ tables
 def cad_table_rows(results: CADResult | Sequence[CADResult]) -> list[dict[str, str]]:
-    """Table 1's rows: ``Method``, ``f``, ``C``, one column per task (AUROC ×100 as ``mean±sd``) and, for
-    several tasks, ``Average`` (of the means)."""
+    """Table 1's rows: ``Method``, ``f``, ``C``, ``input ch`` (the classifier's input channels: ``1 (mean of
+    C=4)`` for a channel-averaged latent), one column per task (AUROC ×100 as ``mean±sd``) and, for several
+    tasks, ``Average`` (of the means)."""
     results = [results] if isinstance(results, CADResult) else list(results)
-    keys: list[tuple[str, int, int]] = []
-    cells: dict[tuple[str, int, int], dict[str, MethodResult]] = {}
+    keys: list[tuple[str, int, int, str]] = []
+    cells: dict[tuple[str, int, int, str], dict[str, MethodResult]] = {}
     for res in results:
         for row in res.rows:
-            k = (row.label, row.f, row.C)
+            k = (row.label, row.f, row.C, row.input_description)
             if k not in cells:
                 keys.append(k)
                 cells[k] = {}
@@ -821,10 +919,10 @@ def cad_table_rows(results: CADResult | Sequence[CADResult]) -> list[dict[str, s
     tasks = [r.task for r in results]
     rows = []
     for k in keys:
-        row = {"Method": k[0], "f": str(k[1]), "C": str(k[2])}
+        row = {"Method": k[0], "f": str(k[1]), "C": str(k[2]), "input ch": k[3]}
         for t in tasks:
             m = cells[k].get(t)
-            row[t] = f"{100 * m.mean:.1f}±{100 * m.sd:.1f}" if m else "–"
+            row[t] = m.cell() if m else "–"
         if len(tasks) > 1:
             vals = [cells[k][t].mean for t in tasks if t in cells[k]]
             row["Average"] = f"{100 * float(np.mean(vals)):.1f}" if len(vals) == len(tasks) else "–"
@@ -839,7 +937,23 @@ def _notes(results: Sequence[CADResult]) -> list[str]:
     for res in results:
         counts = "; ".join(f"{s}: " + ", ".join(f"{c}={n}" for c, n in cs.items()) for s, cs in res.counts.items())
         notes.append(f"- {res.task}: {res.metric}; classes {', '.join(res.class_names)}; rows per split {counts}.")
+    seen = set()
+    for res in results:
+        for row in res.rows:
+            if row.kind != "latent" or row.C < 2 or (row.label, row.latent_channels) in seen:
+                continue
+            seen.add((row.label, row.latent_channels))
+            if row.latent_channels == "mean":
+                notes.append(f"- {row.label}: the classifier saw 1 input channel, the mean of the {row.C} latent "
+                             f"channels (the paper's App. B.1); `--latent-channels all` gives it all {row.C}.")
+            else:
+                notes.append(f"- {row.label}: the classifier saw all {row.C} latent channels as {row.input_channels} "
+                             "input channels (`--latent-channels all`; the paper averages them).")
     return notes
+
+
+def _warnings(results: Sequence[CADResult]) -> list[str]:
+    return [w for res in results for w in cad_warnings(res)]
 
 
 def cad_markdown(results: CADResult | Sequence[CADResult], title: str = "CAD tasks") -> str:
@@ -850,6 +964,9 @@ def cad_markdown(results: CADResult | Sequence[CADResult], title: str = "CAD tas
     notes = _notes(results)
     lines = [f"# {title}", "", notes[0], "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     lines += ["| " + " | ".join(r[c] for c in head) + " |" for r in rows]
+    warnings = _warnings(results)
+    if warnings:
+        lines += ["", "## Warnings", ""] + [f"- **{w}**" for w in warnings]
     return "\n".join(lines + [""] + notes[1:]) + "\n"
 
 
@@ -867,13 +984,15 @@ def write_cad_table(results: CADResult | Sequence[CADResult], out_dir: str | Pat
         tmp.write_text(cad_markdown(results, title), encoding="utf-8")
     with atomic_write(paths["csv"]) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["task", "method", "kind", "f", "C", "input_shape", "auroc_mean", "auroc_sd", "seeds",
-                    "auroc_per_seed"])
+        w.writerow(["task", "method", "kind", "f", "C", "input_channels", "latent_channels", "input_shape",
+                    "auroc_mean", "auroc_sd", "auroc_ci95_low", "auroc_ci95_high", "seeds", "auroc_per_seed"])
         for res in results:
             for row in res.rows:
-                w.writerow([res.task, row.label, row.kind, row.f, row.C, "x".join(map(str, row.input_shape)),
-                            f"{row.mean:.6f}", f"{row.sd:.6f}", ";".join(str(r.seed) for r in row.runs),
-                            ";".join(f"{a:.6f}" for a in row.aurocs)])
+                lo, hi = auroc_ci(row.mean, res.counts.get("test", {}))
+                w.writerow([res.task, row.label, row.kind, row.f, row.C, row.input_channels, row.latent_channels,
+                            "x".join(map(str, row.input_shape)), f"{row.mean:.6f}",
+                            "" if row.sd is None else f"{row.sd:.6f}", f"{lo:.6f}", f"{hi:.6f}",
+                            ";".join(str(r.seed) for r in row.runs), ";".join(f"{a:.6f}" for a in row.aurocs)])
     with atomic_write(paths["json"]) as tmp:
         tmp.write_text(json.dumps([r.to_dict() for r in results], indent=2), encoding="utf-8")
     paths["report"] = _report(results, out, stem, title)
@@ -893,4 +1012,5 @@ def _report(results: Sequence[CADResult], out: Path, stem: str, title: str) -> P
             logger.info("no AUROC chart (%s)", e)
             break
         figures.append((f"{res.task}: test {res.metric}, mean ± sd over seeds", png))
-    return write_report(out, title, [("Test AUROC ×100", cad_table_rows(results))], figures, _notes(results))
+    return write_report(out, title, [("Test AUROC ×100", cad_table_rows(results))], figures, _notes(results),
+                        warnings=_warnings(results))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,19 @@ EVAL_EXTRA = "pip install 'medlatent[eval]'"
 PAPER_CLASSIFIER = {2: "hrnet_w64", 3: "seresnet152"}  # App. B.1
 
 
+class PretrainedWeightsError(ValueError):
+    """Pretrained classifier weights cannot be had; the one-line message says how to provide them."""
+
+
+@dataclass(frozen=True)
+class HubWeights:
+    """Where a classifier's pretrained weights live on the Hugging Face Hub (what timm downloads)."""
+
+    name: str
+    repo_id: str
+    filename: str
+
+
 @dataclass(frozen=True)
 class ClassifierInfo:
     """One classifier family member.
@@ -31,14 +45,19 @@ class ClassifierInfo:
     Attributes:
         name: the registry name.
         spatial_dims: the dimensionalities it supports.
-        build: ``(spatial_dims, in_channels, num_classes, pretrained) → nn.Module``.
+        build: ``(spatial_dims, in_channels, num_classes, weights) → nn.Module``; ``weights`` is a local file of
+            pretrained weights or ``None`` (random initialisation).
         source: where the implementation comes from (for reports).
+        needs: the module it imports and how to install it, checked before any work starts.
+        pretrained: its pretrained weights on the Hub (``None``: it has none).
     """
 
     name: str
     spatial_dims: tuple[int, ...]
-    build: Callable[[int, int, int, bool], nn.Module]
+    build: Callable[[int, int, int, "Path | None"], nn.Module]
     source: str
+    needs: tuple[str, str] | None = None
+    pretrained: HubWeights | None = None
 
 
 # ------------------------------------------------------------------------------------------ tiny
@@ -78,9 +97,7 @@ class TinyCNN(nn.Module):
         return self.head(torch.cat([h.mean(dim=2), h.amax(dim=2)], dim=1))
 
 
-def _tiny(spatial_dims: int, in_channels: int, num_classes: int, pretrained: bool) -> nn.Module:
-    if pretrained:
-        raise ValueError("the 'tiny' classifier has no pretrained weights")
+def _tiny(spatial_dims: int, in_channels: int, num_classes: int, weights: Path | None) -> nn.Module:
     return TinyCNN(spatial_dims, in_channels, num_classes)
 
 
@@ -106,23 +123,26 @@ class PadToMultiple(nn.Module):
         return self.net(x)
 
 
-def _hrnet_w64(spatial_dims: int, in_channels: int, num_classes: int, pretrained: bool) -> nn.Module:
+def _hrnet_w64(spatial_dims: int, in_channels: int, num_classes: int, weights: Path | None) -> nn.Module:
+    import timm
+
+    # from a local file only: resolve_pretrained has found it (timm would otherwise retry the Hub at length);
+    # timm adapts the pretrained stem to in_channels (sums/repeats the RGB filters) and drops the ImageNet head
+    overlay = {"file": str(weights)} if weights is not None else None
     try:
-        import timm
-    except ImportError as e:
-        raise ImportError(f"the 'hrnet_w64' classifier needs timm: {EVAL_EXTRA}") from e
-    # timm adapts the pretrained stem to in_channels (sums/repeats the RGB filters)
-    net = timm.create_model("hrnet_w64", pretrained=pretrained, in_chans=in_channels, num_classes=num_classes)
+        net = timm.create_model("hrnet_w64", pretrained=weights is not None, pretrained_cfg_overlay=overlay,
+                                in_chans=in_channels, num_classes=num_classes)
+    except (RuntimeError, OSError, KeyError, ValueError) as e:
+        if weights is None:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PretrainedWeightsError(f"{weights}: not hrnet_w64 ImageNet weights timm can load ({first})") from e
     return PadToMultiple(net, 32)
 
 
-def _seresnet152(spatial_dims: int, in_channels: int, num_classes: int, pretrained: bool) -> nn.Module:
-    try:
-        from monai.networks.nets import SEResNet152
-    except ImportError as e:
-        raise ImportError(f"the 'seresnet152' classifier needs MONAI: {EVAL_EXTRA}") from e
-    if pretrained:
-        raise ValueError("MONAI's SEResNet-152 has no pretrained weights for medical volumes; drop pretrained")
+def _seresnet152(spatial_dims: int, in_channels: int, num_classes: int, weights: Path | None) -> nn.Module:
+    from monai.networks.nets import SEResNet152
+
     return SEResNet152(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes)
 
 
@@ -130,8 +150,11 @@ CLASSIFIERS: dict[str, ClassifierInfo] = {
     info.name: info
     for info in (
         ClassifierInfo("tiny", (2, 3), _tiny, "medlatent TinyCNN (tests, CPU smoke runs)"),
-        ClassifierInfo("hrnet_w64", (2,), _hrnet_w64, "timm hrnet_w64 (paper: 2D CAD)"),
-        ClassifierInfo("seresnet152", (2, 3), _seresnet152, "MONAI SEResNet152 (paper: 3D CAD)"),
+        ClassifierInfo("hrnet_w64", (2,), _hrnet_w64, "timm hrnet_w64 (paper: 2D CAD)",
+                       needs=("timm", "pip install timm"),
+                       pretrained=HubWeights("hrnet_w64", "timm/hrnet_w64.ms_in1k", "model.safetensors")),
+        ClassifierInfo("seresnet152", (2, 3), _seresnet152, "MONAI SEResNet152 (paper: 3D CAD)",
+                       needs=("monai", "pip install monai")),
     )
 }
 
@@ -149,27 +172,85 @@ def get_classifier_info(name: str) -> ClassifierInfo:
                          f"Available: {', '.join(list_classifiers())}") from None
 
 
-def build_classifier(name: str, spatial_dims: int, in_channels: int, num_classes: int,
-                     pretrained: bool = False) -> nn.Module:
-    """Build a CAD classifier.
+def check_classifier(name: str, spatial_dims: int, pretrained: bool = False,
+                     weights: str | Path | None = None) -> Path | None:
+    """Everything a classifier needs, checked before any input is prepared: its dimensionality, its optional
+    dependency and, with ``pretrained``, a local file of its weights (:func:`resolve_pretrained`).
 
-    Args:
-        name: ``"hrnet_w64"`` (timm, 2D; the paper's 2D network), ``"seresnet152"`` (MONAI; the paper's 3D
-            network) or ``"tiny"``.
-        spatial_dims: 2 or 3.
-        in_channels: input channels (1 for images and channel-averaged 2D latents; ``C`` for 3D latents).
-        num_classes: logits out; 1 for binary tasks (sigmoid + BCE, as in the paper).
-        pretrained: load ImageNet weights (``hrnet_w64`` only; downloads through timm).
+    Returns:
+        The weights file (``None`` without ``pretrained``).
 
     Raises:
-        ValueError: unknown name, unsupported dimensionality, or non-positive sizes.
-        ImportError: the optional dependency (timm/MONAI) is missing; the message says what to install.
+        ValueError: unknown name, unsupported dimensionality, or no pretrained weights for this classifier.
+        ImportError: the optional dependency is missing; the message says how to install it.
+        PretrainedWeightsError: the weights are neither at ``weights``, nor cached, nor downloadable.
     """
     info = get_classifier_info(name)
     if spatial_dims not in info.spatial_dims:
         other = [n for n, i in CLASSIFIERS.items() if spatial_dims in i.spatial_dims]
         raise ValueError(f"classifier {name!r} supports {'/'.join(map(str, info.spatial_dims))}D inputs, not "
                          f"{spatial_dims}D; use one of {', '.join(other)}")
+    if info.needs is not None:
+        module, install = info.needs
+        try:
+            __import__(module)
+        except ImportError as e:
+            raise ImportError(f"the {name!r} classifier ({info.source}) needs {module}, which is not installed: "
+                              f"{install} (or {EVAL_EXTRA}); --classifier tiny needs nothing") from e
+    if weights is not None and not pretrained:
+        raise ValueError("pretrained weights were given without pretrained (--pretrained)")
+    return resolve_pretrained(name, weights) if pretrained else None
+
+
+def resolve_pretrained(name: str, weights: str | Path | None = None) -> Path:
+    """A local file of ``name``'s pretrained weights: ``weights`` when given, else the Hugging Face cache
+    (where timm keeps them), else a download — one short request, never timm's minute of retries.
+
+    Offline (``HF_HUB_OFFLINE=1``) with an empty cache, or with the Hub unreachable, this fails at once with a
+    one-line :class:`PretrainedWeightsError` naming the repository and file and the ways to provide them.
+    """
+    info = get_classifier_info(name)
+    hub = info.pretrained
+    if hub is None:
+        raise ValueError(f"the {name!r} classifier has no pretrained weights; drop --pretrained")
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise PretrainedWeightsError(f"{path}: no such file; give the {hub.filename} of {hub.repo_id} "
+                                         "(pretrained weights of " + name + ")")
+        return path
+    from medlatent.hub import WeightsNotFoundError, hub_download
+
+    try:
+        return hub_download(hub, hub.filename)  # type: ignore[arg-type] - needs only .name and .repo_id
+    except WeightsNotFoundError as e:
+        raise PretrainedWeightsError(
+            f"--pretrained: {e.summary}. Either download it where the Hub is reachable "
+            f"(`{e.download_command}`) and pass the file with --pretrained-weights FILE, or run once online "
+            "without HF_HUB_OFFLINE so that it lands in the Hugging Face cache (HF_HOME), or drop --pretrained"
+        ) from e
+
+
+def build_classifier(name: str, spatial_dims: int, in_channels: int, num_classes: int,
+                     pretrained: bool = False, weights: str | Path | None = None) -> nn.Module:
+    """Build a CAD classifier.
+
+    Args:
+        name: ``"hrnet_w64"`` (timm, 2D; the paper's 2D network), ``"seresnet152"`` (MONAI; the paper's 3D
+            network) or ``"tiny"``.
+        spatial_dims: 2 or 3.
+        in_channels: input channels (1 for images and channel-averaged latents; ``C`` for all latent channels).
+        num_classes: logits out; 1 for binary tasks (sigmoid + BCE, as in the paper).
+        pretrained: load ImageNet weights (``hrnet_w64`` only), from ``weights`` or the Hugging Face cache
+            (see :func:`resolve_pretrained`).
+        weights: a local file of those weights.
+
+    Raises:
+        ValueError: unknown name, unsupported dimensionality, or non-positive sizes.
+        ImportError: the optional dependency (timm/MONAI) is missing; the message says what to install.
+        PretrainedWeightsError: pretrained weights cannot be had or loaded.
+    """
     if in_channels < 1 or num_classes < 1:
         raise ValueError(f"in_channels and num_classes must be ≥ 1, got {in_channels} and {num_classes}")
-    return info.build(spatial_dims, in_channels, num_classes, pretrained)
+    file = check_classifier(name, spatial_dims, pretrained, weights)
+    return get_classifier_info(name).build(spatial_dims, in_channels, num_classes, file)

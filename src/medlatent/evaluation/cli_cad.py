@@ -37,6 +37,8 @@ def _factors(text: str) -> list[int]:
         _fail(f"--interp-f takes comma-separated integers such as 16,64; got {text!r}")
         return []
 DEVICE_OPT = typer.Option("cpu", "--device", "-d")
+LATENT_CHANNELS_OPT = typer.Option("mean", "--latent-channels", help="Latents with C > 1: 'mean' (one input channel, "
+                                                                     "the paper's App. B.1) or 'all' (C channels).")
 CACHE_OPT = typer.Option(None, "--cache", help="Folder of prepared inputs and latents, reused across runs "
                                                "(default: OUTPUT/cache).")
 
@@ -44,6 +46,14 @@ CACHE_OPT = typer.Option(None, "--cache", help="Folder of prepared inputs and la
 def _fail(msg: str) -> None:
     typer.secho(f"error: {msg}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code=1)
+
+
+def _warn(result) -> None:
+    """The report's warnings, on the console too (stderr), so nobody reads a meaningless AUROC unwarned."""
+    from medlatent.evaluation.cad import cad_warnings
+
+    for w in cad_warnings(result):
+        typer.secho(f"warning: {w}", err=True, fg=typer.colors.YELLOW)
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -101,7 +111,12 @@ def register(app: typer.Typer) -> None:
         interp: str = INTERP_OPT,
         modality: str = typer.Option("auto", help="ct, mri, xray, other or auto."),
         device: str = DEVICE_OPT,
-        pretrained: bool = typer.Option(False, "--pretrained", help="ImageNet weights for hrnet_w64."),
+        pretrained: bool = typer.Option(False, "--pretrained", help="ImageNet weights for hrnet_w64 (from the "
+                                                                    "Hugging Face cache, or downloaded)."),
+        pretrained_weights: Optional[Path] = typer.Option(
+            None, "--pretrained-weights", help="Local file of those weights (timm/hrnet_w64.ms_in1k "
+                                               "model.safetensors); implies --pretrained."),
+        latent_channels: str = LATENT_CHANNELS_OPT,
         cache: Optional[Path] = CACHE_OPT,
         task: Optional[str] = typer.Option(None, "--task", help="Task name in the table (default: CSV name)."),
     ) -> None:
@@ -112,14 +127,16 @@ def register(app: typer.Typer) -> None:
         try:
             config = CADConfig(classifier=classifier, size=_size(size), epochs=epochs, batch_size=batch_size, lr=lr,
                                weight_decay=weight_decay, seeds=_seeds(seeds), balanced=balanced, select=select,
-                               modality=modality, device=device, pretrained=pretrained)
+                               modality=modality, device=device, pretrained=pretrained or pretrained_weights is not None,
+                               pretrained_weights=str(pretrained_weights) if pretrained_weights else None)
             kinds = method or (["image", "latent", "interp"] if models else ["image"])
-            methods = default_methods(models or None, kinds=kinds, interp=interp)
+            methods = default_methods(models or None, kinds=kinds, interp=interp, latent_channels=latent_channels)
             result = run_cad(csv_path, methods, config=config, cache_dir=cache or output / "cache", task=task)
         except (CADDataError, ValueError, ImportError) as e:
             _fail(str(e))
         paths = write_cad_table(result, output)
         typer.echo(paths["markdown"].read_text(encoding="utf-8"))
+        _warn(result)
         typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
 
     @app.command("finefeature")
@@ -145,6 +162,7 @@ def register(app: typer.Typer) -> None:
         select: str = SELECT_OPT,
         interp: str = INTERP_OPT,
         interp_f: str = INTERP_F_OPT,
+        latent_channels: str = LATENT_CHANNELS_OPT,
         device: str = DEVICE_OPT,
         cache: Optional[Path] = CACHE_OPT,
     ) -> None:
@@ -161,10 +179,12 @@ def register(app: typer.Typer) -> None:
             factors = _factors(interp_f)
             kinds = ("image", "latent", "interp") if models else (("image", "interp") if factors else ("image",))
             res = run_finefeature(sources, output, models or None, spec=spec, config=config, kinds=kinds,
-                                  interp=interp, interp_f=factors, cache_dir=cache or output / "cache")
+                                  interp=interp, interp_f=factors, cache_dir=cache or output / "cache",
+                                  latent_channels=latent_channels)
         except (CADDataError, ValueError, ImportError) as e:
             _fail(str(e))
         typer.echo(res.files["markdown"].read_text(encoding="utf-8"))
+        _warn(res.cad)
         typer.echo(f"wrote {res.dataset.csv_path} and {', '.join(str(p) for p in res.files.values())}")
 
     @app.command("efficiency")

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from medlatent.evaluation.cad import CADConfig, CADResult, default_methods, run_cad, write_cad_table
+from medlatent.evaluation.classifiers import check_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -298,16 +299,21 @@ def run_finefeature(source: "str | Path | Sequence[str | Path]", out_dir: str | 
                     models: "Mapping[str, Any] | Sequence[Any] | Any | None" = None, *,
                     spec: FineFeatureSpec | None = None, config: CADConfig | None = None,
                     kinds: Sequence[str] = ("image", "latent", "interp"), interp: str = "bicubic",
-                    interp_f: Sequence[int] = (), cache_dir: str | Path | None = None) -> FineFeatureResult:
+                    interp_f: Sequence[int] = (), cache_dir: str | Path | None = None,
+                    latent_channels: str = "mean") -> FineFeatureResult:
     """Generate the task, then run CAD on image / MedVAE latent (per model, e.g. f=16 and f=64) / interpolation.
 
     The classifier input size is the patch size. Writes ``out_dir/data/`` (the task) and
-    ``out_dir/finefeature.{md,csv,json}`` (the AUROC table).
+    ``out_dir/finefeature.{md,csv,json}`` (the AUROC table, with warnings when the test split is small or the
+    full-resolution reference is at chance: then no row means anything).
     """
     spec = spec or FineFeatureSpec()
     config = dataclasses.replace(config or CADConfig(), size=spec.patch_size)
+    methods = default_methods(models, kinds=kinds, interp=interp, interp_f=interp_f, spatial_dims=spec.spatial_dims,
+                              latent_channels=latent_channels)
+    check_classifier(config.classifier_for(spec.spatial_dims), spec.spatial_dims, config.pretrained,
+                     config.pretrained_weights)  # before the task is generated: fail fast
     dataset = make_finefeature_dataset(source, Path(out_dir) / "data", spec)
-    methods = default_methods(models, kinds=kinds, interp=interp, interp_f=interp_f, spatial_dims=spec.spatial_dims)
     task = f"{spec.finding} (contrast {spec.contrast:g}, size {spec.size:g})"
     result = run_cad(dataset.csv_path, methods, config=config, cache_dir=cache_dir, task=task,
                      spatial_dims=spec.spatial_dims)
