@@ -7,8 +7,10 @@ non-zero. Outputs are written atomically, so an item whose output exists is comp
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,7 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from medlatent.io.atomic import remove_stale_temporaries
+from medlatent.io.atomic import (
+    OutputError,
+    check_output_dir,
+    is_fatal_write_error,
+    make_output_dir,
+    remove_stale_temporaries,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +58,55 @@ class BatchReport:
         return out
 
 
+class Manifest:
+    """The run's JSON-lines record, appended one whole line per write.
+
+    The file is opened on the first record, so a run that records nothing leaves no empty manifest; a line that
+    cannot be written completely (disk full) is cut off again, so the file never holds half a record.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._created = False
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = (json.dumps(record, default=str) + "\n").encode()
+        size = None
+        try:
+            if self._fd is None:
+                self._created = not self.path.exists()
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            size = os.fstat(self._fd).st_size
+            if os.write(self._fd, line) != len(line):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as e:
+            self._undo(size)
+            raise OutputError(f"manifest {self.path}: cannot be written ({e.strerror or e})") from e
+
+    def _undo(self, size: int | None) -> None:
+        """Best effort after a failed write: no torn line, and no empty file this run created."""
+        try:
+            if self._fd is not None and size is not None:
+                os.ftruncate(self._fd, size)
+            if self._created and self.path.stat().st_size == 0:
+                self.close()
+                self.path.unlink()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> Manifest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 @dataclass
 class Job(Generic[T, R]):
     """One unit of a batch: ``load`` runs in a worker thread (IO), ``run`` in the main thread (compute).
@@ -71,65 +128,95 @@ def run_jobs(jobs: Iterable[Job], manifest_dir: Path, *, resume: bool = True, pr
     With ``compute``, up to ``batch`` consecutive loaded items go through ``compute`` together (one model pass
     for several files) and each job's ``run`` gets its own element of the result. If a group's ``compute``
     fails, its items are computed one by one, so only the item at fault is recorded as failed.
+
+    Raises:
+        OutputError: the output folder cannot be created, or its file system takes no more writes (full, over
+            quota, read-only). The run stops there, since every later item would fail the same way; the items
+            finished before are complete and a re-run skips them.
     """
     jobs = list(jobs)
-    manifest_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(manifest_dir)
     report = BatchReport()
-    todo: list[Job] = []
-    with open(manifest_dir / manifest, "a") as mf:
+    with Manifest(manifest_dir / manifest) as mf:
+
+        def record(res: ItemResult) -> None:
+            report.results.append(res)
+            mf.write(res.__dict__)
+            if progress:
+                progress(res)
+
+        todo: list[Job] = []
         for job in jobs:
             for p in job.outputs:
                 remove_stale_temporaries(p)
             if resume and job.outputs and all(p.is_file() for p in job.outputs):
-                res = ItemResult(job.name, "skipped", [str(p) for p in job.outputs], "outputs already complete")
-                report.results.append(res)
-                mf.write(json.dumps(res.__dict__, default=str) + "\n")
-                if progress:
-                    progress(res)
+                record(ItemResult(job.name, "skipped", [str(p) for p in job.outputs], "outputs already complete"))
             else:
                 todo.append(job)
-    batch = max(1, batch) if compute is not None else 1
-    ahead = max(1, prefetch) + batch - 1
-    with ThreadPoolExecutor(max_workers=max(1, prefetch)) as pool, open(manifest_dir / manifest, "a") as mf:
-
-        def record(res: ItemResult) -> None:
-            report.results.append(res)
-            mf.write(json.dumps(res.__dict__, default=str) + "\n")
-            mf.flush()
-            if progress:
-                progress(res)
-
-        pending: list[Future | None] = [pool.submit(j.load) for j in todo[:ahead]]
-        for first in range(0, len(todo), batch):
-            group = list(range(first, min(first + batch, len(todo))))
-            t0 = time.perf_counter()
-            loaded: dict[int, Any] = {}
-            errors: dict[int, Exception] = {}
-            for i in group:
-                try:
-                    loaded[i] = pending[i].result()  # type: ignore[union-attr]
-                except Exception as e:
-                    errors[i] = e
-                pending[i] = None  # free the loaded data once used
-            pending += [pool.submit(j.load) for j in todo[len(pending) : group[-1] + 1 + ahead]]
-            computed = _compute(compute, loaded, errors)
-            share = (time.perf_counter() - t0) / len(group)
-            for i in group:
-                job, t1 = todo[i], time.perf_counter()
-                try:
-                    if i in errors:
-                        raise errors[i]
-                    info = job.run(computed[i]) or {}
-                    res = ItemResult(job.name, "ok", [str(p) for p in job.outputs],
-                                     seconds=share + time.perf_counter() - t1, info=info)
-                except Exception as e:  # one bad item must not stop the archive; the reason is recorded
-                    logger.debug("item %s failed", job.name, exc_info=True)
-                    for p in job.outputs:  # no partial outputs of a failed item remain
-                        p.unlink(missing_ok=True)
-                    res = ItemResult(job.name, "failed", [], reason=str(e) or type(e).__name__,
-                                     seconds=share + time.perf_counter() - t1)
-                record(res)
+        _run_todo(todo, record, manifest_dir, prefetch, batch if compute is not None else 1, compute)
     return report
+
+
+def _run_todo(todo: list[Job], record: Callable[[ItemResult], None], out: Path, prefetch: int, batch: int,
+              compute: Callable[[list[Any]], list[Any]] | None) -> None:
+    batch = max(1, batch)
+    ahead = max(1, prefetch) + batch - 1
+    with ThreadPoolExecutor(max_workers=max(1, prefetch)) as pool:
+        pending: list[Future | None] = [pool.submit(j.load) for j in todo[:ahead]]
+        try:
+            for first in range(0, len(todo), batch):
+                group = list(range(first, min(first + batch, len(todo))))
+                t0 = time.perf_counter()
+                loaded: dict[int, Any] = {}
+                errors: dict[int, Exception] = {}
+                for i in group:
+                    try:
+                        loaded[i] = pending[i].result()  # type: ignore[union-attr]
+                    except Exception as e:
+                        errors[i] = e
+                    pending[i] = None  # free the loaded data once used
+                pending += [pool.submit(j.load) for j in todo[len(pending) : group[-1] + 1 + ahead]]
+                computed = _compute(compute, loaded, errors)
+                share = (time.perf_counter() - t0) / len(group)
+                for i in group:
+                    res, fatal = _run_one(todo[i], computed, errors, i, share)
+                    if fatal is not None:
+                        _stop(record, res, fatal, out)
+                    record(res)
+        finally:  # stopped early (output error): loads not yet started need not run
+            for f in pending:
+                if f is not None:
+                    f.cancel()
+
+
+def _run_one(job: Job, computed: dict[int, Any], errors: dict[int, Exception], i: int,
+             share: float) -> tuple[ItemResult, OSError | None]:
+    """One job's ``run`` on its computed input; the error too when the output disk stops taking writes."""
+    t1 = time.perf_counter()
+    try:
+        if i in errors:
+            raise errors[i]
+        info = job.run(computed[i]) or {}
+        return ItemResult(job.name, "ok", [str(p) for p in job.outputs], seconds=share + time.perf_counter() - t1,
+                          info=info), None
+    except Exception as e:  # one bad item must not stop the archive; the reason is recorded
+        logger.debug("item %s failed", job.name, exc_info=True)
+        for p in job.outputs:  # no partial outputs of a failed item remain
+            p.unlink(missing_ok=True)
+        res = ItemResult(job.name, "failed", [], reason=str(e) or type(e).__name__,
+                         seconds=share + time.perf_counter() - t1)
+        return res, (e if i not in errors and is_fatal_write_error(e) else None)  # type: ignore[return-value]
+
+
+def _stop(record: Callable[[ItemResult], None], res: ItemResult, e: OSError, out: Path) -> None:
+    """End the run after a write that no later item could do either (disk full, read-only)."""
+    try:
+        record(res)
+    except OutputError:
+        pass  # the manifest is on the same full disk; the error below says what happened
+    raise OutputError(f"output {out}: writing {res.item} failed: {e.strerror} (errno {e.errno}); stopped here — "
+                      "free space (or make the folder writable) and run again: finished items are kept and "
+                      "skipped") from e
 
 
 def _compute(compute: Callable[[list[Any]], list[Any]] | None, loaded: dict[int, Any],
@@ -150,3 +237,16 @@ def _compute(compute: Callable[[list[Any]], list[Any]] | None, loaded: dict[int,
         except Exception as e:
             errors[k] = e
     return out
+
+
+def check_output(output: Path, inputs: Iterable[Path]) -> None:
+    """Fail before any work if ``output`` cannot hold a run's results, or is one of its input folders.
+
+    Raises:
+        OutputError: naming the output and the problem.
+    """
+    for inp in inputs:
+        if inp.is_dir() and os.path.realpath(inp) == os.path.realpath(output):
+            raise OutputError(f"output {output} is the input folder {inp}; give the results a folder of their own "
+                              "(outputs mixed with inputs would be read as inputs on the next run)")
+    check_output_dir(output)
