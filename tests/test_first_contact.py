@@ -250,3 +250,55 @@ def test_unreachable_hub_is_tried_once_per_process(tmp_path, tiny_hub):
         assert "is unreachable" in err.value.summary and "w/tiny.ckpt" in str(err.value)
         counts.append(len(attempts))
     assert counts[0] >= 1 and counts[1] == counts[2] == counts[0], attempts  # asked once, then remembered
+
+
+def test_hub_messages_print_once_and_not_while_medlatent_reports_the_failure(monkeypatch):
+    """huggingface_hub logs through its own handler; a root handler as well printed every retry warning twice."""
+    import logging
+
+    hub_logger = logging.getLogger("huggingface_hub")
+    seen_by_hub: list[str] = []
+    seen_by_root: list[str] = []
+
+    class Collect(logging.Handler):
+        def __init__(self, sink: list[str]) -> None:
+            super().__init__(logging.DEBUG)
+            self.sink = sink
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.sink.append(record.getMessage())
+
+    monkeypatch.setattr(hub_logger, "handlers", [Collect(seen_by_hub)])
+    monkeypatch.setattr(hub_logger, "propagate", True)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [Collect(seen_by_root)])
+    child = logging.getLogger("huggingface_hub.utils._http")
+    with hub._hub_logs(quiet=False):
+        child.warning("Retrying in 1s")
+    with hub._hub_logs(quiet=True):
+        child.warning("thrown while requesting HEAD")
+    assert seen_by_hub == ["Retrying in 1s"] and seen_by_root == []
+    assert hub_logger.propagate is True  # restored
+
+
+def test_decode_asks_for_a_missing_hub_model_once_for_all_latents(tmp_path, image_dir, monkeypatch):
+    model_dir = tmp_path / "tiny_model"
+    MedVAE(tiny_config()).save_pretrained(model_dir)
+    Image.fromarray(np.full((64, 64), 7, np.uint8)).save(image_dir / "b.png")
+    runner = CliRunner()
+    res = runner.invoke(app, ["encode", str(image_dir), "-o", str(tmp_path / "latents"), "--model", str(model_dir)])
+    assert res.exit_code == 0, res.output
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    calls: list[str] = []
+    real = hub.hub_download
+    monkeypatch.setattr(hub, "hub_download", lambda info, filename, **kw: calls.append(filename) or real(
+        info, filename, **kw))
+    res = runner.invoke(app, ["decode", str(tmp_path / "latents"), "-o", str(tmp_path / "recon"),
+                              "--model", "medvae_4_1_2d"])
+    assert res.exit_code == 1
+    assert res.output.count("not in the Hugging Face cache") >= 2  # each latent lists why it failed ...
+    assert "--checkpoint FILE" in res.output and "--model DIR" in res.output
+    assert calls == ["model_weights/vae_4x_1c_2D.ckpt"]  # ... but the weights were looked for once
+    assert not list((tmp_path / "recon").rglob("*.png"))
