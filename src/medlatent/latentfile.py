@@ -166,6 +166,20 @@ def _check_orientation(v: Any, d: int) -> list[int] | None:
     return axes
 
 
+def _check_file_geometry(g: Any, original_shape: list[int]) -> None:
+    """The source file's own layout (``None``, or ``shape`` and ``affine``): it must hold the original's values."""
+    if g is None:
+        return
+    if not isinstance(g, dict) or set(g) != {"shape", "affine"}:
+        raise TypeError(f"file_geometry must have exactly shape and affine, got {g!r}")
+    shape = g["shape"]
+    if not isinstance(shape, list) or len(shape) < 2 or not all(_is_int(n) and n >= 1 for n in shape):
+        raise ValueError(f"file_geometry.shape must be integers ≥ 1, got {shape!r}")
+    if math.prod(shape) != math.prod(original_shape):
+        raise ValueError(f"file_geometry.shape {shape} does not hold the original shape {original_shape}")
+    _matrix(g["affine"], 4, 4, "file_geometry.affine")
+
+
 def _check_preprocessing(d: Any, model: dict[str, Any]) -> Preprocessing:
     if not isinstance(d, dict):
         raise TypeError(f"'preprocessing' must be an object, got {d!r}")
@@ -183,6 +197,7 @@ def _check_preprocessing(d: Any, model: dict[str, Any]) -> Preprocessing:
     if rec.channel_mean and (sd != 2 or shape[0] != 3):
         raise ValueError(f"channel_mean is set but the original shape {shape} is not a 3-channel 2D image")
     _check_intensity(rec.intensity)
+    _check_file_geometry(d.get("file_geometry"), shape)
     axes = _check_orientation(rec.orientation, sd)
     spatial = shape[-sd:]
     if axes is not None:  # original axis i became model axis axes[i]

@@ -151,5 +151,8 @@ def decode_latent(model: MedVAE, lf: LatentFile, *, source: str | Path = "latent
         gray = rec.channel_mean or (rec.spatial_dims == 2 and rec.original_shape[0] == 1)
         y = TiledAutoencoder(model, tiles).decode(z, grayscale=gray)
     arr = restore(y[0].float().cpu().numpy(), rec, out_dtype)
+    if arr.shape != tuple(rec.original_shape):  # e.g. a 3-channel original recorded for a 1-channel decoder
+        raise LatentFileError(source, f"decodes to shape {arr.shape}, but records an original of shape "
+                                      f"{tuple(rec.original_shape)}")
     return ImageData(arr, np.array(rec.original_affine), modality=rec.modality, source=str(source),
                      meta={"format": "decoded"})

@@ -42,6 +42,10 @@ class GroupNorm32(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shared is not None:
             return self.shared(self, x)
+        if x[0, 0].numel() * (self.num_channels // self.num_groups) == 1:
+            # one value per group (a 1-pixel map with a group per channel): PyTorch refuses it, yet the
+            # normalised value is exactly 0, so the output is the bias
+            return self.bias.to(x.dtype).view(1, -1, *[1] * (x.ndim - 2)).expand_as(x).contiguous()
         if x.dtype == torch.float32:
             return super().forward(x)
         y = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
