@@ -336,7 +336,7 @@ def test_unknown_and_empty_files_still_fail_with_their_reason(tmp_path, model_di
 def test_output_equal_to_the_input_folder_is_refused(tmp_path, model_dir):
     src = tmp_path / "in"
     _png(src / "a.png")
-    for command in ("encode", "roundtrip"):
+    for command in ("encode", "roundtrip", "decode"):
         res, out = _run(command, src, "-o", src, "--model", tmp_path / "no_such_model")
         assert res.exit_code == 1 and f"output {src} is the input folder {src}" in " ".join(out.split()), out
     assert sorted(p.name for p in src.iterdir()) == ["a.png"]
