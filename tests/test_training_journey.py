@@ -20,6 +20,7 @@ import yaml
 pytest.importorskip("accelerate")
 
 from io_fixtures import nibabel_data, sample_file  # noqa: E402
+
 from medlatent import MedVAE  # noqa: E402
 from medlatent.training.config import ConfigError, load_config, preset_names  # noqa: E402
 
@@ -237,6 +238,36 @@ def test_tensorboard_receives_the_logged_values(tmp_path: Path, images: Path):
         acc.Reload()
         tags |= set(acc.Tags().get("scalars", []))
     assert {"total", "rec", "val_psnr"} <= tags
+
+
+# ------------------------------------------------------------------------------------------ interrupts
+def test_sigterm_saves_the_step_and_a_new_trainer_resumes_there(tmp_path: Path, images: Path):
+    from medlatent.training.trainer import Trainer, TrainingInterrupted
+
+    run = tmp_path / "run"
+    cfg = tiny_cfg(run, images, train={"max_steps": 50, "log_every": 1}, data={"val": "none"})
+    trainer = Trainer(cfg)
+    step = trainer._stage1_step
+
+    def step_then_signal(micro):  # the signal arrives in the middle of step 2
+        logs = step(micro)
+        if trainer.progress.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return logs
+
+    trainer._stage1_step = step_then_signal
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted) as info:
+        trainer.fit()
+    assert info.value.exit_code == 143 and info.value.step == 2
+    assert info.value.checkpoint == run / "checkpoints" / "step_0000002"
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is gone with the run
+    resumed = Trainer(cfg)
+    assert resumed.progress.step == 2
+    resumed.fit(max_steps=3)
+    table = rows(run / "log.csv")
+    assert [int(r["step"]) for r in table] == [1, 2, 3]
+    assert float(table[2]["seconds"]) >= float(table[1]["seconds"])
 
 
 # ------------------------------------------------------------------------------------------ export

@@ -634,8 +634,11 @@ def _train_or_show(cfg, show: bool) -> None:
         raise typer.Exit(code=e.exit_code) from None
     except (ConfigError, DataError, FileNotFoundError, RuntimeError, ValueError) as e:
         _fail(str(e))
-    typer.echo(f"done: step {summary['step']}, metrics {summary['metrics']}; model {summary['name']!r} in "
-               f"{summary['exported']} (use it with --model {summary['exported']})")
+    m = summary["metrics"]
+    val = (f"validation PSNR {m['val_psnr']:.2f} dB, MS-SSIM {m['val_ms_ssim']:.4f} on {int(m['val_images'])} "
+           "image(s)" if m else "no validation in this run")
+    typer.echo(f"done: step {summary['step']}, {val}; model {summary['name']!r} in {summary['exported']} "
+               f"(use it with --model {summary['exported']})")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
