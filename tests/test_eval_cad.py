@@ -500,6 +500,8 @@ def test_cli_finefeature_and_efficiency(tmp_path, cli_app):
     assert res.exit_code == 0, res.output
     assert (out / "data" / "finefeature.csv").is_file() and (out / "finefeature.md").is_file()
     assert "Bicubic (f=4)" in (out / "finefeature.md").read_text()
+    # 12 patches leave a handful for testing: flagged in the tables and on the console
+    assert "## Warnings" in (out / "finefeature.md").read_text() and "warning: " in res.output
     res = runner.invoke(cli_app, ["efficiency", "-o", str(tmp_path / "eff"), "--classifier", "tiny", "--size", "16",
                                   "-f", "4", "--batch-size", "2", "--repeats", "3", "--warmup", "0", "--limit", "4"])
     assert res.exit_code == 0, res.output

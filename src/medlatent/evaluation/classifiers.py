@@ -149,11 +149,11 @@ def _seresnet152(spatial_dims: int, in_channels: int, num_classes: int, weights:
 CLASSIFIERS: dict[str, ClassifierInfo] = {
     info.name: info
     for info in (
-        ClassifierInfo("tiny", (2, 3), _tiny, "medlatent TinyCNN (tests, CPU smoke runs)"),
-        ClassifierInfo("hrnet_w64", (2,), _hrnet_w64, "timm hrnet_w64 (paper: 2D CAD)",
+        ClassifierInfo("tiny", (2, 3), _tiny, "medlatent's TinyCNN, for tests and CPU smoke runs"),
+        ClassifierInfo("hrnet_w64", (2,), _hrnet_w64, "HRNet-w64 from timm, the paper's 2D CAD network",
                        needs=("timm", "pip install timm"),
                        pretrained=HubWeights("hrnet_w64", "timm/hrnet_w64.ms_in1k", "model.safetensors")),
-        ClassifierInfo("seresnet152", (2, 3), _seresnet152, "MONAI SEResNet152 (paper: 3D CAD)",
+        ClassifierInfo("seresnet152", (2, 3), _seresnet152, "SEResNet-152 from MONAI, the paper's 3D CAD network",
                        needs=("monai", "pip install monai")),
     )
 }
@@ -195,8 +195,8 @@ def check_classifier(name: str, spatial_dims: int, pretrained: bool = False,
         try:
             __import__(module)
         except ImportError as e:
-            raise ImportError(f"the {name!r} classifier ({info.source}) needs {module}, which is not installed: "
-                              f"{install} (or {EVAL_EXTRA}); --classifier tiny needs nothing") from e
+            raise ImportError(f"the {name!r} classifier ({info.source}) needs the {module} package, which is not "
+                              f"installed: {install} (or {EVAL_EXTRA}); --classifier tiny needs nothing") from e
     if weights is not None and not pretrained:
         raise ValueError("pretrained weights were given without pretrained (--pretrained)")
     return resolve_pretrained(name, weights) if pretrained else None

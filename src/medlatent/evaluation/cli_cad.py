@@ -125,10 +125,11 @@ def register(app: typer.Typer) -> None:
 
         models = _models(model, random_weights, device)
         try:
+            weights = str(pretrained_weights) if pretrained_weights else None
             config = CADConfig(classifier=classifier, size=_size(size), epochs=epochs, batch_size=batch_size, lr=lr,
                                weight_decay=weight_decay, seeds=_seeds(seeds), balanced=balanced, select=select,
-                               modality=modality, device=device, pretrained=pretrained or pretrained_weights is not None,
-                               pretrained_weights=str(pretrained_weights) if pretrained_weights else None)
+                               modality=modality, device=device, pretrained=pretrained or weights is not None,
+                               pretrained_weights=weights)
             kinds = method or (["image", "latent", "interp"] if models else ["image"])
             methods = default_methods(models or None, kinds=kinds, interp=interp, latent_channels=latent_channels)
             result = run_cad(csv_path, methods, config=config, cache_dir=cache or output / "cache", task=task)
