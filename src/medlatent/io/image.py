@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # intensities beyond this overflow the model's float32 input
+
 
 class ImageReadError(ValueError):
     """A file cannot be read as a medical image; the message names the file and the problem."""

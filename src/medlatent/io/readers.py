@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medlatent.io.image import ImageData, ImageReadError, spacing_affine
+from medlatent.io.image import FLOAT32_MAX, ImageData, ImageReadError, spacing_affine
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +49,9 @@ def read_image(path: str | Path, *, uneven: str = "refuse") -> ImageData:
 
     Args:
         path: file or folder.
-        uneven: for DICOM series with uneven or missing slices: ``"refuse"`` (error) or ``"resample"``
-            (linear interpolation onto the median slice spacing).
+        uneven: for DICOM series (and multi-frame files) whose slice gaps differ from the median gap by more
+            than :data:`medlatent.io.dicom.SLICE_TOLERANCE`: ``"refuse"`` (error) or ``"resample"`` (linear
+            interpolation onto a regular grid from the first to the last slice).
     """
     path = Path(path)
     if path.is_dir():
@@ -72,27 +73,52 @@ def read_image(path: str | Path, *, uneven: str = "refuse") -> ImageData:
         elif is_dicom(path):
             from medlatent.io.dicom import read_dicom_file
 
-            img = read_dicom_file(path)
+            img = read_dicom_file(path, uneven=uneven)
         else:
             raise ImageReadError(path, f"unsupported file type {suffix or '(no extension)'!r}; "
                                        "medlatent reads PNG/JPEG/TIFF/BMP, DICOM, NIfTI, NRRD and MHA/MHD")
     except ImageReadError:
         raise
+    except RecursionError as e:  # e.g. self-nested metadata
+        raise ImageReadError(path, "cannot be read: its metadata is nested too deeply (malformed header)") from e
     except Exception as e:  # library errors (truncated file, bad header, …) become one clear error type
         raise ImageReadError(path, f"cannot be read ({type(e).__name__}: {e})") from e
     return validate(img)
 
 
 def validate(img: ImageData) -> ImageData:
-    """Refuse what cannot be encoded: empty, 1-pixel, non-finite, or more than 3 spatial axes."""
+    """Refuse what cannot be encoded: empty, 1-pixel, non-finite or beyond float32, or without a usable
+    geometry (a NaN or singular affine)."""
     arr = img.array
     if arr.size == 0:
         raise ImageReadError(img.source, f"image has no pixels (shape {arr.shape})")
     if min(img.spatial_shape) < 2:
         raise ImageReadError(img.source, f"image of shape {arr.shape} is too small (needs ≥2 pixels per axis)")
-    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-        raise ImageReadError(img.source, "image contains NaN or infinite values")
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise ImageReadError(img.source, "image contains NaN or infinite values")
+        peak = float(np.abs(arr).max())
+        if peak > FLOAT32_MAX:
+            raise ImageReadError(img.source, f"intensities reach {peak:.3g}, beyond float32 (±{FLOAT32_MAX:.3g}), "
+                                             "in which the model computes")
+    check_affine(img.source, img.affine)
     return img
+
+
+def check_affine(source: str | Path, affine: np.ndarray) -> None:
+    """A usable voxel → world map: finite, every axis with a non-zero scale, axes independent (3D)."""
+    aff = np.asarray(affine, dtype=np.float64)
+    d = aff.shape[0] - 1
+    if not np.isfinite(aff).all():
+        raise ImageReadError(source, "affine contains NaN or infinite values: cannot place the image in space")
+    scales = np.linalg.norm(aff[:d, :d], axis=0)
+    if not (scales > 0).all():
+        axes = ", ".join(str(i) for i in np.flatnonzero(scales == 0))
+        raise ImageReadError(source, f"affine is singular (zero scale along axis {axes}): cannot determine "
+                                     "orientation")
+    if d == 3 and abs(float(np.linalg.det(aff[:3, :3] / scales))) < 1e-6:
+        raise ImageReadError(source, "affine is singular (its axes are not independent): cannot determine "
+                                     "orientation")
 
 
 # ------------------------------------------------------------------------------------------ raster
@@ -125,23 +151,88 @@ def _read_raster(path: Path) -> ImageData:
 
 # ------------------------------------------------------------------------------------------ NIfTI
 def _read_nifti(path: Path) -> ImageData:
+    """A NIfTI file as a 3D volume, or as a 2D image when it has two axes or one singleton spatial axis
+    (``X×Y×1``, ``X×1×Z``, ``1×Y×Z``; trailing 4D singletons dropped first). 2D images keep the file's shape
+    and affine in ``meta["file_geometry"]`` so that decoding writes them back as they were."""
     import nibabel as nib
 
+    header = _unchecked_header(path)
+    if header is not None:
+        _check_header(path, header)
     img = nib.load(str(path))
-    shape = img.shape
-    # drop trailing singleton axes (X×Y×Z×1), refuse real 4D data
+    shape = tuple(int(n) for n in img.shape)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) > 3:
         raise ImageReadError(path, f"is a {len(shape)}D image (shape {img.shape}); medlatent encodes 2D images "
                                    "and 3D volumes — split it into 3D volumes first")
+    if len(shape) < 2:
+        raise ImageReadError(path, f"is a 1D signal (shape {img.shape}); medlatent encodes 2D images and 3D volumes")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    check_affine(path, affine)
     arr = np.asanyarray(img.dataobj).reshape(shape)  # scl_slope/scl_inter applied by nibabel
-    if len(shape) == 2:  # a 2D NIfTI: (i, j) → one-channel image
-        aff = img.affine
-        sp = (float(np.linalg.norm(aff[:3, 0])), float(np.linalg.norm(aff[:3, 1])))
-        return ImageData(arr[None], spacing_affine(sp), source=str(path), meta={"format": "nifti2d"})
-    return ImageData(arr, np.asarray(img.affine, dtype=np.float64), source=str(path),
-                     meta={"format": "nifti"})
+    _check_scaling(path, img, arr)
+    geometry = {"shape": [int(n) for n in img.shape], "affine": affine.tolist()}
+    plane = [i for i, n in enumerate(shape) if n > 1]
+    if len(shape) == 2 or len(plane) == 2:  # a 2D image, possibly stored with a singleton third axis
+        axes = [0, 1] if len(shape) == 2 else plane
+        sp = tuple(float(np.linalg.norm(affine[:3, a])) for a in axes)
+        return ImageData(arr.reshape([shape[a] for a in axes])[None], spacing_affine(sp), source=str(path),
+                         meta={"format": "nifti2d", "file_geometry": geometry})
+    meta: dict = {"format": "nifti"}
+    if shape != tuple(img.shape):  # X×Y×Z×1: written back with its singleton axis
+        meta["file_geometry"] = geometry
+    return ImageData(arr, affine, source=str(path), meta=meta)
+
+
+def _unchecked_header(path: Path):
+    """The NIfTI-1/2 header as stored: ``nib.load`` repairs zero or negative voxel sizes (to 1 or their absolute
+    value) before anyone can see them. ``None`` if it cannot be parsed (``nib.load`` then reports why)."""
+    from nibabel.nifti1 import Nifti1Header
+    from nibabel.nifti2 import Nifti2Header
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as fh:
+            block = fh.read(Nifti2Header.template_dtype.itemsize)
+        for cls in (Nifti1Header, Nifti2Header):
+            size = cls.template_dtype.itemsize
+            if len(block) >= size:
+                header = cls(block[:size], check=False)
+                if int(header["sizeof_hdr"]) == size:
+                    return header
+    except Exception:  # damaged: left to nib.load, whose error is reported
+        logger.debug("%s: header not parsed before loading", path, exc_info=True)
+    return None
+
+
+def _check_header(path: Path, header) -> None:
+    """Refuse sizes and voxel sizes that nibabel would fail on with its own text, or silently repair."""
+    ndim = int(header["dim"][0])
+    if not 1 <= ndim <= 7:
+        return  # nibabel tries the other byte order and reports what it finds
+    sizes = [int(n) for n in header["dim"][1 : ndim + 1]]
+    if min(sizes) < 1:
+        raise ImageReadError(path, f"header dim {sizes} has a size below 1")
+    if int(header["sform_code"]) == 0:  # the affine comes from pixdim (qform or the fallback)
+        for axis, (n, v) in enumerate(zip(sizes[:3], header["pixdim"][1:4]), start=1):
+            if n > 1 and not (np.isfinite(v) and v > 0):
+                raise ImageReadError(path, f"pixdim[{axis}] = {float(v):g} is not a positive voxel size "
+                                           "(NIfTI requires pixdim[1..3] > 0; readers disagree on what other values mean)")
+    slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
+    if np.isfinite(slope) and slope != 0 and not np.isfinite(inter):
+        raise ImageReadError(path, f"scl_inter {inter:g} is not a finite number")
+
+
+def _check_scaling(path: Path, img, arr: np.ndarray) -> None:
+    """scl_slope/scl_inter that push intensities beyond float32, named as the cause."""
+    slope, inter = (getattr(img.dataobj, name, None) for name in ("slope", "inter"))
+    if arr.dtype.kind != "f" or (slope, inter) in ((None, None), (1.0, 0.0)) or not np.isfinite(arr).all():
+        return  # unscaled, or NaN/inf in the data itself (validate reports it)
+    peak = float(np.abs(arr).max())
+    if peak > FLOAT32_MAX:
+        raise ImageReadError(path, f"scl_slope {float(slope):g} and scl_inter {float(inter):g} make intensities "
+                                   f"overflow float32 (values up to {peak:.3g}; float32 ends at {FLOAT32_MAX:.3g})")
 
 
 # ------------------------------------------------------------------------------------------ ITK
