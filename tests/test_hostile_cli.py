@@ -203,14 +203,16 @@ def test_broken_and_looping_symlinks_are_failures_not_silence(tmp_path, model_di
     (src / "sub").mkdir()
     (src / "sub" / "up").symlink_to("..")
     (src / "shared").symlink_to(tmp_path / "elsewhere")  # a linked folder is followed
+    os.mkfifo(src / "pipe.png")  # opening it to sniff the content would block forever
     res, out = _run("encode", src, "-o", tmp_path / "out", "--model", model_dir)
-    assert res.exit_code == 1 and "2 written" in out and "3 failed" in out, out
+    assert res.exit_code == 1 and "2 written" in out and "4 failed" in out, out
     rows = _manifest(tmp_path / "out")
     assert rows["good"]["status"] == rows["shared/linked"]["status"] == "ok"
     assert rows[str(src / "gone.png")]["status"] == "failed"
     assert "broken symbolic link" in rows[str(src / "gone.png")]["reason"]
     assert "symbolic link loop" in rows[str(src / "self.png")]["reason"]
     assert "symbolic link loop" in rows[str(src / "sub" / "up")]["reason"]
+    assert "not a regular file" in rows[str(src / "pipe.png")]["reason"]
     assert "gone.png: broken symbolic link" in out
 
 
