@@ -113,6 +113,9 @@ def is_dicomdir(path: Path) -> bool:
     from pydicom.filereader import read_file_meta_info
 
     try:
+        with open(path, "rb") as fh:  # the UID sits in the file meta at the start: skip pydicom for images
+            if DICOMDIR_SOP_CLASS.encode() not in fh.read(2048):
+                return False
         return str(read_file_meta_info(str(path)).get("MediaStorageSOPClassUID", "")) == DICOMDIR_SOP_CLASS
     except Exception:  # no readable file meta: not a DICOMDIR (the header scan reports unreadable files)
         return False
@@ -123,6 +126,8 @@ def _entry_problem(path: Path) -> tuple[str, os.stat_result | None]:
     try:
         return "", path.stat()
     except FileNotFoundError:
+        if not path.is_symlink():
+            return "no longer exists (removed while being searched)", None
         return f"broken symbolic link (points to {os.readlink(path)}, which does not exist)", None
     except OSError as e:
         if e.errno == errno.ELOOP:
