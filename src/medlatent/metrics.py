@@ -20,10 +20,12 @@ def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, data_range:
 
 def ms_ssim(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, data_range: float = 1.0, *,
             spatial_dims: int | None = None) -> float:
-    """Multi-scale SSIM (torchmetrics) of two ``C×H×W`` images or ``X×Y×Z`` volumes.
+    """Multi-scale SSIM (Wang et al., 2003) of two ``C×H×W`` images or ``X×Y×Z`` volumes.
 
-    Uses as many of the standard five scales as the image size allows and renormalises their weights; returns
-    NaN for images too small for even two scales.
+    Computed here in plain torch, so the core commands need no optional package. It follows torchmetrics'
+    ``multiscale_structural_similarity_index_measure`` (Gaussian window 11, σ 1.5, reflect padding,
+    ``normalize="relu"``), to which it is tested equal. Uses as many of the standard five scales as the image
+    size allows and renormalises their weights; returns NaN for images too small for even two scales.
 
     Args:
         a, b: ``C×H×W`` (``C`` = 1 or 3), ``H×W`` or ``X×Y×Z`` arrays on the same intensity scale.
@@ -31,10 +33,6 @@ def ms_ssim(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, data_ran
         spatial_dims: 2 or 3; by default a 3-axis array whose first axis is 1 or 3 long is taken as ``C×H×W``.
             Pass it for volumes that are only 1 or 3 voxels along their first axis.
     """
-    try:
-        from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as msssim
-    except ImportError as e:  # pragma: no cover - depends on the extra
-        raise ImportError("MS-SSIM needs torchmetrics: pip install 'medlatent[metrics]'") from e
     a_t = torch.as_tensor(np.asarray(a), dtype=torch.float32)
     b_t = torch.as_tensor(np.asarray(b), dtype=torch.float32)
     if spatial_dims is None:
@@ -46,13 +44,59 @@ def ms_ssim(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, data_ran
     else:
         raise ValueError(f"ms_ssim takes C×H×W images or X×Y×Z volumes, got shape {tuple(a_t.shape)} "
                          f"with spatial_dims={spatial_dims}")
-    smallest = min(a_t.shape[2:])
-    k = 11 if smallest >= 11 else (smallest // 2) * 2 - 1
-    scales = ms_ssim_scales(smallest, k)
-    if scales < 2 or k < 3:
+    if a_t.shape != b_t.shape:
+        raise ValueError(f"ms_ssim needs images of one shape, got {tuple(a_t.shape[1:])} and {tuple(b_t.shape[1:])}")
+    scales = ms_ssim_scales(min(a_t.shape[2:]))
+    if scales < 2:
         return float("nan")
-    b_used = tuple(x / sum(MS_SSIM_BETAS[:scales]) for x in MS_SSIM_BETAS[:scales])
-    return float(msssim(a_t, b_t, data_range=data_range, kernel_size=k, betas=b_used, normalize="relu"))
+    betas = torch.tensor(MS_SSIM_BETAS[:scales], dtype=torch.float64)
+    betas = betas / betas.sum()
+    window = _gaussian_window(a_t.shape[1], spatial_dims)
+    pool = torch.nn.functional.avg_pool2d if spatial_dims == 2 else torch.nn.functional.avg_pool3d
+    terms = []
+    with torch.no_grad():
+        for scale in range(scales):
+            sim, cs = _ssim_and_contrast(a_t, b_t, window, data_range)
+            terms.append(sim if scale == scales - 1 else cs)
+            if scale < scales - 1:
+                a_t, b_t = pool(a_t, 2), pool(b_t, 2)
+    values = torch.stack(terms).double().clamp_min(0.0)  # normalize="relu"
+    return float(torch.prod(values**betas))
+
+
+#: The SSIM window: a Gaussian of σ = 1.5 over 11 samples per axis.
+_WINDOW_SIGMA, _WINDOW_SIZE = 1.5, 11
+
+
+def _gaussian_window(channels: int, spatial_dims: int) -> torch.Tensor:
+    """Separable Gaussian window as a grouped-convolution kernel ``channels×1×11×11[×11]``, summing to 1."""
+    x = torch.arange(_WINDOW_SIZE, dtype=torch.float32) - (_WINDOW_SIZE - 1) / 2
+    g = torch.exp(-((x / _WINDOW_SIGMA) ** 2) / 2)
+    g = g / g.sum()
+    kernel = g[:, None] * g[None, :]
+    if spatial_dims == 3:
+        kernel = kernel[..., None] * g
+    return kernel.expand(channels, 1, *kernel.shape).contiguous()
+
+
+def _ssim_and_contrast(a: torch.Tensor, b: torch.Tensor, window: torch.Tensor, data_range: float):
+    """Mean SSIM and mean contrast-structure term of two ``1×C×…`` tensors at one scale.
+
+    Both images are reflect-padded by half the window, so the filtered maps keep the image size. As in
+    torchmetrics, SSIM averages the whole map and the contrast term drops the padded border.
+    """
+    pad = (_WINDOW_SIZE - 1) // 2
+    spatial = a.ndim - 2
+    conv = torch.nn.functional.conv2d if spatial == 2 else torch.nn.functional.conv3d
+    padded = torch.nn.functional.pad(torch.cat([a, b, a * a, b * b, a * b]), (pad,) * (2 * spatial), mode="reflect")
+    mu_a, mu_b, e_aa, e_bb, e_ab = conv(padded, window, groups=a.shape[1]).split(1)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    var_a = (e_aa - mu_a**2).clamp_min(0.0)
+    var_b = (e_bb - mu_b**2).clamp_min(0.0)
+    upper, lower = 2 * (e_ab - mu_a * mu_b) + c2, var_a + var_b + c2
+    ssim_map = (2 * mu_a * mu_b + c1) * upper / ((mu_a**2 + mu_b**2 + c1) * lower)
+    core = (Ellipsis, *(slice(pad, -pad),) * spatial)
+    return ssim_map.mean(), (upper / lower)[core].mean()
 
 
 def ms_ssim_scales(smallest: int, kernel_size: int = 11) -> int:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medlatent.optional import PRETRAINED_EXTRA, OptionalDependencyError, import_optional
 from medlatent.training.perceptual import over_slices
 
 logger = logging.getLogger(__name__)
@@ -146,15 +147,16 @@ def load_biomedclip(source: str = BIOMEDCLIP, latent_scale: float = 4.6) -> Clip
         ClipWeightsError: open_clip is not installed, or the model cannot be built or fetched (offline).
     """
     ways_out = (
-        "Options: install the training extra (pip install 'medlatent[train]', which brings open_clip_torch); "
+        "Options: install open_clip_torch (pip install 'medlatent[pretrained]', with a torchvision matching "
+        "your torch); "
         "fetch the model once with network access, or point HF_HOME / HF_HUB_CACHE at a Hugging Face cache "
         "that already holds it (HF_HUB_OFFLINE=1 to stay offline), or give another open_clip source with "
         "loss.clip_model=...; or turn the term off with loss.clip_weight=0."
     )
     try:
-        import open_clip
-    except ImportError as e:
-        raise ClipWeightsError(f"the BiomedCLIP consistency loss needs the open_clip package. {ways_out}") from e
+        open_clip = import_optional("open_clip", "the BiomedCLIP consistency loss", PRETRAINED_EXTRA)
+    except OptionalDependencyError as e:
+        raise ClipWeightsError(f"{e}. {ways_out}") from e
     try:
         model, _ = open_clip.create_model_from_pretrained(source)
     except Exception as e:  # hub, network and config failures come in many types; all mean the same here

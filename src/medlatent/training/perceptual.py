@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from medlatent.optional import PRETRAINED_EXTRA, OptionalDependencyError, import_optional
+
 logger = logging.getLogger(__name__)
 
 # VGG16 ``features``: conv widths with "M" for a 2×2 max-pool, in torchvision's index order (0…29).
@@ -30,9 +32,10 @@ _TAP_CHANNELS = (64, 128, 256, 512, 512)
 
 _HELP = (
     "Options: pass a local LPIPS weights file in medlatent's layout (net.sliceK.N.*, linK.model.1.weight; "
-    ".pth/.pt/.safetensors) with loss.lpips_weights=PATH; install the `lpips` package (it brings torchvision; "
-    "both come with pip install 'medlatent[train]') and allow one download of the VGG16 ImageNet weights; "
-    "or choose the offline perceptual loss loss.perceptual=ms_ssim (no pretrained weights needed)."
+    ".pth/.pt/.safetensors) with loss.lpips_weights=PATH; install the `lpips` package (it brings torchvision: "
+    "pip install 'medlatent[pretrained]' with a torchvision matching your torch) and allow one download of the "
+    "VGG16 ImageNet weights; or choose the offline perceptual loss loss.perceptual=ms_ssim (no pretrained weights "
+    "needed)."
 )
 
 
@@ -211,8 +214,12 @@ def _state_from_packages(model: LPIPS) -> dict[str, torch.Tensor]:
     if missing:
         names = " and ".join(missing)
         raise PerceptualWeightsError(f"pretrained LPIPS (weights='auto') needs {names}, not installed. {_HELP}")
-    import lpips
-    from torchvision.models import VGG16_Weights, vgg16
+    try:
+        lpips = import_optional("lpips", "pretrained LPIPS (weights='auto')", PRETRAINED_EXTRA)
+        models = import_optional("torchvision.models", "pretrained LPIPS (weights='auto')", PRETRAINED_EXTRA)
+    except OptionalDependencyError as e:
+        raise PerceptualWeightsError(f"{e}. {_HELP}") from e
+    vgg16, VGG16_Weights = models.vgg16, models.VGG16_Weights  # noqa: N806 (torchvision's names)
 
     heads_file = Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"
     if not heads_file.is_file():
