@@ -1,7 +1,7 @@
 """Evaluation suite: reproduce the paper's evaluations on your own data (``medlatent evaluate …``).
 
-* :mod:`medlatent.evaluation.recon` — reconstruction quality (PSNR, MS-SSIM, ROI PSNR) against baselines at the
-  same downsizing factor (paper §4.3, Tables 5–7, Figure 4).
+* :mod:`medlatent.evaluation.recon` — reconstruction quality (PSNR, MS-SSIM, ROI PSNR) of one or more models
+  against baselines at the same downsizing factor and at equal values stored (paper §4.3, Tables 5–7, Figure 4).
 * :mod:`medlatent.evaluation.baselines` — interpolation, a 2D model slice by slice on volumes, natural-image
   autoencoders (diffusers KL-VAE / VQ-GAN).
 * :mod:`medlatent.evaluation.storage` — bytes and values of images against their latents (§4.2).

@@ -829,7 +829,7 @@ def cad_warnings(result: CADResult) -> list[str]:
         if row.kind == "image":
             out.append(f"{result.task}: the high-resolution reference is at chance ({where}): the classifier did "
                        "not learn the task from full-resolution images, so the latent and interpolation rows have "
-                       "nothing to be compared with (more images or epochs, or a larger finding contrast)")
+                       "nothing to be compared with (more images or epochs; for finefeature, a larger --contrast)")
         else:
             out.append(f"{result.task}: {row.label} is indistinguishable from chance ({where})")
     return out

@@ -4,9 +4,11 @@ For every input image (files and folders, or a CSV of ``path[,modality]``):
 
 1. it is read and preprocessed exactly as ``medlatent encode`` does (:func:`medlatent.preprocessing.preprocess`:
    intensity map to [-1, 1], RAS for volumes, edge padding to the model's per-axis reduction ``s``);
-2. every method reconstructs the preprocessed tensor: the model (posterior mean ``z``, rounded through float16
-   as latent files store it unless told otherwise, decoded; the tiled engine takes images too large for one
-   tile), the interpolation baselines at the same ``s`` (:mod:`medlatent.evaluation.baselines`) and any extra
+2. every method reconstructs the preprocessed tensor (padded to its own multiple): each model (posterior mean
+   ``z``, rounded through float16 as latent files store it unless told otherwise, decoded; the tiled engine
+   takes images too large for one tile), the interpolation baselines at each model's ``s``
+   (:mod:`medlatent.evaluation.baselines`), the equal-values rows (an interpolation at ``f / C`` for every
+   model with ``C > 1``: as many values stored as its latent; ``interp_f`` for any other factor) and any extra
    method (a natural-image KL-VAE/VQ-GAN, a 2D model slice by slice on volumes);
 3. each reconstruction is put back on the original grid (padding removed, orientation undone) and compared with
    the original image.
@@ -28,6 +30,11 @@ deviation (``ddof=1``) of the ``K`` seed means (``sd`` is ``None`` for one seed)
 (its metrics are deterministic), only the images some seed drew. The mean ± sd over all evaluated images is
 reported as well (``over_images``). Paper-like settings: ``samples=1000, seeds=4`` (2D), ``samples=100, seeds=1``
 (3D).
+
+**Values stored** are the numbers a method keeps per image (a latent ``C × ∏ n/s``, an interpolation its shrunk
+image), reported as a fraction of the image's pixels. **Warnings** (``summary["warnings"]``, the report's
+"Warnings" section) flag summaries over fewer than :data:`MIN_IMAGES` images, a single seed (its sd reads
+"n/a (1 seed)") and failed inputs.
 
 Outputs in ``out_dir``: ``results.csv`` (one row per image × method), ``roi_results.csv`` (per box, when ROIs
 are given), ``samples.json`` (the images each seed drew), ``summary.json``, ``figures/*.png`` (examples and bar
