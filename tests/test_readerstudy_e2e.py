@@ -9,19 +9,20 @@ instead of skipping.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
-import sqlite3
 import threading
 import time
-from pathlib import Path
 
 import pytest
-
 from readerstudy_fixtures import make_study
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 REQUIRED = os.environ.get("MEDLATENT_REQUIRE_BROWSER") == "1"
+# waits poll through Playwright's expect(): page.wait_for_function evaluates strings in the page, which the
+# app's Content-Security-Policy (no 'unsafe-eval') rightly forbids
+WAIT_MS = 30_000
 
 
 def _need(ok: bool, why: str) -> None:
@@ -71,6 +72,8 @@ def page():
         pg = browser.new_page(viewport={"width": 1400, "height": 900})
         errors: list[str] = []
         pg.on("pageerror", lambda e: errors.append(str(e)))
+        # the page must work under the app's Content-Security-Policy: anything it blocks is an error
+        pg.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
         yield pg
         browser.close()
         assert not errors, errors
@@ -82,6 +85,8 @@ def view(pg, testid: str) -> dict:
 
 
 def test_reader_scores_with_mouse_and_keys_reloads_resumes_revises_and_finishes(server, page):
+    from playwright.sync_api import expect
+
     from medlatent.readerstudy.analysis import analyze
     from medlatent.readerstudy.db import answer_records, open_study
 
@@ -89,7 +94,7 @@ def test_reader_scores_with_mouse_and_keys_reloads_resumes_revises_and_finishes(
     pg = page
     pg.goto(f"{base}/r/{tokens['alice']}")
     progress, position = pg.get_by_test_id("progress"), pg.get_by_test_id("position")
-    pg.wait_for_function("document.querySelector('#left').dataset.zoom !== undefined")
+    expect(pg.get_by_test_id("left")).to_have_attribute("data-zoom", re.compile("."), timeout=WAIT_MS)
     assert progress.inner_text() == "0 / 4 answered" and position.inner_text() == "Pair 1 of 4"
     assert pg.get_by_test_id("reader").inner_text() == "alice"
 
@@ -97,7 +102,7 @@ def test_reader_scores_with_mouse_and_keys_reloads_resumes_revises_and_finishes(
     left = pg.get_by_test_id("left").bounding_box()
     pg.mouse.move(left["x"] + left["width"] / 3, left["y"] + left["height"] / 3)
     pg.mouse.wheel(0, -400)
-    pg.wait_for_function("+document.querySelector('#left').dataset.zoom > 1.5")
+    expect(pg.get_by_test_id("left")).not_to_have_attribute("data-zoom", "1.0000", timeout=WAIT_MS)  # > 1.5 below
     right = pg.get_by_test_id("right").bounding_box()
     cx, cy = right["x"] + right["width"] / 2, right["y"] + right["height"] / 2
     pg.mouse.move(cx, cy)
@@ -121,27 +126,27 @@ def test_reader_scores_with_mouse_and_keys_reloads_resumes_revises_and_finishes(
     for q, s in (("fidelity", 1), ("features", 2), ("artifacts", -1)):
         pg.get_by_test_id(f"score-{q}-{s}").click()
     pg.get_by_test_id("save").click()
-    pg.wait_for_function("document.querySelector('#progress').textContent === '1 / 4 answered'")
-    pg.wait_for_function("document.querySelector('#pos').textContent === 'Pair 2 of 4'")
+    expect(progress).to_have_text("1 / 4 answered", timeout=WAIT_MS)
+    expect(position).to_have_text("Pair 2 of 4", timeout=WAIT_MS)
 
     # pair 2 with the keyboard: 4 → +1, 5 → +2, 3 → 0, Enter saves
     pg.locator("body").click(position={"x": 5, "y": 5})
     for key in ("4", "5", "3"):
         pg.keyboard.press(key)
     pg.keyboard.press("Enter")
-    pg.wait_for_function("document.querySelector('#progress').textContent === '2 / 4 answered'")
-    pg.wait_for_function("document.querySelector('#pos').textContent === 'Pair 3 of 4'")
+    expect(progress).to_have_text("2 / 4 answered", timeout=WAIT_MS)
+    expect(position).to_have_text("Pair 3 of 4", timeout=WAIT_MS)
 
     # reload: resumes at the first unanswered pair
     pg.reload()
-    pg.wait_for_function("document.querySelector('#pos').textContent === 'Pair 3 of 4'")
+    expect(position).to_have_text("Pair 3 of 4", timeout=WAIT_MS)
     assert progress.inner_text() == "2 / 4 answered"
 
     # back to pair 1: saved answer shown and locked until the reader chooses to revise
     pg.keyboard.press("ArrowLeft")
-    pg.wait_for_function("document.querySelector('#pos').textContent === 'Pair 2 of 4'")
+    expect(position).to_have_text("Pair 2 of 4", timeout=WAIT_MS)
     pg.keyboard.press("ArrowLeft")
-    pg.wait_for_function("document.querySelector('#pos').textContent === 'Pair 1 of 4'")
+    expect(position).to_have_text("Pair 1 of 4", timeout=WAIT_MS)
     assert pg.get_by_test_id("score-features-2").get_attribute("class") == "selected"
     assert pg.get_by_test_id("score-fidelity--2").is_disabled()
     pg.keyboard.press("1")  # ignored: not revising
@@ -149,20 +154,20 @@ def test_reader_scores_with_mouse_and_keys_reloads_resumes_revises_and_finishes(
     pg.get_by_test_id("revise").click()
     pg.get_by_test_id("score-fidelity--2").click()
     pg.get_by_test_id("save").click()
-    pg.wait_for_function("document.querySelector('#status').textContent === 'Revision saved.'")
+    expect(pg.get_by_test_id("status")).to_have_text("Revision saved.", timeout=WAIT_MS)
 
     # pairs 3 and 4 by keyboard, then finish
     pg.get_by_test_id("next").click()
-    pg.wait_for_function("document.querySelector('#pos').textContent === 'Pair 2 of 4'")
+    expect(position).to_have_text("Pair 2 of 4", timeout=WAIT_MS)
     pg.keyboard.press("ArrowRight")
-    pg.wait_for_function("document.querySelector('#pos').textContent === 'Pair 3 of 4'")
+    expect(position).to_have_text("Pair 3 of 4", timeout=WAIT_MS)
     for keys in (("1", "2", "3"), ("5", "5", "5")):
         for key in keys:
             pg.keyboard.press(key)
         pg.keyboard.press("Enter")
         if keys[0] == "1":
-            pg.wait_for_function("document.querySelector('#pos').textContent === 'Pair 4 of 4'")
-    pg.wait_for_function("document.querySelector('#progress').textContent === '4 / 4 answered'")
+            expect(position).to_have_text("Pair 4 of 4", timeout=WAIT_MS)
+    expect(progress).to_have_text("4 / 4 answered", timeout=WAIT_MS)
     pg.get_by_test_id("finish").click()
     pg.get_by_test_id("done").wait_for()
     pg.reload()

@@ -13,9 +13,15 @@ only for pairs assigned to the reader.
     PUT  /api/answers/{pair_id}  revise an answer (only before the reader finishes, and if the study allows it)
     GET  /api/answers            the reader's own answers
     POST /api/finish             lock the reader's answers once every pair is answered
+
+Every write checks that the reader has not finished inside its own ``BEGIN IMMEDIATE`` transaction, so a Finish
+pressed in another tab while a revision is in flight can never be followed by that revision. Bad client input
+always gets a 4xx with a JSON ``detail``; request bodies over :data:`MAX_BODY_BYTES` get 413 unread. Every
+response carries a Content-Security-Policy that allows only the page's own script, style and API calls.
 """
 
 # no ``from __future__ import annotations``: FastAPI must resolve the dependency aliases defined in create_app
+import json
 import re
 import sqlite3
 from pathlib import Path
@@ -23,16 +29,30 @@ from typing import Annotated, Iterator, Optional
 
 import numpy as np
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from medlatent.readerstudy.db import DB_NAME, IMAGES_DIR, connect, meta, now, open_study, token_digest, transaction
 from medlatent.readerstudy.questions import LABELS, PROMPTS, QUESTIONS, SCORES, SHORT
 
 STATIC = Path(__file__).parent / "static"
-_IMAGE_ID = re.compile(r"^[0-9a-f]{16}$")
+_IMAGE_ID = re.compile(r"^[0-9a-f]{16}$")  # fullmatch in Python: "$" alone also matches before a final newline
 _PAIR_ID = _IMAGE_ID
+_MAX_POSITION = 2**63 - 1  # SQLite's largest INTEGER; a larger Python int cannot even be bound as a parameter
+MAX_BODY_BYTES = 64 * 1024  # an answer is ~150 bytes of JSON
+# the page loads its own script and style and calls its own API; nothing inline, nothing from elsewhere
+CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+                           "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",  # the link's token must not leak to other sites
+    "X-Frame-Options": "DENY",
+}
 
 Score = Annotated[int, Field(ge=-2, le=2, strict=True)]
 
@@ -44,7 +64,7 @@ class Answer(BaseModel):
     fidelity: Score
     features: Score
     artifacts: Score
-    seconds: Optional[float] = Field(default=None, ge=0, le=86400)
+    seconds: Optional[float] = Field(default=None, ge=0, le=86400, allow_inf_nan=False)
 
 
 class NewAnswer(Answer):
@@ -55,6 +75,85 @@ class Reader(BaseModel):
     id: int
     name: str
     locked: bool
+
+
+class SecurityHeaders:
+    """ASGI middleware: :data:`SECURITY_HEADERS` on every response, errors and refusals included."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in SECURITY_HEADERS.items()]
+        self.names = {k for k, _ in self.headers}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in self.names]
+                message = {**message, "headers": kept + self.headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 as soon as that is known — from its
+    Content-Length, or else after the first chunk past the limit — so a huge body is never read whole."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and not declared.isdigit():
+            return await _refuse(send, 400, "malformed Content-Length header")
+        if declared is not None and int(declared) > self.limit:
+            return await _refuse(send, 413, f"request body over the limit of {self.limit} bytes")
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client went away; nobody to answer
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await _refuse(send, 413, f"request body over the limit of {self.limit} bytes")
+        await self.app(scope, _replay(bytes(body), receive), send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands the app the body already read, then defers to the server (disconnects)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
+
+
+async def _refuse(send: Send, status: int, detail: str) -> None:
+    payload = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            (b"connection", b"close")]})  # the rest of the body stays unread: end the connection
+    await send({"type": "http.response.body", "body": payload})
+
+
+def _printable(part: object) -> object:
+    """A location part safe to put in a JSON reply: a body key may hold a lone surrogate, or be 60 KB long."""
+    return part.encode("utf-8", "replace").decode("utf-8")[:200] if isinstance(part, str) else part
+
+
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each invalid field and the problem. The offending input is not echoed: it may be NaN,
+    invalid UTF-8 bytes or a lone surrogate, none of which JSON can carry, and the client has it anyway."""
+    errors = [{"loc": [_printable(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "invalid")),
+               "type": str(e.get("type", ""))} for e in exc.errors()]
+    return JSONResponse({"detail": errors}, status_code=422)
 
 
 def create_app(study: str | Path) -> FastAPI:
@@ -78,15 +177,9 @@ def create_app(study: str | Path) -> FastAPI:
     app = FastAPI(title=f"medlatent reader study: {settings.get('title', '')}", docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-    @app.middleware("http")
-    async def headers(request: Request, call_next):
-        response = await call_next(request)
-        response.headers["Cache-Control"] = "no-store"
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "no-referrer"  # the link's token must not leak to other sites
-        response.headers["X-Frame-Options"] = "DENY"
-        return response
+    app.add_middleware(BodyLimit)
+    app.add_middleware(SecurityHeaders)  # added last, so outermost: a 413 carries the headers too
+    app.add_exception_handler(RequestValidationError, invalid_request)
 
     def reader(conn: DB, authorization: Annotated[Optional[str], Header()] = None) -> Reader:
         scheme, _, token = (authorization or "").partition(" ")
@@ -113,6 +206,11 @@ def create_app(study: str | Path) -> FastAPI:
         row = conn.execute(f"SELECT {', '.join(QUESTIONS)}, revisions FROM answers WHERE reader_id = ? AND pair_id = ?",
                            (r.id, pair_id)).fetchone()
         return dict(row) if row else None
+
+    def refuse_if_finished(conn: sqlite3.Connection, r: Reader) -> None:
+        """Called inside the write's transaction: a Finish may have committed since ``r`` was looked up."""
+        if conn.execute("SELECT locked_at FROM readers WHERE id = ?", (r.id,)).fetchone()["locked_at"] is not None:
+            raise HTTPException(423, "your answers are final (you finished the study)")
 
     def assigned(conn: sqlite3.Connection, r: Reader, pair_id: str) -> int:
         row = conn.execute("SELECT position FROM assignments WHERE reader_id = ? AND pair_id = ?",
@@ -142,6 +240,8 @@ def create_app(study: str | Path) -> FastAPI:
 
     @app.get("/api/items/{position}")
     def item(position: int, r: Me, conn: DB) -> dict:
+        if not 1 <= position <= _MAX_POSITION:
+            raise HTTPException(404, "no item at that position")
         row = conn.execute(
             """SELECT s.position, p.id AS pair_id, p.original_image, p.recon_image, c.lo, c.hi,
                       c.window_center, c.window_width, o.rows, o.cols
@@ -159,7 +259,7 @@ def create_app(study: str | Path) -> FastAPI:
 
     @app.get("/api/images/{image_id}")
     def image(image_id: str, r: Me, conn: DB) -> Response:
-        if not _IMAGE_ID.match(image_id):
+        if not _IMAGE_ID.fullmatch(image_id):
             raise HTTPException(404, "unknown image")
         row = conn.execute(
             """SELECT i.file, i.rows, i.cols FROM images i JOIN pairs p
@@ -176,12 +276,11 @@ def create_app(study: str | Path) -> FastAPI:
 
     @app.post("/api/answers", status_code=201)
     def answer(body: NewAnswer, r: Me, conn: DB) -> dict:
-        if r.locked:
-            raise HTTPException(423, "your answers are final (you finished the study)")
         position = assigned(conn, r, body.pair_id)
         scores = [getattr(body, q) for q in QUESTIONS]
         try:
             with transaction(conn):
+                refuse_if_finished(conn, r)
                 conn.execute(f"INSERT INTO answers (reader_id, pair_id, {', '.join(QUESTIONS)}, seconds, answered_at) "
                              f"VALUES (?, ?, ?, ?, ?, ?, ?)", (r.id, body.pair_id, *scores, body.seconds, now()))
         except sqlite3.IntegrityError:
@@ -191,14 +290,14 @@ def create_app(study: str | Path) -> FastAPI:
 
     @app.put("/api/answers/{pair_id}")
     def revise(pair_id: str, body: Answer, r: Me, conn: DB) -> dict:
-        if not _PAIR_ID.match(pair_id):
+        if not _PAIR_ID.fullmatch(pair_id):
             raise HTTPException(404, "unknown pair")
         position = assigned(conn, r, pair_id)
-        if r.locked or not allow_revision:
-            raise HTTPException(423, "answers can no longer be revised" if r.locked
-                                else "this study does not allow revising answers")
+        if not allow_revision:
+            raise HTTPException(423, "this study does not allow revising answers")
         sets = ", ".join(f"{q} = ?" for q in QUESTIONS)
         with transaction(conn):
+            refuse_if_finished(conn, r)
             cur = conn.execute(f"UPDATE answers SET {sets}, revised_at = ?, revisions = revisions + 1 "
                                f"WHERE reader_id = ? AND pair_id = ?",
                                (*[getattr(body, q) for q in QUESTIONS], now(), r.id, pair_id))
@@ -216,12 +315,12 @@ def create_app(study: str | Path) -> FastAPI:
 
     @app.post("/api/finish")
     def finish(r: Me, conn: DB) -> dict:
-        n, done, _ = counts(conn, r)
-        if done < n:
-            raise HTTPException(409, f"{n - done} pair(s) are not answered yet")
-        if not r.locked:
-            with transaction(conn):
-                conn.execute("UPDATE readers SET locked_at = ? WHERE id = ?", (now(), r.id))
+        with transaction(conn):  # counted and locked in one step: no answer can land in between
+            n, done, _ = counts(conn, r)
+            if done < n:
+                raise HTTPException(409, f"{n - done} pair(s) are not answered yet")
+            # a second Finish (another tab) keeps the first one's time
+            conn.execute("UPDATE readers SET locked_at = ? WHERE id = ? AND locked_at IS NULL", (now(), r.id))
         return {"locked": True, "answered": done, "total": n}
 
     @app.exception_handler(sqlite3.OperationalError)
