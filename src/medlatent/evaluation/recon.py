@@ -584,8 +584,9 @@ def build_methods(model: "MedVAE | Sequence[MedVAE]", options: ReconOptions,
     mode = options.interp or default_interp(d)
     wanted: list[tuple[float, str]] = []
     if options.equal_values:
+        # f / C ≤ 1: the latent keeps as many values as the image or more, and no interpolation matches it
         wanted += [(m.f / m.C, f"stores as many values as {label} (f={m.f}, C={m.C})")
-                   for label, m in zip(labels, models) if m.C > 1]
+                   for label, m in zip(labels, models) if m.C > 1 and m.f > m.C]
     wanted += [(float(f), "--interp-f") for f in options.interp_f]
     for f, why in wanted:
         f = float(f)
