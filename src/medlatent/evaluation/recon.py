@@ -352,6 +352,11 @@ def _latent_count(C: int, s: int) -> StoredCount:  # noqa: N803 - the paper's na
     return lambda shape: C * math.prod(n // s for n in shape[2:])
 
 
+def _shrunk_count(s: int) -> StoredCount:
+    """Values of an image shrunk ÷``s`` per axis (every channel of the input kept)."""
+    return lambda shape: shape[1] * math.prod(n // s for n in shape[2:])
+
+
 def natural_spec(ae: "NaturalImageAutoencoder") -> MethodSpec:
     """A natural-image autoencoder as a method (slice by slice on volumes; ``f`` is per 2D image/slice)."""
     kind = "KL-VAE" if ae.kind == "kl" else "VQ-GAN"
@@ -544,8 +549,7 @@ def _interp_spec(d: int, f: float, mode: str, in_channels: int, note: str) -> Me
     fn, multiple = interpolation_at(d, f, mode)
     r = per_axis_factor(f, d)
     if multiple > 1:
-        def stored(shape: tuple[int, ...]) -> int:
-            return shape[1] * math.prod(n // multiple for n in shape[2:])
+        stored = _shrunk_count(multiple)
     else:
         def stored(shape: tuple[int, ...]) -> int:
             return shape[1] * math.prod(resized_shape(tuple(shape[2:]), r))
@@ -580,7 +584,7 @@ def build_methods(model: "MedVAE | Sequence[MedVAE]", options: ReconOptions,
             done.add((name, float(m.f)))
             methods[f"{name} (f={m.f})" if several_f else name] = MethodSpec(
                 fn, m.f, None, f"shrink ÷{s} per axis and enlarge back", multiple=s,
-                in_channels=m.config.in_channels, stored=_latent_count(1, s))
+                in_channels=m.config.in_channels, stored=_shrunk_count(s))
     mode = options.interp or default_interp(d)
     wanted: list[tuple[float, str]] = []
     if options.equal_values:
