@@ -126,7 +126,7 @@ def test_classifier_errors_say_what_to_do(monkeypatch):
     with pytest.raises(ValueError, match="seresnet152"):
         build_classifier("hrnet_w64", 3, 1, 1)
     monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
-    with pytest.raises(ImportError, match=r"pip install 'medlatent\[eval\]'"):
+    with pytest.raises(ImportError, match=r"needs timm.*pip install 'medlatent\[pretrained\]'"):
         build_classifier("hrnet_w64", 2, 1, 1)
 
 

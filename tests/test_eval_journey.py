@@ -246,7 +246,7 @@ def test_cli_pretrained_offline_fails_fast_before_any_work(tmp_path):
     try:
         import timm  # noqa: F401
     except ImportError:
-        assert "needs the timm package" in errors[0] and "pip install timm" in errors[0]
+        assert "needs timm" in errors[0] and "pip install 'medlatent[pretrained]'" in errors[0]
     else:
         for part in ("model.safetensors", "HF_HUB_OFFLINE", "--pretrained-weights"):
             assert part in errors[0], part

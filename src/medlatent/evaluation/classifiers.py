@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medlatent.names import did_you_mean
+from medlatent.optional import PRETRAINED_EXTRA, import_optional
 
 EVAL_EXTRA = "pip install 'medlatent[eval]'"
 PAPER_CLASSIFIER = {2: "hrnet_w64", 3: "seresnet152"}  # App. B.1
@@ -48,7 +49,7 @@ class ClassifierInfo:
         build: ``(spatial_dims, in_channels, num_classes, weights) → nn.Module``; ``weights`` is a local file of
             pretrained weights or ``None`` (random initialisation).
         source: where the implementation comes from (for reports).
-        needs: the module it imports and how to install it, checked before any work starts.
+        needs: the optional module it imports and how to install it, checked before any work starts.
         pretrained: its pretrained weights on the Hub (``None``: it has none).
     """
 
@@ -151,10 +152,10 @@ CLASSIFIERS: dict[str, ClassifierInfo] = {
     for info in (
         ClassifierInfo("tiny", (2, 3), _tiny, "medlatent's TinyCNN, for tests and CPU smoke runs"),
         ClassifierInfo("hrnet_w64", (2,), _hrnet_w64, "HRNet-w64 from timm, the paper's 2D CAD network",
-                       needs=("timm", "pip install timm"),
+                       needs=("timm", PRETRAINED_EXTRA),
                        pretrained=HubWeights("hrnet_w64", "timm/hrnet_w64.ms_in1k", "model.safetensors")),
         ClassifierInfo("seresnet152", (2, 3), _seresnet152, "SEResNet-152 from MONAI, the paper's 3D CAD network",
-                       needs=("monai", "pip install monai")),
+                       needs=("monai", EVAL_EXTRA)),
     )
 }
 
@@ -190,13 +191,10 @@ def check_classifier(name: str, spatial_dims: int, pretrained: bool = False,
         other = [n for n, i in CLASSIFIERS.items() if spatial_dims in i.spatial_dims]
         raise ValueError(f"classifier {name!r} supports {'/'.join(map(str, info.spatial_dims))}D inputs, not "
                          f"{spatial_dims}D; use one of {', '.join(other)}")
-    if info.needs is not None:
+    if info.needs is not None:  # missing, or installed but broken (a torchvision built for another torch)
         module, install = info.needs
-        try:
-            __import__(module)
-        except ImportError as e:
-            raise ImportError(f"the {name!r} classifier ({info.source}) needs the {module} package, which is not "
-                              f"installed: {install} (or {EVAL_EXTRA}); --classifier tiny needs nothing") from e
+        import_optional(module, f"the {name!r} classifier ({info.source})",
+                        f"{install}, or use --classifier tiny, which needs nothing")
     if weights is not None and not pretrained:
         raise ValueError("pretrained weights were given without pretrained (--pretrained)")
     return resolve_pretrained(name, weights) if pretrained else None
