@@ -402,7 +402,7 @@ def decode(
     output: Path = typer.Option(..., "--output", "-o"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Default: the model named in each latent."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c"),
-    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="nifti, png, tiff or npy (default: nifti 3D, png 2D)."),
+    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="nifti, png, tiff or npy (default: nifti 3D and NIfTI sources, png 2D)."),
     device: str = typer.Option("cpu", "--device", "-d"),
     precision: str = typer.Option("fp32"),
     ignore_weights: bool = typer.Option(False, help="Decode even if the weights differ from the encoder's."),
@@ -447,7 +447,8 @@ def decode(
         out_fmt = fmt
         if out_fmt is None:
             try:
-                out_fmt = "nifti" if read_latent_header(path)[0].spatial_dims == 3 else "png"
+                rec = read_latent_header(path)[0]  # NIfTI sources (e.g. X×Y×1) go back to NIfTI
+                out_fmt = "nifti" if rec.spatial_dims == 3 or rec.file_geometry else "png"
             except Exception:
                 out_fmt = "nifti"
         target = output / (name + output_suffix(out_fmt))
@@ -632,6 +633,10 @@ def _train_or_show(cfg, show: bool) -> None:
     except TrainingInterrupted as e:
         typer.secho(str(e), err=True, fg=typer.colors.YELLOW)
         raise typer.Exit(code=e.exit_code) from None
+    except KeyboardInterrupt:  # before the loop started, or a second Ctrl-C
+        typer.secho(f"stopped at once: nothing saved since the last checkpoint in {cfg.train.output_dir}/checkpoints "
+                    "(if any); the same command resumes from it", err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(code=130) from None
     except (ConfigError, DataError, FileNotFoundError, RuntimeError, ValueError) as e:
         _fail(str(e))
     m = summary["metrics"]

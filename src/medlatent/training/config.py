@@ -153,6 +153,8 @@ class TrainConfig:
                               "from (`medlatent models`); or give model.init=PATH to a model folder or checkpoint")
         if t.keep_checkpoints < 0:
             raise ConfigError(f"train.keep_checkpoints must be ≥ 0 (0 keeps all), got {t.keep_checkpoints}")
+        if isinstance(t.log_with, str):  # train.log_with=tensorboard, without brackets
+            t.log_with = [t.log_with]
         unknown = [x for x in t.log_with if x not in TRACKERS]
         if unknown:
             raise ConfigError(f"train.log_with: unknown tracker {unknown[0]!r}; supported: {', '.join(TRACKERS)}")
