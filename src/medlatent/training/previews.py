@@ -11,6 +11,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+#: files of a run folder: the training log, the validation log and the plot of both
+LOG_FILE, VAL_FILE, CURVES_FILE = "log.csv", "val.jsonl", "curves.png"
+
 
 def _panel(t: torch.Tensor) -> np.ndarray:
     """A 2D view in [0, 1]: the channel mean of an image, or the three centre slices of a volume side by side."""
@@ -76,8 +79,8 @@ def save_curves(run_dir: Path) -> Path | None:
                        "in log.csv and val.jsonl")
         return None
     run_dir = Path(run_dir)
-    train = _columns(run_dir / "log.csv")
-    val = _val_rows(run_dir / "val.jsonl")
+    train = _columns(run_dir / LOG_FILE)
+    val = _val_rows(run_dir / VAL_FILE)
     if not train and not val:
         return None
     fig = Figure(figsize=(10, 4), layout="constrained")
@@ -98,6 +101,6 @@ def save_curves(run_dir: Path) -> Path | None:
     ax_psnr.set(xlabel="step", ylabel="validation PSNR (dB)", title="validation" if points else "no validation")
     for ax in (ax_loss, ax_psnr):
         ax.ticklabel_format(useOffset=False, axis="y")
-    path = run_dir / "curves.png"
+    path = run_dir / CURVES_FILE
     fig.savefig(path, dpi=100)
     return path

@@ -36,9 +36,9 @@ from medlatent.training.build import build_model
 from medlatent.training.checkpointing import checkpoint_dirs, load_checkpoint_state, prune, save_checkpoint
 from medlatent.training.config import TrainConfig, check_trackers
 from medlatent.training.data import EpochSampler, build_datasets, make_loader
+from medlatent.training.previews import LOG_FILE, VAL_FILE, save_curves, save_previews
 
-#: the files of a run folder that the trainer writes besides checkpoints and ``final/``
-LOG_FILE, VAL_FILE, SPLIT_FILE, CURVES_FILE = "log.csv", "val.jsonl", "val_split.txt", "curves.png"
+SPLIT_FILE = "val_split.txt"  # how the validation images were chosen, and their paths
 
 
 class TrainingInterrupted(Exception):
@@ -317,8 +317,6 @@ class Trainer:
                     self.save()
         self._barrier()
         if self.is_main:
-            from medlatent.training.previews import save_curves
-
             save_curves(self.out)
         return metrics
 
@@ -366,8 +364,6 @@ class Trainer:
         if not (d / "state.pt").is_file():
             d = self.save()
         if self.is_main:
-            from medlatent.training.previews import save_curves
-
             save_curves(self.out)
         raise TrainingInterrupted(self._stop_signal or signal.SIGINT, self.progress.step, d)
 
@@ -443,7 +439,6 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """PSNR / MS-SSIM of whole validation images, as ``medlatent evaluate recon`` measures them
         (:mod:`medlatent.training.validation`), and PNG previews (main process)."""
-        from medlatent.training.previews import save_previews
         from medlatent.training.validation import validate_model
 
         metrics: dict[str, float] = {}
