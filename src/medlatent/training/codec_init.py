@@ -289,7 +289,7 @@ def codec_from_data(arch, data, *, seed: int = 0, steps: int = FIT_STEPS, batch:
     Deterministic given ``seed``, so every rank of a distributed run builds the same weights."""
     from medlatent.training.data import build_datasets
 
-    ds, _ = build_datasets(data, downsample=2 ** (len(arch.ch_mult) - 1))
+    ds, _ = build_datasets(data, downsample=2 ** (len(arch.ch_mult) - 1), seed=seed)  # the run's held-out split
     rng = torch.Generator().manual_seed(seed)
 
     def batches():
