@@ -657,7 +657,8 @@ def finetune(
                                                                "data.size=256 (keys: medlatent train --reference)."),
     output: Path = typer.Option(..., "--output", "-o", help="Run folder: logs, checkpoints, final/. Re-running "
                                                             "the same command resumes."),
-    steps: int = typer.Option(2000, "--steps", min=1, help="Optimiser steps in total (train.max_steps)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimiser steps in total (train.max_steps; "
+                                                                      "default 2000)."),
     name: Optional[str] = typer.Option(None, "--name", help="The fine-tuned model's name, recorded in "
                                                             "final/config.json and every latent file it writes "
                                                             "(default: the run folder's name)."),
@@ -668,7 +669,7 @@ def finetune(
     The recipe is the model's preset (medlatent train --presets) with the weights of MODEL as the start, a
     short learning-rate warm-up and a seeded 10% of the files held out for validation (data.val=none: none).
 
-    Example: medlatent finetune medlatent_small_4_4_2d samples/2d -o runs/ft --steps 200
+    Example: medlatent finetune medlatent_small_4_4_2d samples/2d -o runs/my_model --steps 50
     """
     from medlatent.training.config import ConfigError
     from medlatent.training.finetune import finetune_config
