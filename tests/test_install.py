@@ -61,3 +61,20 @@ def test_ms_ssim_equals_torchmetrics(shape, spatial_dims):
     ref = float(tm.multiscale_structural_similarity_index_measure(at, bt, data_range=1.0, betas=betas,
                                                                    normalize="relu"))
     assert ms_ssim(a, b, spatial_dims=spatial_dims) == pytest.approx(ref, abs=1e-5)
+
+
+def test_optional_imports_name_the_feature_and_the_way_out(tmp_path, monkeypatch):
+    from medlatent.optional import OptionalDependencyError, import_optional
+
+    (tmp_path / "brokenpkg").mkdir()
+    (tmp_path / "brokenpkg" / "__init__.py").write_text(BROKEN)
+    (tmp_path / "needsdep").mkdir()
+    (tmp_path / "needsdep" / "__init__.py").write_text("import not_a_real_module_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(OptionalDependencyError, match=r"the X feature needs brokenpkg, which is installed but fails "
+                                                      r"to import: RuntimeError.*matching pair"):
+        import_optional("brokenpkg", "the X feature", "pip install x")
+    with pytest.raises(OptionalDependencyError, match="cannot import its dependency not_a_real_module_xyz: pip"):
+        import_optional("needsdep", "the X feature", "pip install x")
+    with pytest.raises(OptionalDependencyError, match="needs absentpkg_xyz, which is not installed: pip install x"):
+        import_optional("absentpkg_xyz", "the X feature", "pip install x")

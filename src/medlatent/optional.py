@@ -29,7 +29,12 @@ def import_optional(name: str, purpose: str, install: str) -> ModuleType:
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        raise OptionalDependencyError(f"{purpose} needs {name}, which is not installed ({e}): {install}") from e
+        top = name.split(".")[0]
+        if e.name and e.name.split(".")[0] != top:  # the package is there, one of its own dependencies is not
+            raise OptionalDependencyError(
+                f"{purpose} needs {name}, which is installed but cannot import its dependency {e.name}: {install}"
+            ) from e
+        raise OptionalDependencyError(f"{purpose} needs {name}, which is not installed: {install}") from e
     except Exception as e:  # installed but broken, typically a torchvision built for another torch
         import torch
 
