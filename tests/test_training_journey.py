@@ -122,7 +122,7 @@ def test_finetune_of_an_official_member_offline_names_options_that_exist(tmp_pat
     assert res.returncode == 1, res.stdout + res.stderr
     assert "model.init=PATH" in res.stderr and "medlatent finetune PATH DATA" in res.stderr
     assert "--checkpoint" not in res.stderr and "Traceback" not in res.stderr
-    assert not (tmp_path / "run" / "final").exists()
+    assert not (tmp_path / "run").exists()  # no run folder for a run that could not start
 
 
 # ------------------------------------------------------------------------------------------ reference

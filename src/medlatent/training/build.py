@@ -38,14 +38,12 @@ def _load(source: str) -> MedVAE:
 
     try:
         return load_pretrained(source)
-    except WeightsNotFoundError as e:
-        info = get_model_info(source)
-        why = str(e).split(" Download it where", 1)[0]
+    except WeightsNotFoundError as e:  # its own message names options of other commands (--checkpoint)
         raise ConfigError(
-            f"the released weights of {source} are not available here ({why}). Download them where the Hub is "
-            f"reachable (`huggingface-cli download {info.repo_id} {info.hub_checkpoint}`) and start from the file: "
-            f"model.init=PATH with `medlatent train`, or `medlatent finetune PATH DATA -o RUN_DIR`; or copy a "
-            "Hugging Face cache (HF_HOME) that holds them to this machine"
+            f"the released weights of {source} are not available here: {e.summary}. Download them where the Hub "
+            f"is reachable (`{e.download_command}`) and start from the file: model.init=PATH with `medlatent "
+            "train`, or `medlatent finetune PATH DATA -o RUN_DIR`; or copy a Hugging Face cache (HF_HOME) that "
+            "holds them to this machine"
         ) from e
     except KeyError as e:
         raise ConfigError(f"cannot load {source!r}: {e.args[0]}") from e

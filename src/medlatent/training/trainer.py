@@ -135,9 +135,7 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         )
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
-        self.out = Path(t.output_dir)
-        if self.acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
+        self.out = Path(t.output_dir)  # created once the model and the data are known to load
         # identical initial weights on every rank; different posterior noise / dropout per rank
         torch.manual_seed(t.seed)
         np.random.seed(t.seed)
@@ -186,6 +184,9 @@ class Trainer:
         self._stop_signal: int | None = None
         if resume_from is not None:
             self._resume(resume_from)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self._barrier()
         if self.is_main and self.val_ds is not None:
             from medlatent.training.validation import write_split
 
