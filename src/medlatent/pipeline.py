@@ -154,5 +154,7 @@ def decode_latent(model: MedVAE, lf: LatentFile, *, source: str | Path = "latent
     if arr.shape != tuple(rec.original_shape):  # e.g. a 3-channel original recorded for a 1-channel decoder
         raise LatentFileError(source, f"decodes to shape {arr.shape}, but records an original of shape "
                                       f"{tuple(rec.original_shape)}")
-    return ImageData(arr, np.array(rec.original_affine), modality=rec.modality, source=str(source),
-                     meta={"format": "decoded"})
+    meta: dict = {"format": "decoded"}
+    if rec.file_geometry:  # e.g. a NIfTI X×Y×1 encoded as 2D: written back with its shape and affine
+        meta["file_geometry"] = rec.file_geometry
+    return ImageData(arr, np.array(rec.original_affine), modality=rec.modality, source=str(source), meta=meta)

@@ -63,6 +63,8 @@ class Preprocessing:
         orientation: nibabel orientation transform applied (3D; ``None`` if already RAS or 2D).
         pad: ``[(before, after)]`` per spatial axis, in model (reoriented) order.
         model_shape: spatial shape fed to the model (after reorientation and padding).
+        file_geometry: the file's own ``shape`` and ``affine`` where they differ from the array's (a NIfTI
+            ``X×Y×1`` read as a 2D image), so that decoding writes the file back as it was; else ``None``.
     """
 
     spatial_dims: int
@@ -75,9 +77,13 @@ class Preprocessing:
     orientation: list[list[float]] | None = None
     pad: list[list[int]] = field(default_factory=list)
     model_shape: list[int] = field(default_factory=list)
+    file_geometry: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["file_geometry"] is None:  # absent unless needed, so records stay readable by older versions
+            del d["file_geometry"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
@@ -152,7 +158,8 @@ def preprocess(img: ImageData, *, spatial_dims: int, in_channels: int, downsampl
 
     rec = Preprocessing(spatial_dims=spatial_dims, original_shape=list(arr.shape),
                         original_affine=np.asarray(img.affine, dtype=np.float64).tolist(),
-                        original_dtype=str(arr.dtype), modality=mod, intensity={})
+                        original_dtype=str(arr.dtype), modality=mod, intensity={},
+                        file_geometry=img.meta.get("file_geometry"))
     x = arr.astype(np.float32, copy=False)
     if spatial_dims == 2:
         if x.shape[0] == 3 and in_channels == 1:

@@ -484,7 +484,7 @@ def resample_slices(vol: np.ndarray, dist: np.ndarray, target_gap: float) -> tup
     the first and last slices keep their positions exactly. Returns the volume (float32) and the spacing.
     """
     extent = float(dist[-1] - dist[0])
-    n = max(2, int(round(extent / target_gap)) + 1)
+    n = max(2, round(extent / target_gap) + 1)
     target = dist[0] + extent * np.arange(n) / (n - 1)
     target[-1] = dist[-1]
     idx = np.clip(np.searchsorted(dist, target, side="right") - 1, 0, len(dist) - 2)

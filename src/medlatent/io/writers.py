@@ -50,6 +50,9 @@ def _write_nifti(img: ImageData, path: Path) -> None:
         aff[0, 0], aff[1, 1] = img.spacing
     else:
         aff = img.affine
+    geometry = img.meta.get("file_geometry")
+    if geometry:  # the source file's own layout (e.g. X×Y×1), restored for a faithful round trip
+        arr, aff = arr.reshape(geometry["shape"]), np.asarray(geometry["affine"], dtype=np.float64)
     if arr.dtype == np.float64:
         arr = arr.astype(np.float32)
     if arr.dtype == np.bool_:
