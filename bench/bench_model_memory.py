@@ -171,8 +171,8 @@ def main() -> int:
                         rows.append(row)
                         secs = f"{row['seconds']:.2f} s" if "seconds" in row else "-"
                         peak = f"{row.get('peak_gb', row['watched_peak_gb']):.2f} GB"
-                        print(f"{name} {size}{'³' if '3d' in name else '²'} {op:6s} {impl:9s} {row['status']:>20s} {secs:>10s} peak {peak}",
-                              flush=True)
+                        case = f"{name} {size}{'³' if '3d' in name else '²'} {op:6s} {impl:9s}"
+                        print(f"{case} {row['status']:>20s} {secs:>10s} peak {peak}", flush=True)
                         if args.out:
                             args.out.parent.mkdir(parents=True, exist_ok=True)
                             args.out.write_text(json.dumps(rows, indent=2) + "\n")

@@ -3,7 +3,8 @@
 For every held-out image: medlatent's preprocessing (the same as `medlatent encode`) maps it to [-1, 1]; the
 model encodes it to the posterior mean z through the tiling engine with its default settings, as `medlatent
 encode` does (the whole image when it fits the memory budget and the model's `max_tile`, overlapping tiles
-otherwise); z is stored as float16 (as `medlatent encode` writes it) and decoded the same way. Baselines shrink the same image by the model's per-axis factor with nearest / bilinear / bicubic
+otherwise); z is stored as float16 (as `medlatent encode` writes it) and decoded the same way. Baselines shrink
+the same image by the model's per-axis factor with nearest / bilinear / bicubic
 (antialiased for bilinear and bicubic) and enlarge it back with the same method. PSNR and MS-SSIM are computed on
 the original grid with both images mapped to [0, 1] (data range 1), as `medlatent roundtrip` reports them.
 

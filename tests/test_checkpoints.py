@@ -11,8 +11,8 @@ from conftest import image_for, randomise, tiny_config
 from medlatent import MedVAE, registry
 from medlatent.checkpoints import (
     CheckpointError,
-    inflate_2d_to_3d,
     infer_config,
+    inflate_2d_to_3d,
     load_checkpoint,
     merge_lora,
     read_state_dict,

@@ -2,8 +2,6 @@
 
 import gzip
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import randomise, tiny_config
-from io_fixtures import copy_to, make_series, nibabel_data, sample_file
+from io_fixtures import copy_to, make_series, sample_file
 from medlatent import MedVAE
 from medlatent.cli import app
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+
 from conftest import tiny_config
 from io_fixtures import sample_file
-
 from medlatent import MedVAE
 from medlatent.training.codec_init import LinearPath, fit_linear_path, init_as_codec
 

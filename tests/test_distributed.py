@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import randomise, tiny_config
 from medlatent import MedVAE

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import torch
 import typer
-from io_fixtures import copy_to, sample_file
 from typer.testing import CliRunner
 
+from io_fixtures import copy_to, sample_file
 from medlatent import MedVAE
 from medlatent.evaluation import baselines as B
 from medlatent.evaluation.cad import CADResult, MethodResult, SeedRun, auroc_ci, cad_warnings

@@ -16,8 +16,16 @@ from conftest import randomise, tiny_config
 from io_fixtures import copy_to, nibabel_data, sample_file
 from medlatent import MedVAE
 from medlatent.evaluation import baselines as B
-from medlatent.evaluation.recon import (Box, ReconOptions, draw_samples, evaluate_reconstruction, read_rois,
-                                        roi_psnr, slicewise_spec, summarise)
+from medlatent.evaluation.recon import (
+    Box,
+    ReconOptions,
+    draw_samples,
+    evaluate_reconstruction,
+    read_rois,
+    roi_psnr,
+    slicewise_spec,
+    summarise,
+)
 from medlatent.evaluation.report import bar_chart, format_stat, markdown_table, write_report
 from medlatent.evaluation.storage import lossless_bytes, storage_record, stored_dtype
 from medlatent.io.image import ImageData, spacing_affine

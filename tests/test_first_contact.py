@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import tiny_config
 from medlatent import MedVAE, hub, registry
 from medlatent import samples as samples_mod
 from medlatent.cli import app

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import randomise, tiny_config
-from io_fixtures import copy_to, sample_file
 from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from conftest import randomise, tiny_config
+from io_fixtures import copy_to, sample_file
 from medlatent import MedVAE
 from medlatent.cli import app
 from medlatent.registry import DEFAULT_MODEL
@@ -141,7 +141,8 @@ def _edits(meta: dict) -> dict[str, dict[str, object]]:
         "model name": {"model.name": "medvae_4_1_2d"},
         "model weights": {"model.weights_sha256": "0" * 64},
         "f and C": {"model.f": meta["model"]["f"] * 4, "model.C": meta["model"]["C"] + 1},
-        "original dtype": {"preprocessing.original_dtype": "float64" if rec["original_dtype"] != "float64" else "int16"},
+        "original dtype": {"preprocessing.original_dtype":
+                           "float64" if rec["original_dtype"] != "float64" else "int16"},
         "modality": {"preprocessing.modality": "ct" if rec["modality"] != "ct" else "mri"},
         "format version": {"format_version": 1},
     }
@@ -246,7 +247,8 @@ def _malformed(tmp_path: Path, good: Path) -> dict[str, tuple[bytes | None, str]
         ("json_list", "[1, 2, 3]", "expected a JSON object"),
         ("json_string", json.dumps("medlatent"), "expected a JSON object"),
         ("other_format", json.dumps({"format": "something-else"}), "format is 'something-else'"),
-        ("version_text", json.dumps(_forge({**meta, "format_version": "two"}, tensors)), "format_version must be a positive integer"),
+        ("version_text", json.dumps(_forge({**meta, "format_version": "two"}, tensors)),
+         "format_version must be a positive integer"),
     ]:
         save_file(tensors, str(tmp_path / f"{name}{SUFFIX}"), metadata={"medlatent": raw})
         cases[name] = (None, reason)

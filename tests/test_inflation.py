@@ -16,8 +16,8 @@ decode repeated D times.
 
 import pytest
 import torch
-from conftest import randomise, tiny_config
 
+from conftest import randomise, tiny_config
 from medlatent import MedVAE
 from medlatent.checkpoints import inflate_2d_to_3d
 

@@ -137,7 +137,8 @@ def test_patch_discriminator_layout_and_init():
     # Official NLayerDiscriminator(n_layers=3): convs at 0, 2, 5, 8, 11; BatchNorm at 3, 6, 9; biases only at 0, 11.
     params = {k for k, _ in d.named_parameters()}
     expected = {"main.0.weight", "main.0.bias", "main.11.weight", "main.11.bias"}
-    expected |= {f"main.{i}.weight" for i in (2, 5, 8)} | {f"main.{i}.{p}" for i in (3, 6, 9) for p in ("weight", "bias")}
+    expected |= {f"main.{i}.weight" for i in (2, 5, 8)}
+    expected |= {f"main.{i}.{p}" for i in (3, 6, 9) for p in ("weight", "bias")}
     assert params == expected
     assert {"main.3.running_mean", "main.9.num_batches_tracked"} <= set(d.state_dict())
     shapes = [d.main[i].weight.shape for i in (0, 2, 5, 8, 11)]
@@ -147,7 +148,8 @@ def test_patch_discriminator_layout_and_init():
     assert abs(bn_w.mean().item() - 1) < 0.01 and torch.all(torch.cat([d.main[i].bias for i in (3, 6, 9)]) == 0)
     assert abs(d.main[5].weight.std().item() - 0.02) < 0.002
     small = PatchDiscriminator(3, n_layers=1)
-    assert [type(m).__name__ for m in small.main] == ["Conv2d", "LeakyReLU", "Conv2d", "BatchNorm2d", "LeakyReLU", "Conv2d"]
+    assert [type(m).__name__ for m in small.main] == ["Conv2d", "LeakyReLU", "Conv2d", "BatchNorm2d", "LeakyReLU",
+                                                      "Conv2d"]
     assert small.main[2].weight.shape == (128, 64, 4, 4)
 
 
@@ -170,7 +172,8 @@ def test_clip_preprocess_shapes_and_normalisation():
     assert clip.preprocess(torch.rand(1, 3, 300, 250)).shape == (1, 3, 224, 224)
     t = torch.full((1, 1, 224, 224), 0.5)
     out = clip.preprocess(t)
-    expected = (0.5 - torch.tensor([0.48145466, 0.4578275, 0.40821073])) / torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    expected = (0.5 - mean) / std
     assert torch.allclose(out[0, :, 0, 0], expected)
 
 
@@ -243,7 +246,8 @@ def test_stage1_before_disc_start(lpips):
     model, x = _model_and_batch(size=16)
     crit = Stage1Loss(LossConfig(disc_start=10, kl_weight=0.5), in_channels=1, perceptual=lpips)
     out = model(x, sample=True)
-    total, logs = crit.generator_loss(x, out.reconstruction, out.posterior, step=9, last_layer=model.last_layer_weight())
+    total, logs = crit.generator_loss(x, out.reconstruction, out.posterior, step=9,
+                                      last_layer=model.last_layer_weight())
     assert logs["g"] == 0.0 and logs["d_weight"] == 0.0
     kl = (out.posterior.kl().sum() / 2).item()
     assert logs["kl"] == pytest.approx(kl, rel=1e-5)

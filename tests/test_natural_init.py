@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomise
 from safetensors import safe_open
 
+from conftest import randomise
 from medlatent import MedVAE, get_model_info
 from medlatent.checkpoints import CheckpointError, load_checkpoint
 from medlatent.model.lora import LoRAConv, inject_lora

@@ -86,7 +86,8 @@ def test_latent_affine_overlays_the_source():
     lat = rec.latent_affine(4)
     # latent voxel 0 is centred on model voxels 0..3 → centre at model index 1.5
     np.testing.assert_allclose(lat @ [0, 0, 0, 1], rec.model_affine() @ [1.5, 1.5, 1.5, 1])
-    np.testing.assert_allclose(np.linalg.norm(lat[:3, :3], axis=0), 4 * np.linalg.norm(rec.model_affine()[:3, :3], axis=0))
+    np.testing.assert_allclose(np.linalg.norm(lat[:3, :3], axis=0),
+                               4 * np.linalg.norm(rec.model_affine()[:3, :3], axis=0))
 
 
 def test_decode_refuses_a_latent_of_another_model(tmp_path):

@@ -11,13 +11,13 @@ import pytest
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
 
 from medlatent.cli import app as cli  # noqa: E402
 from medlatent.readerstudy.app import create_app  # noqa: E402
 from medlatent.readerstudy.db import StudyError, answer_records  # noqa: E402
 from medlatent.readerstudy.study import MethodSource, create_study, pairs_from_csv, pairs_from_folders  # noqa: E402
 from readerstudy_fixtures import make_inputs, make_study  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
 
 
 @pytest.fixture(scope="module")

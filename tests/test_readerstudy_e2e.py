@@ -16,6 +16,7 @@ import threading
 import time
 
 import pytest
+
 from readerstudy_fixtures import make_study
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -20,10 +20,10 @@ import pytest
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
-from readerstudy_fixtures import make_study  # noqa: E402
 
 import medlatent.readerstudy.app as app_module  # noqa: E402
 from medlatent.readerstudy.app import MAX_BODY_BYTES, STATIC, create_app  # noqa: E402
+from readerstudy_fixtures import make_study  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,8 @@ RAW_BODIES = {  # (content type, bytes)
     "text-plain-json": ("text/plain", b'{"pair_id": "0123456789abcdef", "fidelity": 1}'),
     "text-plain-invalid-utf8": ("text/plain", b"\xff\xfe\xfd not text"),
     "form": ("application/x-www-form-urlencoded", b"fidelity=1&features=0&artifacts=0"),
-    "multipart": ("multipart/form-data; boundary=x", b"--x\r\nContent-Disposition: form-data; name=a\r\n\r\n1\r\n--x--"),
+    "multipart": ("multipart/form-data; boundary=x",
+                  b"--x\r\nContent-Disposition: form-data; name=a\r\n\r\n1\r\n--x--"),
     "octet-stream": ("application/octet-stream", bytes(range(256))),
     "bad-charset": ("application/json; charset=does-not-exist", b'{"fidelity": 1}'),
 }

@@ -163,9 +163,8 @@ def test_stage2_trains_only_the_head_and_reduces_the_clip_loss(tmp_path: Path, i
 
 
 def test_stage2_3d_inflates_and_reduces_the_loss_on_patches(tmp_path: Path):
-    from medlatent.training.trainer import Trainer
-
     from conftest import randomise, tiny_config
+    from medlatent.training.trainer import Trainer
 
     model2d = randomise(MedVAE(tiny_config(z_channels=1, embed_dim=1)))
     model2d.save_pretrained(tmp_path / "m2d")

@@ -5,6 +5,7 @@ official .ckpt export. Trainings are a few steps on 32-px crops; tests decide on
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -20,7 +21,6 @@ import yaml
 pytest.importorskip("accelerate")
 
 from io_fixtures import nibabel_data, sample_file  # noqa: E402
-
 from medlatent import MedVAE  # noqa: E402
 from medlatent.training.config import ConfigError, load_config, preset_names  # noqa: E402
 
@@ -322,7 +322,8 @@ def test_journey_finetune_interrupt_resume_and_use_the_model(tmp_path: Path):
     assert float(table[step]["seconds"]) >= seconds_before  # the elapsed time continues
     assert json.loads((run / "final" / "config.json").read_text())["model"] == "my_finetune"
 
-    res = cli("encode", str(samples / "2d" / "ct_slice.dcm"), "-o", str(tmp_path / "lat"), "--model", str(run / "final"))
+    res = cli("encode", str(samples / "2d" / "ct_slice.dcm"), "-o", str(tmp_path / "lat"),
+              "--model", str(run / "final"))
     assert res.returncode == 0, res.stdout + res.stderr
     latent = tmp_path / "lat" / "ct_slice.latent.safetensors"
     from medlatent.latentfile import read_latent
@@ -333,3 +334,15 @@ def test_journey_finetune_interrupt_resume_and_use_the_model(tmp_path: Path):
     res = cli("decode", str(latent), "-o", str(tmp_path / "rec"), "--model", str(run / "final"))
     assert res.returncode == 0, res.stdout + res.stderr
     assert (tmp_path / "rec" / "ct_slice.png").is_file()
+
+    # README "Show that latents keep the signal": the fine-tuned model against the bundled one and bicubic at the
+    # same f and at equal values stored, in one report that names each model by name and weights SHA
+    res = cli("evaluate", "recon", str(samples / "2d" / "ct_slice.dcm"), "-o", str(tmp_path / "eval"),
+              "-m", "medlatent_small_4_4_2d", "-m", str(run / "final"), "--baselines", "bicubic", "--seeds", "1",
+              "--figures", "0")
+    assert res.returncode == 0, res.stdout + res.stderr
+    methods = json.loads((tmp_path / "eval" / "summary.json").read_text())["methods"]
+    assert {"medlatent_small_4_4_2d", "my_finetune", "bicubic", "bicubic (f=4)"} <= set(methods)
+    report = (tmp_path / "eval" / "report.md").read_text()
+    sha = hashlib.sha256((run / "final" / "model.safetensors").read_bytes()).hexdigest()[:12]
+    assert f"| my_finetune | {sha} |" in report and "| values stored |" in report

@@ -66,7 +66,8 @@ def _tiles(tile: Optional[int], overlap: Optional[int], max_memory: Optional[flo
 
 
 TILE_OPT = typer.Option(None, "--tile", help="Tile edge in image pixels/voxels (default: from --max-memory).")
-OVERLAP_OPT = typer.Option(None, "--overlap", help="Tile overlap in image pixels/voxels (default: from the receptive field).")
+OVERLAP_OPT = typer.Option(None, "--overlap",
+                           help="Tile overlap in image pixels/voxels (default: from the receptive field).")
 MEMORY_OPT = typer.Option(None, "--max-memory", help="Activation memory budget in GB (default: what fits the device).")
 TILE_BATCH_OPT = typer.Option(1, "--tile-batch", min=1, help="Tiles per forward pass.")
 NORM_OPT = typer.Option("tile", "--norm", help="GroupNorm statistics of tiled images: 'tile' (each tile its own; "
@@ -87,7 +88,8 @@ def _compile(net, enabled: bool):
 
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details.")) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
 
 
 @app.command()
@@ -131,7 +133,8 @@ def convert(
     except (KeyError, FileNotFoundError, CheckpointError) as e:
         _fail(e.args[0] if isinstance(e, KeyError) else str(e))
     net.save_pretrained(output, name=model or net.weights_info.get("model"))
-    typer.echo(f"wrote {output} (f={net.f}, C={net.C}, {net.spatial_dims}D, source sha256 {net.weights_info['sha256'][:12]})")
+    sha = net.weights_info["sha256"][:12]
+    typer.echo(f"wrote {output} (f={net.f}, C={net.C}, {net.spatial_dims}D, source sha256 {sha})")
 
 
 @app.command()
@@ -318,7 +321,8 @@ def encode(
                                         help="Equal-shaped images per forward pass, within --max-memory (default: "
                                              "8 on GPUs; 1 on CPUs, where batching measured no gain)."),
     compile_model: bool = COMPILE_OPT,
-    shard: Optional[str] = typer.Option(None, help="Process shard R/N of the inputs (default: torchrun's RANK/WORLD_SIZE)."),
+    shard: Optional[str] = typer.Option(
+        None, help="Process shard R/N of the inputs (default: torchrun's RANK/WORLD_SIZE)."),
     tile: Optional[int] = TILE_OPT,
     overlap: Optional[int] = OVERLAP_OPT,
     max_memory: Optional[float] = MEMORY_OPT,
@@ -402,7 +406,8 @@ def decode(
     output: Path = typer.Option(..., "--output", "-o"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Default: the model named in each latent."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c"),
-    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="nifti, png, tiff or npy (default: nifti 3D and NIfTI sources, png 2D)."),
+    fmt: Optional[str] = typer.Option(
+        None, "--format", "-f", help="nifti, png, tiff or npy (default: nifti 3D and NIfTI sources, png 2D)."),
     device: str = typer.Option("cpu", "--device", "-d"),
     precision: str = typer.Option("fp32"),
     ignore_weights: bool = typer.Option(False, help="Decode even if the weights differ from the encoder's."),
@@ -485,7 +490,8 @@ def info(file: Path = typer.Argument(..., help="A latent file.")) -> None:
                f"weights sha256 {str(m.get('weights_sha256', ''))[:12]})")
     typer.echo(f"z               {tuple(lf.z.shape)} {str(lf.z.dtype).replace('torch.', '')}")
     typer.echo(f"stage-2         {'none' if lf.stage2 is None else tuple(lf.stage2.shape)}")
-    typer.echo(f"original        shape {tuple(rec.original_shape)}, dtype {rec.original_dtype}, modality {rec.modality}")
+    typer.echo(f"original        shape {tuple(rec.original_shape)}, dtype {rec.original_dtype}, "
+               f"modality {rec.modality}")
     typer.echo(f"intensity       {json.dumps(rec.intensity)}")
     typer.echo(f"orientation     {'unchanged' if rec.orientation is None else rec.orientation}")
     typer.echo(f"padding         {rec.pad} → model shape {tuple(rec.model_shape)}")
@@ -701,7 +707,8 @@ def export_ckpt(
 @app.command()
 def samples(
     output: Path = typer.Option(Path("samples"), "--output", "-o"),
-    max_size_2d: int = typer.Option(256, help="Block-average 2D images to at most this many pixels per axis (0: keep)."),
+    max_size_2d: int = typer.Option(
+        256, help="Block-average 2D images to at most this many pixels per axis (0: keep)."),
     max_size_3d: int = typer.Option(64, help="Block-average volumes to at most this many voxels per axis (0: keep)."),
 ) -> None:
     """Gather real public sample images from installed packages (pip install 'medlatent[samples]')."""

@@ -27,7 +27,8 @@ SELECT_OPT = typer.Option("val", "--select", help="val: keep the best-val-AUROC 
                                                   "(the paper's rule).")
 BALANCED_OPT = typer.Option(True, "--balanced/--no-balanced", help="Class-weighted sampling.")
 INTERP_OPT = typer.Option("bicubic", "--interp", help="Interpolation baseline: nearest, bilinear, bicubic, area.")
-INTERP_F_OPT = typer.Option("", "--interp-f", help="Extra interpolation rows at these factors f, e.g. 16,64 (2D) — no model needed.")
+INTERP_F_OPT = typer.Option(
+    "", "--interp-f", help="Extra interpolation rows at these factors f, e.g. 16,64 (2D) — no model needed.")
 
 
 def _factors(text: str) -> list[int]:

@@ -29,16 +29,22 @@ def _slices(spec: str) -> list[int] | str:
 @app.command()
 def create(
     study: Path = typer.Argument(..., help="Folder to create for the study (must not exist)."),
-    originals: Optional[Path] = typer.Option(None, "--originals", help="Folder of original images (any format medlatent reads)."),
-    method: list[str] = typer.Option([], "--method", "-m", help="NAME[:FACTOR]=DIR of reconstructions named like the originals; repeat per method."),
-    pairs: Optional[Path] = typer.Option(None, "--pairs", help="CSV instead of folders: original, reconstruction, method[, factor][, slice]."),
+    originals: Optional[Path] = typer.Option(
+        None, "--originals", help="Folder of original images (any format medlatent reads)."),
+    method: list[str] = typer.Option(
+        [], "--method", "-m", help="NAME[:FACTOR]=DIR of reconstructions named like the originals; repeat per method."),
+    pairs: Optional[Path] = typer.Option(
+        None, "--pairs", help="CSV instead of folders: original, reconstruction, method[, factor][, slice]."),
     readers: str = typer.Option(..., "--readers", "-r", help="Comma-separated reader names, e.g. r1,r2,r3."),
     seed: int = typer.Option(0, "--seed", help="Seed of each reader's random order (recorded in the study)."),
     slices: str = typer.Option("middle", "--slices", help="3D files: 'middle' or axial slice indices, e.g. 40,80."),
     title: str = typer.Option("Reader study", "--title"),
     no_revision: bool = typer.Option(False, "--no-revision", help="Readers cannot revise a saved answer."),
-    match_range: bool = typer.Option(False, "--match-range", help="Map each reconstruction's min..max onto its original's (rescaled PNG exports such as `roundtrip`'s NAME.recon.png)."),
-    base_url: str = typer.Option("http://127.0.0.1:8000", "--base-url", help="Server address printed in the reader links."),
+    match_range: bool = typer.Option(
+        False, "--match-range", help="Map each reconstruction's min..max onto its original's "
+                                     "(rescaled PNG exports such as `roundtrip`'s NAME.recon.png)."),
+    base_url: str = typer.Option(
+        "http://127.0.0.1:8000", "--base-url", help="Server address printed in the reader links."),
 ) -> None:
     """Pair originals with reconstructions, convert them for display, blind them and create reader links."""
     from medlatent.readerstudy.db import StudyError
@@ -57,7 +63,8 @@ def create(
                               allow_revision=not no_revision, match_range=match_range)
     except StudyError as e:
         _fail(str(e))
-    typer.echo(f"created {study}: {len(specs)} pair file(s), {len(tokens)} reader(s); links (also in {study / 'readers.csv'}):")
+    typer.echo(f"created {study}: {len(specs)} pair file(s), {len(tokens)} reader(s); "
+               f"links (also in {study / 'readers.csv'}):")
     for name, token in tokens:
         typer.echo(f"  {name}: {base_url.rstrip('/')}/r/{token}")
 
@@ -129,5 +136,6 @@ def analyze(
                + (f"; not finished: {', '.join(open_readers)}" if open_readers else "; every reader finished"))
     for row in result["summary"]:
         f = f" f={row['factor']}" if row["factor"] else ""
-        typer.echo(f"  {row['method']}{f} {row['question']}: {row['mean']:+.2f} [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]")
+        ci = f"[{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]"
+        typer.echo(f"  {row['method']}{f} {row['question']}: {row['mean']:+.2f} {ci}")
     typer.echo(f"report: {out / 'report.md'}")

@@ -34,7 +34,8 @@ def checkpoint_dirs(root: str | Path) -> list[Path]:
     base = Path(root) / "checkpoints"
     if not base.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in base.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / "state.pt").is_file()]
+    found = [(int(m.group(1)), p) for p in base.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / "state.pt").is_file()]
     return [p for _, p in sorted(found)]
 
 
