@@ -522,9 +522,11 @@ def scan_dicom_headers(paths: list[Path]) -> tuple[dict[str, list[SeriesFile]], 
             position, orientation, problem = _position(ds, p), _orientation(ds, p), ""
         except ImageReadError as e:
             position, orientation, problem = None, None, e.problem
-        number = _numbers(ds, "InstanceNumber", p) if not problem else None
-        groups[uid or f"no-uid:{p.parent}"].append(
-            SeriesFile(p, uid, position, orientation, int((number or [0])[0]), problem))
+        try:
+            number = int((_numbers(ds, "InstanceNumber", p) or [0])[0])
+        except (ImageReadError, OverflowError, ValueError):  # informational only: never a reason to refuse
+            number = 0
+        groups[uid or f"no-uid:{p.parent}"].append(SeriesFile(p, uid, position, orientation, number, problem))
     return dict(groups), bad
 
 
