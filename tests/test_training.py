@@ -198,7 +198,8 @@ def test_stage1_lora_trains_only_the_adapters_and_exports_both_layouts(tmp_path:
     trainer.fit()
     after = _params(trainer.model)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(".lora_" in k for k in changed)
+    # the adapters and, as in the official recipe, quant_conv / post_quant_conv (model.lora_train_quant)
+    assert changed and all(".lora_" in k or "quant_conv" in k for k in changed)
     assert all(w == 1.0 for w in log_column(tmp_path / "run", "d_weight")[2:])
     adapters = trainer.export(tmp_path / "adapters")
     merged = trainer.export(tmp_path / "merged", merged=True)

@@ -72,11 +72,20 @@ def zero_init_residual(model: MedVAE) -> None:
             last.bias.zero_()
 
 
+def _quant_params(model: MedVAE) -> list[nn.Parameter]:
+    """``quant_conv`` and ``post_quant_conv``, made trainable: the official LoRA fine-tuning optimises them in full
+    beside the adapters (its optimiser holds them and nothing freezes them)."""
+    params = [*model.quant_conv.parameters(), *model.post_quant_conv.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
 def build_model(cfg: TrainConfig, weights_follow: bool = False) -> tuple[MedVAE, list[nn.Parameter]]:
     """The model and the parameters the stage trains.
 
-    * stage 1 — every autoencoder weight, or only the LoRA adapters when ``model.lora_rank > 0``;
-      the stage-2 head is frozen.
+    * stage 1 — every autoencoder weight, or the LoRA adapters when ``model.lora_rank > 0`` (plus
+      ``quant_conv``/``post_quant_conv`` unless ``model.lora_train_quant`` is false); the stage-2 head is frozen.
     * stage 2 (2D) — only the stage-2 projection head (``channel_ds``/``channel_proj``); the VAE is frozen.
     * stage 2 (3D) — the inflated 3D autoencoder, trained like stage 1 on 3D patches.
     """
@@ -122,7 +131,7 @@ def build_model(cfg: TrainConfig, weights_follow: bool = False) -> tuple[MedVAE,
     if lora_params is None and m.lora_rank > 0:
         lora_params = inject_lora(model, rank=m.lora_rank)
     if lora_params is not None:
-        return model, lora_params
+        return model, lora_params + (_quant_params(model) if m.lora_train_quant else [])
     if arch.stage2_head:  # untouched by the stage-1 losses; frozen so DDP sees no unused parameters
         model.channel_ds.requires_grad_(False)
         model.channel_proj.requires_grad_(False)

@@ -43,6 +43,9 @@ class ModelSection:
                   "medlatent model folder (e.g. a run's `final/`) or a checkpoint file; or `natural:PATH`, a "
                   "natural-image KL-VAE (LDM or diffusers) adapted with LoRA.")
     lora_rank: int = option(0, "> 0 trains only rank-r LoRA adapters on the ResnetBlock/attention convs (official: 4).")
+    lora_train_quant: bool = option(
+        True, "With LoRA (`lora_rank > 0` or `init: natural:PATH`), also train the 1×1 `quant_conv` and "
+              "`post_quant_conv` in full, as the official fine-tuning does; false freezes them with the rest.")
     inflate_from: str | None = option(
         None, "stage2_3d only: the 2D model (name or path) whose kernels are inflated to 3D.")
     zero_init_residual: bool = option(
@@ -141,6 +144,8 @@ class TrainConfig:
             raise ConfigError("stage2_3d needs model.inflate_from (the 2D stage-1 model to inflate) or model.init")
         if self.model.lora_rank < 0:
             raise ConfigError(f"model.lora_rank must be ≥ 0, got {self.model.lora_rank}")
+        if not isinstance(self.model.lora_train_quant, bool):
+            raise ConfigError(f"model.lora_train_quant must be true or false, got {self.model.lora_train_quant!r}")
         if self.model.lora_rank and self.loss.adaptive_disc_weight and t.stage != "stage2":
             raise ConfigError("the adaptive GAN weight needs the decoder's last layer to train, which LoRA freezes; "
                               "set loss.adaptive_disc_weight=false (the official LoRA recipe: weight 1.0)")

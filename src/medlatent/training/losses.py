@@ -10,7 +10,8 @@ The training loop runs two explicit steps per batch::
         d_loss, d_logs = criterion.discriminator_loss(x, x_rec, step)
         opt_d.zero_grad(); d_loss.backward(); opt_d.step()
 
-(The official loop alternates the two steps on even/odd batches once the discriminator is on.)
+With ``disc_schedule: alternate`` (the official loop) a step is one or the other once the discriminator is on:
+the autoencoder on even steps, the discriminator on odd steps (see :meth:`Stage1Loss.trains_generator`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from medlatent.training.options import option
 from medlatent.training.perceptual import MSSSIMLoss, load_lpips, over_slices
 
 PERCEPTUAL_CHOICES = ("lpips", "ms_ssim", "none")
+#: ``alternate``: once the GAN is on, even steps train the autoencoder and odd steps the discriminator (the
+#: official loop); ``every_batch``: both optimisers step on every batch
+DISC_SCHEDULES = ("alternate", "every_batch")
 
 
 @dataclass
@@ -56,9 +60,15 @@ class LossConfig:
     adaptive_disc_weight: bool = option(
         True, "Balance the adversarial gradient against the reconstruction gradient at the decoder's last layer; "
               "false uses a fixed weight 1.0, as the official code does for LoRA training.")
+    disc_schedule: str = option(
+        "every_batch", "Once the GAN is on: `alternate` steps the autoencoder on even steps and the discriminator on "
+                       "odd ones, each on its own batch (the official loop; the paper presets use it); "
+                       "`every_batch` steps both on every batch.")
     learn_logvar: bool = option(False, "Train the scalar log-variance that scales the reconstruction loss.")
-    clip_weight: float = option(0.0, "Weight of the BiomedCLIP reconstruction-consistency term; 0 turns it off "
-                                     "(100 follows the paper).")
+    clip_weight: float = option(
+        0.0, "Weight of the BiomedCLIP reconstruction-consistency term; 0 turns it off (the default outside the "
+             "presets, so a run needs no BiomedCLIP download). The paper uses it for all four 2D stage-1 models and "
+             "the 2D stage-1 presets set 100, the official criterion's weight.")
     clip_model: str = option(BIOMEDCLIP, "open_clip source of the BiomedCLIP encoder.")
 
     def __post_init__(self) -> None:
@@ -73,6 +83,8 @@ class LossConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
+        if self.disc_schedule not in DISC_SCHEDULES:
+            raise ValueError(f"disc_schedule must be one of {', '.join(DISC_SCHEDULES)}, got {self.disc_schedule!r}")
         for name in ("adaptive_disc_weight", "learn_logvar"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -140,6 +152,14 @@ class Stage1Loss(nn.Module):
     def discriminator_active(self, step: int) -> bool:
         """Whether the adversarial terms are on at ``step`` (``step ≥ disc_start``)."""
         return step >= self.cfg.disc_start
+
+    def trains_generator(self, step: int) -> bool:
+        """Whether ``step`` takes an autoencoder step (always, except odd steps of ``alternate`` with the GAN on)."""
+        return not (self.cfg.disc_schedule == "alternate" and self.discriminator_active(step) and step % 2 == 1)
+
+    def trains_discriminator(self, step: int) -> bool:
+        """Whether ``step`` takes a discriminator step (with the GAN on: every step, or odd ones with ``alternate``)."""
+        return self.discriminator_active(step) and (self.cfg.disc_schedule == "every_batch" or step % 2 == 1)
 
     def perceptual_term(self, x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
         """Per-sample perceptual distance ``B×1×1×1`` (zeros when off); volumes: mean over all slices."""

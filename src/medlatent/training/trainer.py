@@ -1,7 +1,8 @@
 """The training loop for all stages, on Hugging Face Accelerate (one CPU/GPU, DDP over GPUs and nodes).
 
 One optimiser step consumes ``grad_accum`` micro-batches of ``batch_size`` per process. Stage 1 and stage 2-3D
-then take a discriminator step (after ``loss.disc_start``) on the same batches. The autoencoder runs under
+then take a discriminator step (after ``loss.disc_start``) on the same batches, or, with
+``loss.disc_schedule: alternate`` (the official loop), odd steps train only the discriminator. The autoencoder runs under
 DDP (``accelerator.prepare``); the discriminator's gradients are averaged across processes by hand, because
 it is called several times per step (real, fake, and once per slice axis in 3D), which DDP does not allow.
 
@@ -233,11 +234,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ one optimiser step
     def _stage1_step(self, micro: list[torch.Tensor]) -> dict[str, float]:
-        step, n = self.progress.step, len(micro)
-        unwrapped = self.model
-        last = unwrapped.last_layer_weight()
-        last = last if last.requires_grad and self.cfg.loss.adaptive_disc_weight else None
+        """One optimiser step: the autoencoder's, the discriminator's, or both (``loss.disc_schedule``)."""
+        step = self.progress.step
         logs: dict[str, float] = {}
+        if self.loss.trains_generator(step):
+            pairs = self._generator_step(micro, logs)
+        else:  # alternate schedule, odd step: reconstructions of this step's batches, without a graph
+            with torch.no_grad(), self.acc.autocast():
+                pairs = [(x, self.step_module(x).reconstruction.detach()) for x in micro]
+        if self.loss.trains_discriminator(step):
+            self._discriminator_step(pairs, logs)
+        return logs
+
+    def _generator_step(self, micro: list[torch.Tensor], logs: dict[str, float]
+                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        step, n = self.progress.step, len(micro)
+        last = self.model.last_layer_weight()
+        last = last if last.requires_grad and self.cfg.loss.adaptive_disc_weight else None
         pairs = []
         self.disc.requires_grad_(False)  # the generator pass needs gradients through D, not into it
         for i, x in enumerate(micro):
@@ -253,17 +266,19 @@ class Trainer:
         self._clip_and_step(self.opt, self.params)
         if self.ema:
             self.ema.update()
-        if self.loss.discriminator_active(step):
-            for x, rec in pairs:
-                with self.acc.autocast():
-                    d_loss, d_logs = self.loss.discriminator_loss(x, rec, step)
-                self.acc.backward(d_loss / n)
-                _accumulate(logs, d_logs, n)
-            self._allreduce_disc_grads()
-            self.opt_d.step()
-            self.opt_d.zero_grad(set_to_none=True)
-            self._sync_disc_buffers()
-        return logs
+        return pairs
+
+    def _discriminator_step(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], logs: dict[str, float]) -> None:
+        step, n = self.progress.step, len(pairs)
+        for x, rec in pairs:
+            with self.acc.autocast():
+                d_loss, d_logs = self.loss.discriminator_loss(x, rec, step)
+            self.acc.backward(d_loss / n)
+            _accumulate(logs, d_logs, n)
+        self._allreduce_disc_grads()
+        self.opt_d.step()
+        self.opt_d.zero_grad(set_to_none=True)
+        self._sync_disc_buffers()
 
     def _stage2_step(self, micro: list[torch.Tensor]) -> dict[str, float]:
         n, logs = len(micro), {}
