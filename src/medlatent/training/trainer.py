@@ -2,8 +2,8 @@
 
 One optimiser step consumes ``grad_accum`` micro-batches of ``batch_size`` per process. Stage 1 and stage 2-3D
 then take a discriminator step (after ``loss.disc_start``) on the same batches, or, with
-``loss.disc_schedule: alternate`` (the official loop), odd steps train only the discriminator. The autoencoder runs under
-DDP (``accelerator.prepare``); the discriminator's gradients are averaged across processes by hand, because
+``loss.disc_schedule: alternate`` (the official loop), odd steps train only the discriminator. The autoencoder
+runs under DDP (``accelerator.prepare``); the discriminator's gradients are averaged across processes by hand, because
 it is called several times per step (real, fake, and once per slice axis in 3D), which DDP does not allow.
 
 Data order and augmentation are a pure function of (seed, epoch, position) — see
