@@ -42,6 +42,7 @@ def _run(*args):
     return res, res.output
 
 
+@pytest.mark.slow
 def test_encode_decode_roundtrip_info_on_real_files(tmp_path, model_dirs):
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
@@ -68,6 +69,7 @@ def test_encode_decode_roundtrip_info_on_real_files(tmp_path, model_dirs):
     assert (tmp_path / "rt" / "MR_small.compare.png").is_file()
 
 
+@pytest.mark.slow
 def test_dicom_series_folder_becomes_one_volume_with_geometry(tmp_path, model_dirs):
     series = make_series(tmp_path / "in" / "patient" / "ct", n=6, spacing=2.5)
     res, out = _run("encode", tmp_path / "in", "-o", tmp_path / "lat", "--model", model_dirs[3], "--nifti")
@@ -88,6 +90,7 @@ def test_dicom_series_folder_becomes_one_volume_with_geometry(tmp_path, model_di
                                2 * np.linalg.norm(dec.affine[:3, :3], axis=0), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_after_killed_run(tmp_path, model_dirs):
     src = tmp_path / "in"
     src.mkdir()

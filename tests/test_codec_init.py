@@ -90,6 +90,7 @@ def test_fit_beats_its_interpolation_start_and_needs_wide_enough_groups():
         init_as_codec(MedVAE(tiny_config(2, z_channels=2, embed_dim=2)), path)
 
 
+@pytest.mark.slow
 def test_training_config_builds_a_codec_model(tmp_path: Path):
     pytest.importorskip("accelerate")
     from medlatent.training.build import build_model
@@ -111,6 +112,7 @@ def test_training_config_builds_a_codec_model(tmp_path: Path):
     assert F.mse_loss(rec, x).item() < 0.5 * F.mse_loss(torch.zeros_like(x), x).item()
 
 
+@pytest.mark.slow
 def test_warmup_ramps_the_learning_rate_linearly(tmp_path: Path):
     pytest.importorskip("accelerate")
     import csv

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from io_fixtures import sample_file
@@ -74,6 +75,7 @@ def _numbers(obj, key: str) -> list[float]:
     return found
 
 
+@pytest.mark.slow
 def test_image_wide_norm_makes_tiles_agree_with_untiled_output():
     """With trained weights, image-wide GroupNorm statistics bring 128-px tiles of a real 256² radiograph much
     closer to untiled output than per-tile statistics (measured: encode 61 vs 39 dB, decode 41 vs 32 dB; the

@@ -25,6 +25,7 @@ def test_shard_selection_is_disjoint_and_complete():
         shard_from("2/2")
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(tmp_path):
     model_dir = tmp_path / "model"
     randomise(MedVAE(tiny_config())).save_pretrained(model_dir, name="tiny")

@@ -232,6 +232,7 @@ def test_interpolation_rows_at_extra_factors():
 
 
 # ------------------------------------------------------------------------------------------ the harness
+@pytest.mark.slow
 @pytest.mark.parametrize("dims", [2, 3], ids=["2d", "3d"])
 def test_cad_end_to_end_separable(tmp_path, dims):
     n, size = (120, 16) if dims == 2 else (80, 8)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import randomise, tiny_config
-from io_fixtures import sample_file
 from typer.testing import CliRunner
 
+from conftest import randomise, tiny_config
+from io_fixtures import sample_file
 from medlatent import MedVAE
 from medlatent.cli import app
 from medlatent.io.image import ImageReadError

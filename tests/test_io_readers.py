@@ -45,7 +45,8 @@ def test_monochrome1_radiograph_is_inverted():
     assert img.modality == "xray"
 
 
-@pytest.mark.parametrize("compressed", ["MR_small_jp2klossless.dcm", "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm"])
+@pytest.mark.parametrize("compressed",
+                         ["MR_small_jp2klossless.dcm", "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm"])
 def test_compressed_dicom_equals_uncompressed(compressed):
     pytest.importorskip("pylibjpeg")
     ref = read_image(sample_file("MR_small.dcm"))
@@ -98,7 +99,6 @@ def test_series_with_missing_slice_is_refused_or_resampled(tmp_path):
 
 
 def test_real_series_problems_are_detected():
-    import pydicom
 
     base = sample_file("CT_small.dcm").parent / "dicomdirtests"
     if not base.exists():

@@ -289,6 +289,7 @@ def test_export_ckpt_writes_an_official_checkpoint(tmp_path: Path, images: Path)
 
 
 # ------------------------------------------------------------------------------------------ the journey
+@pytest.mark.slow
 def test_journey_finetune_interrupt_resume_and_use_the_model(tmp_path: Path):
     """README "Fine-tune on your images": samples, finetune (tiny), Ctrl-C, resume, encode/decode with the result."""
     samples = tmp_path / "samples"

@@ -217,8 +217,8 @@ def _check_header(path: Path, header) -> None:
     if int(header["sform_code"]) == 0:  # the affine comes from pixdim (qform or the fallback)
         for axis, (n, v) in enumerate(zip(sizes[:3], header["pixdim"][1:4]), start=1):
             if n > 1 and not (np.isfinite(v) and v > 0):
-                raise ImageReadError(path, f"pixdim[{axis}] = {float(v):g} is not a positive voxel size "
-                                           "(NIfTI requires pixdim[1..3] > 0; readers disagree on what other values mean)")
+                raise ImageReadError(path, f"pixdim[{axis}] = {float(v):g} is not a positive voxel size (NIfTI "
+                                           "requires pixdim[1..3] > 0; readers disagree on what other values mean)")
     slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
     if np.isfinite(slope) and slope != 0 and not np.isfinite(inter):
         raise ImageReadError(path, f"scl_inter {inter:g} is not a finite number")
