@@ -126,3 +126,166 @@ def test_alternate_schedule_steps_one_optimiser_per_step_and_resumes_exactly(tmp
     resumed.fit()
     assert _same(_state(straight.model), _state(resumed.model))
     assert _same(_state(straight.disc), _state(resumed.disc))
+
+
+# ------------------------------------------------------------------------------------------ CAD protocol
+def _cad_task(folder: Path, dims: int, n: int = 24, size: int = 16) -> Path:
+    """``n`` real patches (CT_small in 2D, anatomical.nii in 3D) whose last-axis upper half is white (label 1)
+    or black (label 0); half train, a sixth val, the rest test."""
+    import numpy as np
+
+    from io_fixtures import nibabel_data, sample_file
+    from medlatent.evaluation.finefeature import crop, source_planes, unit
+    from medlatent.io.image import ImageData, spacing_affine
+    from medlatent.io.writers import write_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    planes = source_planes(sample_file("CT_small.dcm") if dims == 2 else nibabel_data("anatomical.nii"), dims)
+    rng = np.random.default_rng(0)
+    rows = ["path,label,split"]
+    for i in range(n):
+        plane = planes[i % len(planes)]
+        p = unit(crop(plane, [int(rng.integers(0, s - size + 1)) for s in plane.shape], size))
+        p[..., size // 2:] = float(i % 2)
+        split = "train" if i < n // 2 else "val" if i < n // 2 + n // 6 else "test"
+        if dims == 2:
+            name = f"{i}.png"
+            write_image(ImageData(np.round(p * 65535).astype(np.uint16)[None], spacing_affine((1.0, 1.0))),
+                        folder / name, "png")
+        else:
+            name = f"{i}.nii.gz"
+            write_image(ImageData(p.astype(np.float32), np.eye(4)), folder / name, "nifti")
+        rows.append(f"{name},{i % 2},{split}")
+    (folder / "task.csv").write_text("\n".join(rows) + "\n")
+    return folder / "task.csv"
+
+
+def _tiny_vae(dims: int, seed: int = 0):
+    from conftest import randomise, tiny_config
+    from medlatent import MedVAE
+
+    return randomise(MedVAE(tiny_config(dims)), seed).eval()
+
+
+@pytest.fixture
+def cad_app():
+    import typer
+
+    from medlatent.evaluation.cli_cad import register
+
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+def _invoke(app, args: list[str]):
+    from typer.testing import CliRunner
+
+    res = CliRunner().invoke(app, args)
+    return res
+
+
+def test_cad_defaults_are_the_papers():
+    from medlatent.evaluation.cad import CADConfig
+
+    cfg = CADConfig()
+    assert cfg.select == "last" and cfg.epochs == 100 and cfg.lr == 1e-4
+    assert cfg.size_for(2) == (1024, 512) and cfg.size_for(3) == (160, 224, 224)
+    assert cfg.batch_size_for(2, "latent") == cfg.batch_size_for(2, "image") == 256
+    assert (cfg.batch_size_for(3, "latent"), cfg.batch_size_for(3, "stitched"), cfg.batch_size_for(3, "image")) == (
+        20, 20, 10)
+    assert not cfg.balanced_for(2) and cfg.balanced_for(3)  # weighted sampling only on the 3D tasks
+    assert cfg.initialisation == "from scratch"
+    assert CADConfig(pretrained=True, pretrained_weights="/w/hrnet.safetensors").initialisation == (
+        "ImageNet-pretrained (/w/hrnet.safetensors)")
+    chosen = CADConfig(size=64, batch_size=8, balanced=True, select="best")  # medlatent's choices stay options
+    assert chosen.size_for(2) == (64, 64) and chosen.batch_size_for(3, "image") == 8 and chosen.balanced_for(2)
+
+
+def test_cad_run_records_the_epoch_and_the_initialisation(tmp_path: Path, cad_app):
+    import json
+
+    pytest.importorskip("torchmetrics")
+    csv_path = _cad_task(tmp_path / "data", 2)
+    common = ["--classifier", "tiny", "--size", "16", "--epochs", "3", "--seeds", "0", "--batch-size", "4"]
+    out = tmp_path / "last"
+    res = _invoke(cad_app, ["cad", str(csv_path), "-o", str(out), *common])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "cad.json").read_text())[0]
+    assert doc["epoch_selection"] == "last" and doc["classifier_init"] == "from scratch"
+    assert doc["config"]["balanced"] is False and doc["rows"][0]["batch_size"] == 4
+    assert [r["epoch"] for r in doc["rows"][0]["runs"]] == [2]  # 0-based: the third and last epoch
+    assert "tested the last epoch (3 of 3, the paper's rule)" in (out / "report.md").read_text()
+    assert "from scratch; uniform sampling" in (out / "cad.md").read_text()
+
+    best = tmp_path / "best"
+    res = _invoke(cad_app, ["cad", str(csv_path), "-o", str(best), *common, "--select", "best", "--balanced"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((best / "cad.json").read_text())[0]
+    run = doc["rows"][0]["runs"][0]
+    assert doc["epoch_selection"] == "best" and run["val_auroc"] is not None and doc["config"]["balanced"] is True
+    assert f"epochs {run['epoch'] + 1} of 3" in (best / "cad.md").read_text()
+
+    res = _invoke(cad_app, ["cad", str(csv_path), "-o", str(tmp_path / "bad"), *common, "--select", "val"])
+    assert res.exit_code == 1 and "select must be one of last, best" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "bad" / "cad.json").exists()
+
+
+# ------------------------------------------------------------------------------------------ stitched 2D latents
+def test_stitched_latent_is_the_slice_latents_averaged_to_the_3d_size():
+    from medlatent.evaluation.cad import stitched_latent_input
+
+    vae = _tiny_vae(2)
+    vol = torch.rand(1, 8, 6, 4) * 2 - 1
+    z = stitched_latent_input(vae, vol, "all")
+    assert z.shape == (2, 4, 3, 2)  # C × X/2 × Y/2 × Z/2: the size of a 3D latent with the same reduction
+    with torch.no_grad():
+        first, second = (vae.encode(vol[None, :, :, :, k]).mean[0] for k in (0, 1))
+    if vae.config.stage2_head:
+        first, second = (vae.stage2_features(t[None])[0] for t in (first, second))
+    torch.testing.assert_close(z[..., 0], (first + second) / 2, atol=1e-5, rtol=1e-5)
+    assert stitched_latent_input(vae, vol).shape == (1, 4, 3, 2)  # the paper's channel mean
+
+
+def _natural_folder(path: Path) -> Path:
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32),
+                                  layers_per_block=1, latent_channels=4, norm_num_groups=32)
+    vae.save_pretrained(path)
+    return path
+
+
+def test_cad_3d_task_has_stitched_2d_and_natural_rows_beside_the_3d_latent(tmp_path: Path, cad_app):
+    import csv
+
+    pytest.importorskip("torchmetrics")
+    csv_path = _cad_task(tmp_path / "data", 3, n=12)
+    _tiny_vae(3).save_pretrained(tmp_path / "vae3d")
+    _tiny_vae(2, seed=1).save_pretrained(tmp_path / "vae2d")
+    kl = _natural_folder(tmp_path / "kl")
+    res = _invoke(cad_app, ["cad", str(csv_path), "-o", str(tmp_path / "out"), "-m", str(tmp_path / "vae3d"),
+                            "--stitched-2d", str(tmp_path / "vae2d"), "--natural", str(kl), "--classifier", "tiny",
+                            "--size", "16", "--epochs", "1", "--seeds", "0", "--batch-size", "4"])
+    assert res.exit_code == 0, res.output
+    rows = {r["kind"]: r for r in csv.DictReader(open(tmp_path / "out" / "cad.csv"))}
+    assert set(rows) == {"image", "latent", "interp", "stitched", "natural"}
+    assert rows["latent"]["input_shape"] == rows["stitched"]["input_shape"] == rows["natural"]["input_shape"] \
+        == rows["interp"]["input_shape"] == "1x8x8x8"
+    assert rows["stitched"]["f"] == rows["latent"]["f"] == "8" and rows["natural"]["C"] == "4"
+    assert rows["stitched"]["method"].startswith("2D ") and rows["natural"]["method"].startswith("KL-VAE kl")
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "the mean of the 4 latent channels" in report and "class-balanced sampling" in report  # 3D: balanced
+
+
+def test_stitched_rows_are_refused_on_a_2d_task(tmp_path: Path, cad_app):
+    csv_path = _cad_task(tmp_path / "data", 2, n=12)
+    _tiny_vae(2).save_pretrained(tmp_path / "vae2d")
+    res = _invoke(cad_app, ["cad", str(csv_path), "-o", str(tmp_path / "out"), "--stitched-2d",
+                            str(tmp_path / "vae2d"), "--classifier", "tiny", "--size", "16", "--epochs", "1",
+                            "--seeds", "0"])
+    assert res.exit_code == 1 and "rows of 3D tasks" in res.output and "Traceback" not in res.output
+    res = _invoke(cad_app, ["cad", str(csv_path), "-o", str(tmp_path / "out"), "--natural", str(tmp_path / "none"),
+                            "--classifier", "tiny", "--size", "16"])
+    assert res.exit_code == 1 and "no such folder" in res.output

@@ -12,12 +12,19 @@ For one labelled CSV task the same classifier is trained on three kinds of input
   (``latent_channels="all"``); reports say which;
 * ``interp`` — the image shrunk to the latent's size by interpolation (bicubic by default; the paper's
   baseline). 3D uses the separable tricubic equivalent (2D bicubic per slice, then 1D along the slice axis).
+* ``stitched`` — 3D tasks only: a 2D model's latents of every slice along the last axis, stacked and resized
+  (block means along the slice axis) to the size a 3D model of the same per-axis reduction gives: the paper's
+  2D rows of the 3D tasks (§4.1, Table 1 bottom, Table 4);
+* ``natural`` — a natural-image autoencoder's latent (diffusers KL-VAE / VQ-GAN, the image replicated to RGB):
+  Table 1's KL-VAE and VQ-GAN rows; on 3D tasks stitched across slices as ``stitched``.
 
 Training follows App. B.1: AdamW, a fixed number of epochs, binary tasks with one logit and BCE (multi-class:
-softmax + cross-entropy), class-weighted sampling (``WeightedRandomSampler``, as the paper did for imbalanced
-3D tasks), several seeds, AUROC / macro one-vs-rest AUROC from torchmetrics, reported as mean ± sd. Unlike the
-paper (final checkpoint), the epoch with the best validation AUROC is kept when the CSV has a usable ``val``
-split (``CADConfig.select="last"`` gives the paper's rule).
+softmax + cross-entropy), several seeds, AUROC / macro one-vs-rest AUROC from torchmetrics, reported as mean ± sd,
+the final epoch's classifier tested (``CADConfig.select="best"`` keeps the epoch of the best validation AUROC
+instead), batch 256 in 2D and 20 (latents) / 10 (images) in 3D, inputs of 1024×512 in 2D. Class-weighted
+sampling (``WeightedRandomSampler``) is on for 3D tasks and off for 2D ones by default: the paper used it on two
+of its three (imbalanced) 3D tasks and on no 2D task. Every report says which epoch was kept and how the
+classifier started (ImageNet weights or from scratch). docs/paper-protocol.md lists each default beside the paper.
 
 Prepared inputs are cached as ``<cache>/<kind>/<name>-<settings digest>/<file sha256>.safetensors`` (float16):
 a second run neither reads the images nor encodes. A latent folder's digest covers the model's weights (hashed
@@ -55,7 +62,9 @@ from medlatent.evaluation.classifiers import EVAL_EXTRA, PAPER_CLASSIFIER, build
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-KINDS = ("image", "latent", "interp")
+KINDS = ("image", "latent", "interp", "stitched", "natural")
+#: kinds whose input is an autoencoder's latent (their rows carry f and C, and the channel mode)
+LATENT_KINDS = ("latent", "stitched", "natural")
 LATENT_CHANNELS = ("mean", "all")
 # results that cannot mean much are flagged in the report (README: "Show that latents keep the signal")
 MIN_TEST_IMAGES = 20
@@ -63,6 +72,18 @@ MIN_TEST_PER_CLASS = 5
 RESIZE_MODES = ("nearest", "bilinear", "bicubic", "area")
 # bump when the way inputs are prepared changes, so old cache entries are not reused
 CACHE_VERSION = 1
+#: ``last``: test the final epoch's classifier (App. B.1); ``best``: the epoch of the best validation AUROC
+SELECT_RULES = ("last", "best")
+#: the paper's input sizes: 2D 1024×512 (the FFDM and wrist tasks; bone age used 1024×1024), 3D 160×224×224
+#: (spine CT; head CT 44×224×224, knee MRI 56×256×256)
+PAPER_SIZE = {2: (1024, 512), 3: (160, 224, 224)}
+
+
+def paper_batch_size(spatial_dims: int, kind: str) -> int:
+    """App. B.1's batch sizes: 256 in 2D; in 3D 20 for latents (and inputs of their size), 10 for original images."""
+    if spatial_dims == 2:
+        return 256
+    return 10 if kind == "image" else 20
 
 
 class CADDataError(ValueError):
@@ -77,15 +98,18 @@ class CADConfig:
     Attributes:
         classifier: ``"hrnet_w64"``, ``"seresnet152"``, ``"tiny"``; ``None`` = the paper's choice
             (HRNet-w64 in 2D, SEResNet-152 in 3D).
-        size: high-resolution input size: one int (all axes) or one per axis (e.g. ``(1024, 512)``).
+        size: high-resolution input size: one int (all axes) or one per axis (e.g. ``(1024, 512)``); ``None`` =
+            the paper's (:data:`PAPER_SIZE`: 1024×512 in 2D, 160×224×224 in 3D).
         epochs: training epochs (paper: 100).
-        batch_size: training batch size.
+        batch_size: training batch size; ``None`` = the paper's (:func:`paper_batch_size`: 256 in 2D; 3D 20 for
+            latents and interpolated volumes, 10 for full-resolution ones).
         lr: AdamW learning rate (paper: 1e-4).
         weight_decay: AdamW weight decay.
         seeds: one classifier is trained per seed (paper: three).
-        balanced: class-weighted sampling (each class drawn equally often).
-        select: ``"val"`` keeps the epoch with the best validation AUROC (the last epoch when the CSV has no
-            usable val split); ``"last"`` keeps the final epoch (the paper's rule).
+        balanced: class-weighted sampling (each class drawn equally often); ``None`` = the paper's: on for 3D
+            tasks, off for 2D ones.
+        select: ``"last"`` tests the final epoch's classifier (the paper's rule); ``"best"`` keeps the epoch with
+            the best validation AUROC (the last epoch when the CSV has no usable val split).
         resize: interpolation to the fixed input size: nearest, bilinear, bicubic or area.
         modality: passed to :func:`~medlatent.preprocessing.preprocess` (``auto``: from the file).
         device: where classifiers train (``"cpu"``, ``"cuda"``, ``"cuda:1"``, …); models encode where they are.
@@ -97,14 +121,14 @@ class CADConfig:
     """
 
     classifier: str | None = None
-    size: int | tuple[int, ...] = 256
+    size: int | tuple[int, ...] | None = None
     epochs: int = 100
-    batch_size: int = 32
+    batch_size: int | None = None
     lr: float = 1e-4
     weight_decay: float = 1e-2
     seeds: tuple[int, ...] = (0, 1, 2)
-    balanced: bool = True
-    select: str = "val"
+    balanced: bool | None = None
+    select: str = "last"
     resize: str = "bicubic"
     modality: str = "auto"
     device: str = "cpu"
@@ -115,23 +139,26 @@ class CADConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
-        if not isinstance(self.size, int):
-            object.__setattr__(self, "size", tuple(int(n) for n in self.size))
-        sizes = (self.size,) if isinstance(self.size, int) else self.size
-        if not sizes or min(sizes) < 2:
-            raise ValueError(f"size must be ≥ 2 per axis, got {self.size}")
-        if self.epochs < 1 or self.batch_size < 1:
+        if self.size is not None:
+            if not isinstance(self.size, int):
+                object.__setattr__(self, "size", tuple(int(n) for n in self.size))
+            sizes = (self.size,) if isinstance(self.size, int) else self.size
+            if not sizes or min(sizes) < 2:
+                raise ValueError(f"size must be ≥ 2 per axis, got {self.size}")
+        if self.epochs < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise ValueError(f"epochs and batch_size must be ≥ 1, got {self.epochs} and {self.batch_size}")
         if not self.seeds:
             raise ValueError("give at least one seed")
-        if self.select not in ("val", "last"):
-            raise ValueError(f"select must be 'val' or 'last', got {self.select!r}")
+        if self.select not in SELECT_RULES:
+            raise ValueError(f"select must be one of {', '.join(SELECT_RULES)}, got {self.select!r}")
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ValueError(f"lr must be > 0 and weight_decay ≥ 0, got {self.lr} and {self.weight_decay}")
 
     def size_for(self, spatial_dims: int) -> tuple[int, ...]:
+        if self.size is None:
+            return PAPER_SIZE[spatial_dims]
         if isinstance(self.size, int):
             return (self.size,) * spatial_dims
         if len(self.size) != spatial_dims:
@@ -140,6 +167,21 @@ class CADConfig:
 
     def classifier_for(self, spatial_dims: int) -> str:
         return self.classifier or PAPER_CLASSIFIER[spatial_dims]
+
+    def batch_size_for(self, spatial_dims: int, kind: str) -> int:
+        """The batch size of a method's classifier: ``batch_size``, else the paper's."""
+        return self.batch_size or paper_batch_size(spatial_dims, kind)
+
+    def balanced_for(self, spatial_dims: int) -> bool:
+        """Class-weighted sampling: ``balanced``, else the paper's (3D tasks only)."""
+        return self.balanced if self.balanced is not None else spatial_dims == 3
+
+    @property
+    def initialisation(self) -> str:
+        """How the classifier starts: ``ImageNet-pretrained (FILE)`` or ``from scratch``."""
+        if not self.pretrained:
+            return "from scratch"
+        return f"ImageNet-pretrained ({self.pretrained_weights})" if self.pretrained_weights else "ImageNet-pretrained"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -154,8 +196,9 @@ class Method:
 
     Attributes:
         label: the row name (e.g. ``"High-Resolution"``, ``"MedVAE (f=16, C=1)"``, ``"Bicubic"``).
-        kind: ``"image"``, ``"latent"`` or ``"interp"``.
-        model: the MedVAE (``latent``).
+        kind: ``"image"``, ``"latent"``, ``"interp"``, ``"stitched"`` or ``"natural"``.
+        model: the MedVAE (``latent``), a 2D MedVAE (``stitched``) or a
+            :class:`~medlatent.evaluation.baselines.NaturalImageAutoencoder` (``natural``).
         downsample: per-axis reduction (``interp``; ``latent`` takes the model's).
         interp: interpolation of ``interp``: nearest, bilinear, bicubic or area.
         latent_channels: ``latent`` with ``C > 1``: ``"mean"`` (one input channel, the paper's App. B.1) or
@@ -172,8 +215,11 @@ class Method:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"method kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if self.kind == "latent" and self.model is None:
-            raise ValueError(f"method {self.label!r}: a latent method needs a model")
+        if self.kind in LATENT_KINDS and self.model is None:
+            raise ValueError(f"method {self.label!r}: a {self.kind} method needs a model")
+        if self.kind == "stitched" and self.model.spatial_dims != 2:
+            raise ValueError(f"method {self.label!r}: stitched latents come from a 2D model, got a "
+                             f"{self.model.spatial_dims}D one")
         if self.kind == "interp" and (self.downsample < 1 or self.interp not in RESIZE_MODES):
             raise ValueError(f"method {self.label!r}: downsample must be ≥ 1 and interp one of "
                              f"{', '.join(RESIZE_MODES)}")
@@ -183,7 +229,7 @@ class Method:
 
     @property
     def per_axis(self) -> int:
-        return self.model.downsample_per_axis if self.kind == "latent" else self.downsample
+        return self.model.downsample_per_axis if self.kind in LATENT_KINDS else self.downsample
 
     def f(self, spatial_dims: int) -> int:
         """The paper's downsizing factor (area or volume reduction)."""
@@ -191,17 +237,19 @@ class Method:
 
     @property
     def C(self) -> int:  # noqa: N802 - the paper's name
-        return self.model.C if self.kind == "latent" else 1
+        return self.model.C if self.kind in LATENT_KINDS else 1
 
     @property
     def input_channels(self) -> int:
         """Channels the classifier sees: ``C`` only for a latent given with ``latent_channels="all"``."""
-        return self.C if self.kind == "latent" and self.latent_channels == "all" else 1
+        return self.C if self.kind in LATENT_KINDS and self.latent_channels == "all" else 1
 
 
 def default_methods(models: "Mapping[str, Any] | Sequence[Any] | Any | None" = None,
-                    kinds: Sequence[str] = KINDS, interp: str = "bicubic", interp_f: Sequence[int] = (),
-                    spatial_dims: int = 2, latent_channels: str = "mean") -> list[Method]:
+                    kinds: Sequence[str] = ("image", "latent", "interp"), interp: str = "bicubic",
+                    interp_f: Sequence[int] = (), spatial_dims: int = 2, latent_channels: str = "mean",
+                    stitched: "Mapping[str, Any] | None" = None, natural: "Mapping[str, Any] | None" = None
+                    ) -> list[Method]:
     """Table 1's rows for the given models: High-Resolution, then per model its latent and an interpolation
     baseline at the same per-axis reduction (one per distinct reduction).
 
@@ -213,6 +261,9 @@ def default_methods(models: "Mapping[str, Any] | Sequence[Any] | Any | None" = N
             reduction, e.g. 64 = ÷8 per axis in 2D), with or without a model of that factor.
         spatial_dims: of the task, to turn ``interp_f`` into a per-axis reduction.
         latent_channels: ``"mean"`` (the paper's) or ``"all"``: how latents with ``C > 1`` reach the classifier.
+        stitched: ``{name: 2D model}``: stitched-2D rows for a 3D task (with an interpolation row at each
+            reduction, as for ``models``).
+        natural: ``{name: NaturalImageAutoencoder}``: KL-VAE / VQ-GAN rows (stitched across slices in 3D).
     """
     bad = [k for k in kinds if k not in KINDS]
     if bad:
@@ -225,7 +276,7 @@ def default_methods(models: "Mapping[str, Any] | Sequence[Any] | Any | None" = N
         named = [(m.weights_info.get("model", f"model{i}"), m) for i, m in enumerate(models)]
     else:
         named = [(models.weights_info.get("model", "MedVAE"), models)]
-    if not named and any(k != "image" for k in kinds) and not interp_f:
+    if not (named or stitched or natural) and any(k != "image" for k in kinds) and not interp_f:
         raise ValueError("latent and interp methods need at least one model (give --model, or only --method image)")
     out: list[Method] = []
     if "image" in kinds:
@@ -243,6 +294,13 @@ def default_methods(models: "Mapping[str, Any] | Sequence[Any] | Any | None" = N
                               "latent", model=m, latent_channels=latent_channels))
         if "interp" in kinds:
             add_interp(m.downsample_per_axis, m.spatial_dims)
+    for name, m in (stitched or {}).items():
+        out.append(Method(f"2D {name} stitched (C={m.C})", "stitched", model=m, latent_channels=latent_channels))
+        if "interp" in kinds:
+            add_interp(m.downsample_per_axis, 3)
+    for name, ae in (natural or {}).items():
+        kind = "KL-VAE" if getattr(ae, "kind", "kl") == "kl" else "VQ-GAN"
+        out.append(Method(f"{kind} {name} (C={ae.C})", "natural", model=ae, latent_channels=latent_channels))
     for f in interp_f:
         s = round(f ** (1 / spatial_dims))
         if s < 2 or s**spatial_dims != f:
@@ -412,7 +470,8 @@ def file_digest(path: Path) -> str:
 
 def model_fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 of a model's config and weights (so a fine-tuned model never reuses stale cached latents)."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)  # diffusers: a dict
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode() + b"\0")
         h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -464,10 +523,11 @@ class InputBuilder:
             return self.cache_dir / "interp" / f"x{method.per_axis}-{method.interp}-{_settings_digest(s)}"
         m = method.model
         if id(m) not in self._fingerprints:
-            self._fingerprints[id(m)] = model_fingerprint(m)
-        s = {**self.image_settings, "kind": "latent", "model": self._fingerprints[id(m)], "stage2_2d": True,
+            self._fingerprints[id(m)] = model_fingerprint(m.vae if method.kind == "natural" else m)
+        s = {**self.image_settings, "kind": method.kind, "model": self._fingerprints[id(m)], "stage2_2d": True,
              "latent_channels": method.latent_channels}
-        return self.cache_dir / "latent" / f"{_slug(m.weights_info.get('model', 'model'))}-{_settings_digest(s)}"
+        name = Path(m.source).name if method.kind == "natural" else m.weights_info.get("model", "model")
+        return self.cache_dir / method.kind / f"{_slug(name)}-{_settings_digest(s)}"
 
     @staticmethod
     def _cached(path: Path) -> bool:
@@ -534,7 +594,11 @@ class InputBuilder:
             return img
         if method.kind == "interp":
             return resize(img, [n // method.per_axis for n in self.size], method.interp).clamp_(-1.0, 1.0)
-        return latent_input(method.model, img, method.latent_channels)
+        if method.kind == "latent":
+            return latent_input(method.model, img, method.latent_channels)
+        if img.ndim == 4:  # stitched, or a natural-image autoencoder on a volume: slice by slice
+            return stitched_latent_input(method.model, img, method.latent_channels)
+        return _channel_mode(encode_2d(method.model, img[None])[0], method.latent_channels)
 
     def build(self, method: Method) -> "CachedInputs":
         """All rows' inputs for ``method`` (computed once, then read from the cache)."""
@@ -576,6 +640,49 @@ def latent_input(model: Any, image: torch.Tensor, channels: str = "mean") -> tor
     if channels == "mean" and z.shape[1] > 1:
         z = z.mean(dim=1, keepdim=True)
     return z[0].cpu()
+
+
+def _channel_mode(z: torch.Tensor, channels: str) -> torch.Tensor:
+    """``C×…`` latent → the classifier input: the channel mean ``1×…`` (``mean``) or as it is (``all``)."""
+    if channels not in LATENT_CHANNELS:
+        raise ValueError(f"channels must be one of {', '.join(LATENT_CHANNELS)}, got {channels!r}")
+    return z.mean(dim=0, keepdim=True) if channels == "mean" and z.shape[0] > 1 else z
+
+
+@torch.inference_mode()
+def encode_2d(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """Latents of 2D images ``B×1×H×W`` (sides multiples of the reduction) → ``B×C×H/s×W/s`` float32 on the CPU.
+
+    A MedVAE gives its posterior mean (the stage-2 features when it has the stage-2 head, as ``latent``); a
+    natural-image autoencoder its latent of the RGB-replicated image.
+    """
+    if hasattr(model, "vae"):  # NaturalImageAutoencoder
+        return model.encode(x).float().cpu()
+    z = model.encode(x.to(model.quant_conv.weight.device)).mean.float()
+    if model.config.stage2_head:
+        z = model.stage2_features(z).float()
+    return z.cpu()
+
+
+@torch.inference_mode()
+def stitched_latent_input(model: Any, volume: torch.Tensor, channels: str = "mean", batch_size: int = 16
+                          ) -> torch.Tensor:
+    """A 2D model's latent of a volume ``1×X×Y×Z`` at the size of a 3D latent of the same per-axis reduction ``s``.
+
+    Every slice along the last axis is encoded (:func:`encode_2d`), the slice latents are stacked into
+    ``C×X/s×Y/s×Z`` and the slice axis is reduced to ``Z/s`` by block means: the paper's stitched 2D latents
+    (§4.1: "stitching 2D latent representations together across slices such that the size ... matches those
+    generated by 3D models"). Then the channel mode of :func:`latent_input`.
+    """
+    if volume.ndim != 4:
+        raise ValueError(f"stitched latents need a volume 1×X×Y×Z, got shape {tuple(volume.shape)}")
+    s = model.downsample_per_axis
+    nx, ny, nz = volume.shape[1:]
+    slices = volume.permute(3, 0, 1, 2)  # Z×1×X×Y
+    z = torch.cat([encode_2d(model, chunk) for chunk in slices.split(batch_size)])  # Z×C×X/s×Y/s
+    z = z.permute(1, 2, 3, 0)[None]  # 1×C×X/s×Y/s×Z
+    z = F.interpolate(z, size=(nx // s, ny // s, max(1, nz // s)), mode="area")[0]
+    return _channel_mode(z, channels)
 
 
 class CachedInputs(Dataset):
@@ -658,7 +765,8 @@ def _scores(net: torch.nn.Module, data: Dataset, num_classes: int, batch_size: i
 
 
 def train_classifier(inputs: Dataset, labels: torch.Tensor, splits: Mapping[str, Sequence[int]], *,
-                     num_classes: int, spatial_dims: int, config: CADConfig, seed: int) -> SeedRun:
+                     num_classes: int, spatial_dims: int, config: CADConfig, seed: int, kind: str = "latent"
+                     ) -> SeedRun:
     """Train one classifier on ``splits["train"]`` and report its test AUROC (App. B.1).
 
     Args:
@@ -669,6 +777,7 @@ def train_classifier(inputs: Dataset, labels: torch.Tensor, splits: Mapping[str,
         spatial_dims: 2 or 3.
         config: training settings.
         seed: seeds the weights and the sampling.
+        kind: the method's kind (``image``, ``latent``, …): the paper's 3D batch size depends on it.
     """
     torch.manual_seed(seed)
     in_channels = int(inputs[0].shape[0])
@@ -680,19 +789,20 @@ def train_classifier(inputs: Dataset, labels: torch.Tensor, splits: Mapping[str,
     train_idx = list(splits["train"])
     train = Subset(data, train_idx)
     g = torch.Generator().manual_seed(seed)
-    if config.balanced:  # each class drawn equally often (weights 1/count), as many draws as training rows
+    batch_size = config.batch_size_for(spatial_dims, kind)
+    if config.balanced_for(spatial_dims):  # each class drawn equally often (weights 1/count), as many draws as rows
         counts = torch.bincount(labels[train_idx], minlength=num_classes).float()
         weights = (1.0 / counts.clamp(min=1))[labels[train_idx]]
         sampler = WeightedRandomSampler(weights.double(), num_samples=len(train_idx), replacement=True, generator=g)
     else:
         sampler = RandomSampler(train, generator=g)
     # drop a ragged last batch of one: BatchNorm cannot train on a single sample with pooled features
-    loader = DataLoader(train, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
-                        drop_last=len(train_idx) % config.batch_size == 1 and len(train_idx) > config.batch_size)
+    loader = DataLoader(train, batch_size=batch_size, sampler=sampler, num_workers=config.num_workers,
+                        drop_last=len(train_idx) % batch_size == 1 and len(train_idx) > batch_size)
     val_idx = list(splits.get("val", []))
     val_classes = set(labels[val_idx].tolist()) if val_idx else set()
-    use_val = config.select == "val" and len(val_classes) == num_classes
-    if config.select == "val" and val_idx and not use_val:
+    use_val = config.select == "best" and len(val_classes) == num_classes
+    if config.select == "best" and val_idx and not use_val:
         logger.warning("the val split lacks some classes; keeping the last epoch instead of the best val AUROC")
     val = Subset(data, val_idx) if use_val else None
 
@@ -708,13 +818,13 @@ def train_classifier(inputs: Dataset, labels: torch.Tensor, splits: Mapping[str,
             loss.backward()
             opt.step()
         if val is not None:
-            v = auroc(_scores(net, val, num_classes, config.batch_size, config.device), labels[val_idx], num_classes)
+            v = auroc(_scores(net, val, num_classes, batch_size, config.device), labels[val_idx], num_classes)
             if v > best[0]:  # strictly better: ties keep the earlier epoch
                 best = (v, copy.deepcopy(net.state_dict()), epoch)
     if best[1] is not None:
         net.load_state_dict(best[1])
     test_idx = list(splits["test"])
-    test_scores = _scores(net, Subset(data, test_idx), num_classes, config.batch_size, config.device)
+    test_scores = _scores(net, Subset(data, test_idx), num_classes, batch_size, config.device)
     return SeedRun(seed, auroc(test_scores, labels[test_idx], num_classes), best[2],
                    best[0] if best[1] is not None else None)
 
@@ -731,6 +841,7 @@ class MethodResult:
     input_shape: list[int]
     runs: list[SeedRun] = field(default_factory=list)
     latent_channels: str = ""
+    batch_size: int | None = None
 
     @property
     def input_channels(self) -> int:
@@ -740,7 +851,7 @@ class MethodResult:
     @property
     def input_description(self) -> str:
         """``1 (mean of C=4)``, ``4 (all C)`` or ``1``: what the classifier's input channels were."""
-        if self.kind == "latent" and self.C > 1:
+        if self.kind in LATENT_KINDS and self.C > 1:
             return (f"{self.input_channels} (mean of C={self.C})" if self.latent_channels == "mean"
                     else f"{self.input_channels} (all C)")
         return str(self.input_channels)
@@ -766,7 +877,8 @@ class MethodResult:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.label, "kind": self.kind, "f": self.f, "C": self.C, "input_shape": self.input_shape,
                 "input_channels": self.input_channels, "latent_channels": self.latent_channels or None,
-                "auroc_mean": self.mean, "auroc_sd": self.sd, "runs": [dataclasses.asdict(r) for r in self.runs]}
+                "batch_size": self.batch_size, "auroc_mean": self.mean, "auroc_sd": self.sd,
+                "runs": [dataclasses.asdict(r) for r in self.runs]}
 
 
 @dataclass
@@ -787,7 +899,9 @@ class CADResult:
             lo, hi = auroc_ci(r.mean, self.counts.get("test", {}))
             rows.append({**r.to_dict(), "auroc_ci95": [lo, hi]})
         return {"task": self.task, "metric": self.metric, "class_names": self.class_names, "counts": self.counts,
-                "classifier": self.classifier, "config": self.config, "rows": rows, "warnings": cad_warnings(self)}
+                "classifier": self.classifier, "classifier_init": self.config.get("classifier_init"),
+                "epoch_selection": self.config.get("select"), "config": self.config, "rows": rows,
+                "warnings": cad_warnings(self)}
 
 
 def auroc_ci(auc: float, test_counts: Mapping[str, int], z: float = 1.96) -> tuple[float, float]:
@@ -856,6 +970,9 @@ def run_cad(csv_path: str | Path, methods: Sequence[Method], *, config: CADConfi
         raise ValueError("give at least one method")
     data = read_cad_csv(csv_path)
     dims = _task_dims(data, methods, spatial_dims)
+    if dims != 3 and any(m.kind == "stitched" for m in methods):
+        raise ValueError(f"{csv_path}: stitched 2D latents (--stitched-2d) are rows of 3D tasks; this task is "
+                         f"{dims}D, where the 2D model is a plain --model")
     labels = torch.tensor([e.label for e in data.entries], dtype=torch.long)
     splits = {s: data.indices(s) for s in SPLITS if data.indices(s)}
     classifier = config.classifier_for(dims)
@@ -869,16 +986,23 @@ def run_cad(csv_path: str | Path, methods: Sequence[Method], *, config: CADConfi
         for method in methods:
             inputs = builder.build(method)
             row = MethodResult(method.label, method.kind, method.f(dims), method.C, list(inputs.shape),
-                               latent_channels=method.latent_channels if method.kind == "latent" else "")
+                               latent_channels=method.latent_channels if method.kind in LATENT_KINDS else "",
+                               batch_size=config.batch_size_for(dims, method.kind))
             for seed in config.seeds:
                 run = train_classifier(inputs, labels, splits, num_classes=data.num_classes, spatial_dims=dims,
-                                       config=config, seed=seed)
+                                       config=config, seed=seed, kind=method.kind)
                 logger.info("%s seed %d: test AUROC %.4f (epoch %d)", method.label, seed, run.test_auroc, run.epoch)
                 row.runs.append(run)
             rows.append(row)
     metric = "AUROC" if data.num_classes == 2 else "macro AUROC (one-vs-rest)"
     return CADResult(task or Path(csv_path).stem, metric, data.class_names, data.counts(), classifier,
-                     config.to_dict(), rows)
+                     _resolved(config, dims), rows)
+
+
+def _resolved(config: CADConfig, dims: int) -> dict[str, Any]:
+    """The settings a run used, defaults resolved (size, sampling) and how the classifier started."""
+    return {**config.to_dict(), "size": list(config.size_for(dims)), "balanced": config.balanced_for(dims),
+            "classifier_init": config.initialisation}
 
 
 def _task_dims(data: CADTask, methods: Sequence[Method], spatial_dims: int | None) -> int:
@@ -930,17 +1054,37 @@ def cad_table_rows(results: CADResult | Sequence[CADResult]) -> list[dict[str, s
     return rows
 
 
+def _protocol_note(res: CADResult) -> str:
+    """Which epoch was tested and how the classifier started (App. B.1: the final epoch, a pretrained HRNet)."""
+    cfg = res.config
+    epochs = cfg.get("epochs")
+    kept = sorted({r.epoch + 1 for row in res.rows for r in row.runs})
+    if cfg.get("select") == "best" and all(r.val_auroc is None for row in res.rows for r in row.runs):
+        rule = f"the last epoch ({epochs} of {epochs}: --select best, but the CSV has no val split with every class)"
+    elif cfg.get("select") == "best":
+        rule = (f"the epoch of the best validation AUROC (--select best; the paper tests the last): epochs "
+                f"{', '.join(map(str, kept))} of {epochs}")
+    else:
+        rule = f"the last epoch ({epochs} of {epochs}, the paper's rule)"
+    init = cfg.get("classifier_init", "")
+    if res.classifier == "hrnet_w64" and init == "from scratch":
+        init += " (the paper starts HRNet-w64 from ImageNet weights: --pretrained or --pretrained-weights PATH)"
+    sampling = "class-balanced" if cfg.get("balanced") else "uniform"
+    return f"- {res.task}: tested {rule}; classifier {res.classifier}, {init}; {sampling} sampling."
+
+
 def _notes(results: Sequence[CADResult]) -> list[str]:
     seeds = ", ".join(str(s) for s in results[0].config["seeds"])
     notes = [f"AUROC ×100 (binary; macro one-vs-rest for multi-class), mean ± sd over seeds {seeds}; "
              f"classifier {results[0].classifier}."]
+    notes += [_protocol_note(res) for res in results if "select" in res.config]
     for res in results:
         counts = "; ".join(f"{s}: " + ", ".join(f"{c}={n}" for c, n in cs.items()) for s, cs in res.counts.items())
         notes.append(f"- {res.task}: {res.metric}; classes {', '.join(res.class_names)}; rows per split {counts}.")
     seen = set()
     for res in results:
         for row in res.rows:
-            if row.kind != "latent" or row.C < 2 or (row.label, row.latent_channels) in seen:
+            if row.kind not in LATENT_KINDS or row.C < 2 or (row.label, row.latent_channels) in seen:
                 continue
             seen.add((row.label, row.latent_channels))
             if row.latent_channels == "mean":

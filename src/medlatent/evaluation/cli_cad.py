@@ -23,9 +23,12 @@ BATCH_OPT = typer.Option(32, "--batch-size", min=1)
 LR_OPT = typer.Option(1e-4, "--lr", help="AdamW learning rate (paper: 1e-4).")
 WD_OPT = typer.Option(1e-2, "--weight-decay", help="AdamW weight decay.")
 SEEDS_OPT = typer.Option("0,1,2", "--seeds", help="Comma-separated seeds; one classifier per seed.")
-SELECT_OPT = typer.Option("val", "--select", help="val: keep the best-val-AUROC epoch; last: the final epoch "
-                                                  "(the paper's rule).")
-BALANCED_OPT = typer.Option(True, "--balanced/--no-balanced", help="Class-weighted sampling.")
+SELECT_OPT = typer.Option("last", "--select", help="last: test the final epoch (the paper's rule); best: keep the "
+                                                   "epoch of the best validation AUROC (needs a val split).")
+BALANCED_OPT = typer.Option(None, "--balanced/--no-balanced", help="Class-weighted sampling (default: the paper's: "
+                                                                   "on for 3D tasks, off for 2D ones).")
+CAD_BATCH_OPT = typer.Option(None, "--batch-size", min=1, help="Classifier batch (default: the paper's: 256 in 2D; "
+                                                               "3D 20 for latents, 10 for images).")
 INTERP_OPT = typer.Option("bicubic", "--interp", help="Interpolation baseline: nearest, bilinear, bicubic, area.")
 INTERP_F_OPT = typer.Option(
     "", "--interp-f", help="Extra interpolation rows at these factors f, e.g. 16,64 (2D) — no model needed.")
@@ -89,6 +92,18 @@ def _models(names: Optional[list[str]], random_weights: bool, device: str) -> di
     return out
 
 
+def _naturals(folders: Optional[list[Path]], device: str) -> dict[str, object]:
+    from medlatent.evaluation.baselines import NaturalModelError, natural_image_autoencoder
+
+    out = {}
+    for folder in folders or []:
+        try:
+            out[folder.name if folder.name not in out else str(folder)] = natural_image_autoencoder(folder, device)
+        except NaturalModelError as e:
+            _fail(str(e))
+    return out
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``cad``, ``finefeature`` and ``efficiency`` commands to ``app``."""
 
@@ -101,38 +116,54 @@ def register(app: typer.Typer) -> None:
         method: Optional[list[str]] = typer.Option(None, "--method", help="image, latent, interp; repeat "
                                                    "(default: all three with --model, else image)."),
         classifier: Optional[str] = CLASSIFIER_OPT,
-        size: str = typer.Option("256", "--size", "-s", help="High-resolution input size: N, HxW or DxHxW."),
+        size: Optional[str] = typer.Option(
+            None, "--size", "-s", help="High-resolution input size: N, HxW or DxHxW (default: the paper's: 1024x512 "
+                                       "in 2D, 160x224x224 in 3D)."),
         epochs: int = EPOCHS_OPT,
-        batch_size: int = BATCH_OPT,
+        batch_size: Optional[int] = CAD_BATCH_OPT,
         lr: float = LR_OPT,
         weight_decay: float = WD_OPT,
         seeds: str = SEEDS_OPT,
         select: str = SELECT_OPT,
-        balanced: bool = BALANCED_OPT,
+        balanced: Optional[bool] = BALANCED_OPT,
         interp: str = INTERP_OPT,
         modality: str = typer.Option("auto", help="ct, mri, xray, other or auto."),
         device: str = DEVICE_OPT,
-        pretrained: bool = typer.Option(False, "--pretrained", help="ImageNet weights for hrnet_w64 (from the "
-                                                                    "Hugging Face cache, or downloaded)."),
+        pretrained: bool = typer.Option(False, "--pretrained", help="ImageNet weights for hrnet_w64, as the paper "
+                                                                    "(from the Hugging Face cache, or downloaded); "
+                                                                    "without it the classifier trains from scratch."),
         pretrained_weights: Optional[Path] = typer.Option(
             None, "--pretrained-weights", help="Local file of those weights (timm/hrnet_w64.ms_in1k "
                                                "model.safetensors); implies --pretrained."),
         latent_channels: str = LATENT_CHANNELS_OPT,
         cache: Optional[Path] = CACHE_OPT,
         task: Optional[str] = typer.Option(None, "--task", help="Task name in the table (default: CSV name)."),
+        stitched_2d: Optional[list[str]] = typer.Option(
+            None, "--stitched-2d", help="3D tasks: a 2D model (name, folder or checkpoint) whose slice latents are "
+                                        "stitched to the 3D latent size, as the paper's 2D rows; repeatable."),
+        natural: Optional[list[Path]] = typer.Option(
+            None, "--natural", help="Local diffusers AutoencoderKL/VQModel folder: its latents as a KL-VAE/VQ-GAN "
+                                    "row (stitched across slices in 3D); repeatable."),
     ) -> None:
         """Train a classifier on images, MedVAE latents and interpolated images; report test AUROC (Table 1)."""
         from medlatent.evaluation.cad import CADConfig, CADDataError, default_methods, run_cad, write_cad_table
 
         models = _models(model, random_weights, device)
+        two_d = _models(stitched_2d, random_weights, device)
+        flat = [n for n, m in two_d.items() if m.spatial_dims != 2]
+        if flat:
+            _fail(f"--stitched-2d {flat[0]} is a 3D model; give a 2D one (its slice latents are stitched)")
+        naturals = _naturals(natural, device)
         try:
             weights = str(pretrained_weights) if pretrained_weights else None
-            config = CADConfig(classifier=classifier, size=_size(size), epochs=epochs, batch_size=batch_size, lr=lr,
-                               weight_decay=weight_decay, seeds=_seeds(seeds), balanced=balanced, select=select,
+            config = CADConfig(classifier=classifier, size=_size(size) if size else None, epochs=epochs,
+                               batch_size=batch_size, lr=lr, weight_decay=weight_decay, seeds=_seeds(seeds),
+                               balanced=balanced, select=select,
                                modality=modality, device=device, pretrained=pretrained or weights is not None,
                                pretrained_weights=weights)
-            kinds = method or (["image", "latent", "interp"] if models else ["image"])
-            methods = default_methods(models or None, kinds=kinds, interp=interp, latent_channels=latent_channels)
+            kinds = method or (["image", "latent", "interp"] if models or two_d or naturals else ["image"])
+            methods = default_methods(models or None, kinds=kinds, interp=interp, latent_channels=latent_channels,
+                                      stitched=two_d, natural=naturals)
             result = run_cad(csv_path, methods, config=config, cache_dir=cache or output / "cache", task=task)
         except (CADDataError, ValueError, ImportError) as e:
             _fail(str(e))

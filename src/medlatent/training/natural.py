@@ -244,7 +244,8 @@ def load_natural_vae(
         The model (in training mode) and the parameters to optimise: the adapters' ``lora_down``/``lora_up``
         weights, everything else frozen; with ``lora_rank=None``, all autoencoder parameters (the stage-2
         head stays frozen: it is trained in stage 2). The official fine-tuning script also leaves
-        ``quant_conv``/``post_quant_conv`` trainable; add them to the optimiser to do the same.
+        ``quant_conv``/``post_quant_conv`` trainable; training's ``build_model`` adds them unless
+        ``model.lora_train_quant`` is false.
     """
     path = Path(source)
     weights = _diffusers_directory(path) if path.is_dir() else path
