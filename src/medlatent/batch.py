@@ -23,6 +23,7 @@ from medlatent.io.atomic import (
     check_output_dir,
     is_fatal_write_error,
     make_output_dir,
+    remove_output,
     remove_stale_temporaries,
 )
 
@@ -149,7 +150,7 @@ def run_jobs(jobs: Iterable[Job], manifest_dir: Path, *, resume: bool = True, pr
         for job in jobs:
             for p in job.outputs:
                 remove_stale_temporaries(p)
-            if resume and job.outputs and all(p.is_file() for p in job.outputs):
+            if resume and job.outputs and all(p.is_file() or p.is_dir() for p in job.outputs):  # written whole
                 record(ItemResult(job.name, "skipped", [str(p) for p in job.outputs], "outputs already complete"))
             else:
                 todo.append(job)
@@ -202,7 +203,7 @@ def _run_one(job: Job, computed: dict[int, Any], errors: dict[int, Exception], i
     except Exception as e:  # one bad item must not stop the archive; the reason is recorded
         logger.debug("item %s failed", job.name, exc_info=True)
         for p in job.outputs:  # no partial outputs of a failed item remain
-            p.unlink(missing_ok=True)
+            remove_output(p)
         res = ItemResult(job.name, "failed", [], reason=str(e) or type(e).__name__,
                          seconds=share + time.perf_counter() - t1)
         return res, (e if i not in errors and is_fatal_write_error(e) else None)  # type: ignore[return-value]

@@ -407,7 +407,12 @@ def decode(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Default: the model named in each latent."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c"),
     fmt: Optional[str] = typer.Option(
-        None, "--format", "-f", help="nifti, png, tiff or npy (default: nifti 3D and NIfTI sources, png 2D)."),
+        None, "--format", "-f", help="nifti, png, tiff, npy or dicom (default: nifti 3D and NIfTI sources, png 2D); "
+                                     "dicom: a derived series, a folder per volume, a file per 2D image."),
+    template: Optional[Path] = typer.Option(
+        None, help="--format dicom: the source DICOM (a file, or the folder given to encode) to copy patient and "
+                   "study attributes from; without it the files hold no identifiers."),
+    keep_study: bool = typer.Option(False, help="--format dicom: keep the template's StudyInstanceUID."),
     device: str = typer.Option("cpu", "--device", "-d"),
     precision: str = typer.Option("fp32"),
     ignore_weights: bool = typer.Option(False, help="Decode even if the weights differ from the encoder's."),
@@ -427,11 +432,13 @@ def decode(
     from medlatent.latentfile import read_latent, read_latent_header
     from medlatent.pipeline import decode_latent
 
-    if fmt is not None:
+    dicom = fmt == "dicom"
+    if fmt is not None and not dicom:
         try:
             output_suffix(fmt)
         except ValueError as e:
-            _fail(str(e))
+            _fail(f"{e}, dicom")
+    _check_dicom_options(dicom, template, keep_study)
     console = _console()
     try:
         check_output(output, latents)
@@ -449,6 +456,8 @@ def decode(
     def make_job(name: str, path: Path):
         # the suffix depends on the latent (2D/3D) when no format is given: read the header only (no tensors);
         # a damaged file fails later, in the job, with its reason
+        if dicom:
+            return _dicom_job(name, path, output, template, keep_study, decode_one)
         out_fmt = fmt
         if out_fmt is None:
             try:
@@ -459,17 +468,55 @@ def decode(
         target = output / (name + output_suffix(out_fmt))
 
         def run(lf):
-            net = _compile(_model_for_latent(lf, model, checkpoint, cache).to(device), compile_model)
-            img = decode_latent(net, lf, source=path, precision=precision, strict_weights=not ignore_weights,
-                                tiles=tiles)
+            img = decode_one(lf, path)[1]
             write_image(img, target, out_fmt)
             return {"shape": list(img.array.shape)}
 
         return Job(name, [target], lambda: read_latent(path), run)
 
+    def decode_one(lf, path: Path):
+        """The decoder used and the decoded image."""
+        net = _compile(_model_for_latent(lf, model, checkpoint, cache).to(device), compile_model)
+        return net, decode_latent(net, lf, source=path, precision=precision, strict_weights=not ignore_weights,
+                                  tiles=tiles)
+
     report = _run_batch(console, "decoding", [make_job(n, p) for n, p in files], output, resume=resume)
     _record_skipped(output, found.failed + found.empty, MANIFEST)
     _finish(console, report, output, found.failed + found.empty)
+
+
+def _check_dicom_options(dicom: bool, template: Optional[Path], keep_study: bool) -> None:
+    if (template is not None or keep_study) and not dicom:
+        _fail("--template and --keep-study apply to --format dicom")
+    if keep_study and template is None:
+        _fail("--keep-study keeps the study of the source DICOM: give it with --template")
+    if template is not None and not template.exists():
+        _fail(f"--template {template}: no such file or folder")
+
+
+def _dicom_job(name: str, path: Path, output: Path, template: Optional[Path], keep_study: bool, decode_one):
+    """A job that decodes one latent into a derived DICOM file (2D) or series folder (3D)."""
+    from medlatent import __version__
+    from medlatent.batch import Job
+    from medlatent.io.dicom_out import Derivation, dicom_output_path, find_template, write_dicom
+    from medlatent.latentfile import read_latent, read_latent_header
+    from medlatent.pipeline import model_record
+
+    try:
+        dims = read_latent_header(path)[0].spatial_dims
+    except Exception:  # a damaged file fails in the job, with its reason
+        dims = 2
+    target = dicom_output_path(output, name, dims)
+
+    def run(lf):
+        source = find_template(template, name) if template is not None else None
+        net, img = decode_one(lf, path)
+        rec = model_record(net)
+        write_dicom(img, target, Derivation(rec["name"], rec["weights_sha256"], __version__), template=source,
+                    keep_study=keep_study)
+        return {"shape": list(img.array.shape), **({"template": str(source)} if source else {})}
+
+    return Job(name, [target], lambda: read_latent(path), run)
 
 
 @app.command()

@@ -56,10 +56,21 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
 
 
 def remove_stale_temporaries(path: Path) -> None:
-    """Temporary files of ``path`` left by a killed run (any process id)."""
+    """Temporary files (or folders, for outputs that are folders) of ``path`` left by a killed run (any process
+    id)."""
     if path.parent.is_dir():
         for tmp in path.parent.glob(f".tmp-*-{path.name}"):
-            tmp.unlink(missing_ok=True)
+            remove_output(tmp)
+
+
+def remove_output(path: Path) -> None:
+    """Remove an output file, or an output folder with everything in it (a DICOM series); absent is fine."""
+    if path.is_dir() and not path.is_symlink():
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------ output folders
