@@ -289,3 +289,50 @@ def test_stitched_rows_are_refused_on_a_2d_task(tmp_path: Path, cad_app):
     res = _invoke(cad_app, ["cad", str(csv_path), "-o", str(tmp_path / "out"), "--natural", str(tmp_path / "none"),
                             "--classifier", "tiny", "--size", "16"])
     assert res.exit_code == 1 and "no such folder" in res.output
+
+
+# ------------------------------------------------------------------------------------------ 3D recon rows
+def test_slice_bicubic_is_2d_bicubic_per_slice_then_block_means_along_z():
+    import torch.nn.functional as F
+
+    from medlatent.evaluation.baselines import roundtrip, shrink
+
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 8, 12, 6)
+    small = shrink(x, 2, "slice-bicubic")
+    assert small.shape == (1, 1, 4, 6, 3)  # the 3D latent's size
+    per_slice = torch.stack([F.interpolate(x[..., k], size=(4, 6), mode="bicubic", align_corners=False,
+                                           antialias=True) for k in range(6)], dim=-1)
+    torch.testing.assert_close(small, (per_slice[..., 0::2] + per_slice[..., 1::2]) / 2)
+    assert roundtrip(x, 2, "slice-bicubic").shape == x.shape
+
+
+def test_recon_of_a_volume_has_slice_bicubic_and_stitched_2d_rows(tmp_path: Path):
+    import json
+
+    import numpy as np
+    import typer
+    from typer.testing import CliRunner
+
+    from io_fixtures import nibabel_data
+    from medlatent.evaluation.cli_recon import register
+    from medlatent.io.image import ImageData
+    from medlatent.io.readers import read_image
+    from medlatent.io.writers import write_image
+
+    vol = read_image(nibabel_data("anatomical.nii"))
+    crop = np.ascontiguousarray(vol.array[..., 10:26, 10:26, 10:26]).astype(np.float32)
+    write_image(ImageData(crop, vol.affine), tmp_path / "vol.nii.gz", "nifti")
+    _tiny_vae(3).save_pretrained(tmp_path / "vae3d")
+    _tiny_vae(2, seed=1).save_pretrained(tmp_path / "vae2d")
+    app = typer.Typer()
+    register(app)
+    res = CliRunner().invoke(app, ["recon", str(tmp_path / "vol.nii.gz"), "-o", str(tmp_path / "out"), "-m",
+                                   str(tmp_path / "vae3d"), "--model2d", str(tmp_path / "vae2d"), "--baselines",
+                                   "area,slice-bicubic", "--seeds", "1", "--figures", "0", "--no-equal-values"])
+    assert res.exit_code == 0, res.output
+    methods = json.loads((tmp_path / "out" / "summary.json").read_text())["methods"]
+    stitched = next(k for k in methods if k.startswith("2D:"))
+    assert {"area", "slice-bicubic"} <= set(methods)
+    assert methods["slice-bicubic"]["f"] == methods["area"]["f"] == methods[stitched]["f"] == 8
+    assert methods["slice-bicubic"]["values_stored"] == methods["area"]["values_stored"]

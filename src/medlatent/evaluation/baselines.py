@@ -7,8 +7,9 @@ are multiples of the model's per-axis reduction ``s`` — and returns its recons
 * **Interpolation** (:func:`shrink`, :func:`roundtrip`, :func:`interpolation_methods`): shrink by ``s`` per axis
   to the model's latent spatial size and enlarge back with the same method. 2D: ``nearest``, ``bilinear``,
   ``bicubic`` (antialiased when shrinking, as PIL/torchvision resize do). 3D: ``nearest``, ``trilinear`` (torch
-  has no antialiasing in 3D, so this one aliases) and ``area`` (block mean to shrink, trilinear to enlarge: the
-  antialiased 3D baseline).
+  has no antialiasing in 3D, so this one aliases), ``area`` (block mean to shrink, trilinear to enlarge: the
+  antialiased 3D baseline) and ``slice-bicubic`` (2D bicubic on every slice along Z, block means / linear along Z:
+  the paper's 3D "Bicubic" rows, a 2D method applied per slice and stitched to the 3D latent's size).
 * **The model itself** (:func:`model_method`): posterior mean ``z``, optionally rounded through float16 as
   ``medlatent encode`` stores it, decoded; large images go through the tiled engine.
 * **A 2D model on 3D volumes** (:func:`slicewise_2d_model_for_3d`): the paper's "2D Med-VAE-Decoder" comparison
@@ -36,11 +37,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: 3D baseline: 2D bicubic per slice (along Z), block means to shrink / linear to enlarge along Z
+SLICE_BICUBIC = "slice-bicubic"
+
 #: A reconstruction method: preprocessed ``1×C×…`` tensor in [-1, 1] → reconstruction of the same shape.
 Method = Callable[[torch.Tensor], torch.Tensor]
 
 #: Interpolation baselines per spatial dimensionality.
-INTERPOLATION: dict[int, tuple[str, ...]] = {2: ("nearest", "bilinear", "bicubic"), 3: ("nearest", "trilinear", "area")}
+INTERPOLATION: dict[int, tuple[str, ...]] = {2: ("nearest", "bilinear", "bicubic"),
+                                              3: ("nearest", "trilinear", "area", SLICE_BICUBIC)}
 
 _LATENT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -75,6 +80,8 @@ def shrink(x: torch.Tensor, s: int, mode: str) -> torch.Tensor:
         raise BaselineError(f"spatial sizes {tuple(x.shape[2:])} must be positive multiples of s={s}; "
                             "pad first (medlatent's preprocessing pads to the model's reduction)")
     size = tuple(n // s for n in x.shape[2:])
+    if mode == SLICE_BICUBIC:
+        return slice_bicubic_resize(x, size)
     if mode == "nearest":
         return F.interpolate(x, size=size, mode="nearest")
     if mode == "area":
@@ -85,10 +92,28 @@ def shrink(x: torch.Tensor, s: int, mode: str) -> torch.Tensor:
 def enlarge(small: torch.Tensor, size: tuple[int, ...], mode: str) -> torch.Tensor:
     """Upsize a shrunk image back to ``size`` with the same method (``area`` enlarges trilinearly)."""
     _check_mode(small, mode)
+    if mode == SLICE_BICUBIC:
+        return slice_bicubic_resize(small, size)
     if mode == "nearest":
         return F.interpolate(small, size=size, mode="nearest")
     up = "trilinear" if mode == "area" else mode
     return F.interpolate(small, size=size, mode=up, align_corners=False)
+
+
+def slice_bicubic_resize(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Resize a volume ``B×C×X×Y×Z`` to ``size`` as 2D images: bicubic on every slice along Z (antialiased when
+    shrinking), then along Z block means when shrinking, linear when enlarging. The two steps act on different
+    axes, so their order does not matter."""
+    b, c, nx, ny, nz = x.shape
+    sx, sy, sz = (int(n) for n in size)
+    t = x.permute(0, 1, 4, 2, 3).reshape(b * c * nz, 1, nx, ny)
+    t = F.interpolate(t, size=(sx, sy), mode="bicubic", align_corners=False, antialias=sx < nx or sy < ny)
+    t = t.reshape(b, c, nz, sx, sy).permute(0, 1, 3, 4, 2)
+    if sz < nz:
+        return F.interpolate(t, size=(sx, sy, sz), mode="area")
+    if sz > nz:
+        return F.interpolate(t, size=(sx, sy, sz), mode="trilinear", align_corners=False)
+    return t.contiguous()
 
 
 def roundtrip(x: torch.Tensor, s: int, mode: str) -> torch.Tensor:
@@ -144,7 +169,9 @@ def interpolation_at(spatial_dims: int, f: float, mode: str) -> tuple[Method, in
 
     def run(x: torch.Tensor) -> torch.Tensor:
         size = resized_shape(tuple(x.shape[2:]), r)
-        if mode in ("nearest", "area"):
+        if mode == SLICE_BICUBIC:
+            small = slice_bicubic_resize(x, size)
+        elif mode in ("nearest", "area"):
             small = F.interpolate(x, size=size, mode=mode)
         else:
             small = F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=mode != "trilinear")

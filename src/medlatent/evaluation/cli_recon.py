@@ -111,7 +111,7 @@ def register(app: typer.Typer) -> None:
         checkpoint: Optional[Path] = CHECKPOINT_OPT,
         baselines: Optional[str] = typer.Option(
             None, "--baselines", help="Comma-separated interpolation baselines, or 'none' (default: all; 2D "
-                                      "nearest,bilinear,bicubic; 3D nearest,trilinear,area)."),
+                                      "nearest,bilinear,bicubic; 3D nearest,trilinear,area,slice-bicubic)."),
         equal_values: bool = typer.Option(
             True, "--equal-values/--no-equal-values", help="For each model with C > 1, an interpolation row at "
                                                            "f/C: as many values stored as the latent."),
