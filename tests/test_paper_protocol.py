@@ -257,6 +257,21 @@ def _natural_folder(path: Path) -> Path:
     return path
 
 
+def test_a_kl_vae_checkpoint_file_encodes_as_its_diffusers_folder(tmp_path: Path):
+    from safetensors.torch import save_file
+
+    from medlatent.evaluation.baselines import natural_image_autoencoder
+
+    folder = _natural_folder(tmp_path / "kl")
+    diffusers_ae = natural_image_autoencoder(folder)
+    save_file({k: v.contiguous() for k, v in diffusers_ae.vae.state_dict().items()}, tmp_path / "kl.safetensors")
+    file_ae = natural_image_autoencoder(tmp_path / "kl.safetensors")  # imported without diffusers' loader
+    assert (file_ae.kind, file_ae.C, file_ae.downsample_per_axis) == ("kl", 4, 2)
+    x = torch.rand(2, 1, 8, 12) * 2 - 1
+    torch.testing.assert_close(file_ae.encode(x), diffusers_ae.encode(x), atol=1e-4, rtol=1e-4)
+    assert file_ae.method()(torch.rand(1, 1, 6, 4, 3)).shape == (1, 1, 6, 4, 3)
+
+
 def test_cad_3d_task_has_stitched_2d_and_natural_rows_beside_the_3d_latent(tmp_path: Path, cad_app):
     import csv
 

@@ -15,7 +15,8 @@ are multiples of the model's per-axis reduction ``s`` — and returns its recons
 * **A 2D model on 3D volumes** (:func:`slicewise_2d_model_for_3d`): the paper's "2D Med-VAE-Decoder" comparison
   (Appendix, Table 7) without its decoder fine-tuning — see the function.
 * **A natural-image autoencoder** (:func:`natural_image_autoencoder`): a diffusers ``AutoencoderKL`` (KL-VAE) or
-  ``VQModel`` (VQ-GAN) from a local folder, the paper's KL-VAE / VQ-GAN rows; applied slice by slice to volumes.
+  ``VQModel`` (VQ-GAN) from a local folder, or a KL-VAE checkpoint file (LDM/CompVis ``.ckpt``, or a state dict
+  in either layout), the paper's KL-VAE / VQ-GAN rows; applied slice by slice to volumes.
 """
 
 from __future__ import annotations
@@ -404,20 +405,61 @@ class NaturalImageAutoencoder:
         return run
 
 
+class CheckpointAutoencoder(NaturalImageAutoencoder):
+    """A natural-image KL-VAE from a checkpoint file (LDM/CompVis ``.ckpt``, or a ``.safetensors``/``.bin`` state
+    dict in either layout), imported as a 3-channel MedVAE by :func:`medlatent.training.natural.load_natural_vae`
+    (no diffusers needed); the interface of :class:`NaturalImageAutoencoder`."""
+
+    @property
+    def downsample_per_axis(self) -> int:
+        return self.vae.downsample_per_axis
+
+    @property
+    def C(self) -> int:  # noqa: N802 - the paper's name
+        return self.vae.C
+
+    @torch.inference_mode()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise BaselineError(f"{self.source}: expected B×1×H×W or B×3×H×W, got shape {tuple(x.shape)}")
+        return self.vae.encode(x.to(self._device(), torch.float32)).mean  # 1 channel: replicated to RGB
+
+    @torch.inference_mode()
+    def decode(self, z: torch.Tensor, grayscale: bool = True) -> torch.Tensor:
+        return self.vae.decode(z.to(self._device(), torch.float32), grayscale=grayscale)
+
+
+def _checkpoint_autoencoder(path: Path, device: str | torch.device) -> CheckpointAutoencoder:
+    from medlatent.checkpoints import CheckpointError
+    from medlatent.training.natural import load_natural_vae
+
+    try:
+        model, _ = load_natural_vae(path, lora_rank=None, stage2_head=False)
+    except (CheckpointError, OSError, ValueError, KeyError) as e:
+        raise NaturalModelError(f"{path}: not a natural-image KL-VAE checkpoint ({e})") from e
+    model.requires_grad_(False)
+    logger.info("loaded a KL-VAE checkpoint from %s", path)
+    return CheckpointAutoencoder(model.eval().to(device), "kl", str(path))
+
+
 _DIFFUSERS_CLASSES = {"AutoencoderKL": "kl", "VQModel": "vq"}
 
 
 def natural_image_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> NaturalImageAutoencoder:
-    """Load a diffusers ``AutoencoderKL`` or ``VQModel`` from a local folder (never from the network).
+    """Load a diffusers ``AutoencoderKL`` or ``VQModel`` from a local folder, or a KL-VAE checkpoint file
+    (:class:`CheckpointAutoencoder`); never from the network.
 
     Args:
         path: a folder with the autoencoder's ``config.json`` and weights (what ``save_pretrained`` writes), or a
-            pipeline folder with a ``vae/`` (or ``vqvae/``) subfolder.
+            pipeline folder with a ``vae/`` (or ``vqvae/``) subfolder; or an LDM ``.ckpt`` / a state-dict file.
         device: where to run it.
     """
     path = Path(path)
+    if path.is_file():
+        return _checkpoint_autoencoder(path, device)
     if not path.is_dir():
-        raise NaturalModelError(f"{path}: no such folder; give a local diffusers AutoencoderKL/VQModel folder")
+        raise NaturalModelError(f"{path}: no such folder or file; give a local diffusers AutoencoderKL/VQModel "
+                                "folder or a KL-VAE checkpoint file (.ckpt, .safetensors)")
     folder = next((p for p in (path, path / "vae", path / "vqvae") if (p / "config.json").is_file()), None)
     if folder is None:
         raise NaturalModelError(f"{path}: not a diffusers model folder (no config.json here or in vae/); "

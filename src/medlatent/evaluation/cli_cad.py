@@ -142,8 +142,9 @@ def register(app: typer.Typer) -> None:
             None, "--stitched-2d", help="3D tasks: a 2D model (name, folder or checkpoint) whose slice latents are "
                                         "stitched to the 3D latent size, as the paper's 2D rows; repeatable."),
         natural: Optional[list[Path]] = typer.Option(
-            None, "--natural", help="Local diffusers AutoencoderKL/VQModel folder: its latents as a KL-VAE/VQ-GAN "
-                                    "row (stitched across slices in 3D); repeatable."),
+            None, "--natural", help="Local diffusers AutoencoderKL/VQModel folder or KL-VAE checkpoint file (LDM "
+                                    ".ckpt): its latents as a KL-VAE/VQ-GAN row (stitched across slices in 3D); "
+                                    "repeatable."),
     ) -> None:
         """Train a classifier on images, MedVAE latents and interpolated images; report test AUROC (Table 1)."""
         from medlatent.evaluation.cad import CADConfig, CADDataError, default_methods, run_cad, write_cad_table

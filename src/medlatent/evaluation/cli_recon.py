@@ -120,7 +120,8 @@ def register(app: typer.Typer) -> None:
         interp: Optional[str] = typer.Option(None, "--interp", help="Interpolation of the equal-values and "
                                                                    "--interp-f rows (default: bicubic 2D, area 3D)."),
         natural: Optional[list[Path]] = typer.Option(
-            None, "--natural", help="Local diffusers AutoencoderKL/VQModel folder to compare (repeatable)."),
+            None, "--natural", help="Local diffusers AutoencoderKL/VQModel folder or KL-VAE checkpoint file (LDM "
+                                    ".ckpt) to compare (repeatable)."),
         model2d: Optional[str] = typer.Option(
             None, "--model2d", help="3D only: a 2D model applied slice by slice at the 3D latent size."),
         samples: int = typer.Option(0, "--samples", min=0, help="Images drawn per seed (0: as many as inputs)."),
