@@ -436,7 +436,7 @@ def _checkpoint_autoencoder(path: Path, device: str | torch.device) -> Checkpoin
     try:
         model, _ = load_natural_vae(path, lora_rank=None, stage2_head=False)
     except (CheckpointError, OSError, ValueError, KeyError) as e:
-        raise NaturalModelError(f"{path}: not a natural-image KL-VAE checkpoint ({e})") from e
+        raise NaturalModelError(f"not a natural-image KL-VAE checkpoint: {e}") from e  # e names the file
     model.requires_grad_(False)
     logger.info("loaded a KL-VAE checkpoint from %s", path)
     return CheckpointAutoencoder(model.eval().to(device), "kl", str(path))
