@@ -67,10 +67,15 @@ def test_items_labels_and_metadata(tmp_path, model2d):
     assert torch.equal(item["stage2"], read_latent(both.paths[0]).stage2.float())
     assert item["label"].dtype == torch.float32 and item["label"].shape == (2,)
 
-    # batches with DataLoader workers (each opens its files itself)
-    batches = list(DataLoader(ds, batch_size=2, num_workers=2))
-    assert sum(b["z"].shape[0] for b in batches) == 4
+    # batches with DataLoader workers (each opens its files itself), through a transform
+    def halve(item):
+        return {**item, "z": item["z"][:, ::2, ::2]}
+
+    batches = list(DataLoader(LatentDataset(tmp_path / "lat", csv_path, label_columns=["finding"], transform=halve),
+                              batch_size=2, num_workers=2))
+    assert sum(b["z"].shape[0] for b in batches) == 4 and batches[0]["z"].shape[1:] == (2, 4, 4)
     assert batches[0]["meta"]["affine"].shape == (2, 3, 3) and len(batches[0]["meta"]["name"]) == 2
+    assert sorted(sum((b["label"].tolist() for b in batches), [])) == [0, 0, 1, 1]
 
 
 def test_labels_by_name_and_problems_named(tmp_path, model2d):

@@ -16,7 +16,7 @@ import csv
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,6 +158,8 @@ class LatentDataset(Dataset):
             numbers; other columns give class indices, their names in :attr:`classes` (sorted).
         tensor: ``"z"`` (the latent of record) or ``"stage2"`` (stage-2 features, 2D files encoded with them).
         unlabelled: files with no CSV row are an ``"error"`` (default) or left out (``"skip"``).
+        transform: applied to each item dictionary (e.g. a MONAI ``Compose`` of dictionary transforms, or a
+            resize to one latent grid so that items of different sizes batch).
 
     Items: ``{tensor: float32 C×…, "label": …, "meta": latent_meta(...)}``. With one label column ``label`` is a
     scalar (``int64`` class index for a categorical column, ``float32`` otherwise); with several, a ``float32``
@@ -169,7 +171,8 @@ class LatentDataset(Dataset):
     """
 
     def __init__(self, roots: str | Path | Sequence[str | Path], labels: str | Path | None = None, *,
-                 label_columns: Sequence[str] | None = None, tensor: str = "z", unlabelled: str = "error") -> None:
+                 label_columns: Sequence[str] | None = None, tensor: str = "z", unlabelled: str = "error",
+                 transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         if tensor not in TENSORS:
             raise ValueError(f"tensor must be one of {', '.join(TENSORS)}, got {tensor!r}")
         if unlabelled not in ("error", "skip"):
@@ -181,7 +184,7 @@ class LatentDataset(Dataset):
         if missing or problems:
             p, why = (missing or problems)[0]
             raise LatentDataError(f"{p}: {why}")
-        self.tensor = tensor
+        self.tensor, self.transform = tensor, transform
         items = [(it.name, it.paths[0]) for it in found.items]
         self.label_columns: list[str] = []
         self.classes: dict[str, list[str]] = {}
@@ -224,7 +227,7 @@ class LatentDataset(Dataset):
                                 "meta": latent_meta(lf, self.names[i], path)}
         if self._labels is not None:
             item["label"] = self._label(i)
-        return item
+        return self.transform(item) if self.transform is not None else item
 
 
 class ExactDistributedSampler(Sampler[int]):
