@@ -35,3 +35,26 @@ def image_for(model: MedVAE, batch: int = 2, size: int = 8, channels: int | None
     g = torch.Generator().manual_seed(seed)
     shape = (batch, channels or model.config.in_channels) + (size,) * model.spatial_dims
     return torch.rand(shape, generator=g) * 2 - 1
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict:
+    """Tiny random-weight models saved as folders for ``--model DIR``: 2 and 3 (2D/3D), "other" (2D, C=3)."""
+    root = tmp_path_factory.mktemp("models")
+    out: dict = {}
+    for dims in (2, 3):
+        randomise(MedVAE(tiny_config(dims)), seed=dims).save_pretrained(root / f"tiny{dims}d", name=f"tiny_{dims}d")
+        out[dims] = root / f"tiny{dims}d"
+    randomise(MedVAE(tiny_config(2, embed_dim=3, z_channels=3))).save_pretrained(root / "other2d", name="other_2d")
+    out["other"] = root / "other2d"
+    return out
+
+
+def run_cli(*args):
+    """``medlatent ARGS`` in-process; returns the result and its combined output."""
+    from typer.testing import CliRunner
+
+    from medlatent.cli import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    return res, res.output

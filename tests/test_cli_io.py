@@ -11,35 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import randomise, tiny_config
+from conftest import run_cli
 from io_fixtures import copy_to, make_series, sample_file
-from medlatent import MedVAE
-from medlatent.cli import app
 
 nib = pytest.importorskip("nibabel")
 PIL = pytest.importorskip("PIL.Image")
-runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    out = {}
-    for dims in (2, 3):
-        m = randomise(MedVAE(tiny_config(dims)), seed=dims)
-        m.save_pretrained(root / f"tiny{dims}d", name=f"tiny_{dims}d")
-        out[dims] = root / f"tiny{dims}d"
-    other = randomise(MedVAE(tiny_config(2, embed_dim=3, z_channels=3)))
-    other.save_pretrained(root / "other2d", name="other_2d")
-    out["other"] = root / "other2d"
-    return out
 
 
-def _run(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    return res, res.output
+
+_run = run_cli
 
 
 @pytest.mark.slow

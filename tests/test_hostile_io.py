@@ -14,35 +14,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from conftest import randomise, tiny_config
+from conftest import run_cli
 from io_fixtures import sample_file
-from medlatent import MedVAE
-from medlatent.cli import app
 from medlatent.io.image import ImageReadError
 from medlatent.io.readers import read_image
 
 pydicom = pytest.importorskip("pydicom")
 nib = pytest.importorskip("nibabel")
-runner = CliRunner()
 
 OBLIQUE = np.array([[0.0, -2.0, 0.0, 10.0], [3.0, 0.0, 0.0, 20.0], [0.0, 0.0, 4.0, 30.0], [0.0, 0.0, 0.0, 1.0]])
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    out = {}
-    for dims in (2, 3):
-        randomise(MedVAE(tiny_config(dims)), seed=dims).save_pretrained(root / f"tiny{dims}d", name=f"tiny_{dims}d")
-        out[dims] = root / f"tiny{dims}d"
-    return out
 
 
-def _cli(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    return res, res.output
+
+_cli = run_cli
 
 
 def _read_quietly(path, **kw):
@@ -171,13 +158,13 @@ def test_nifti_with_two_singleton_axes_is_refused_as_too_small(tmp_path):
 
 
 @pytest.mark.parametrize("shape", [(16, 12, 1), (16, 12, 1, 1), (1, 16, 12)])
-def test_singleton_axis_nifti_roundtrips_through_the_cli(tmp_path, models, shape):
+def test_singleton_axis_nifti_roundtrips_through_the_cli(tmp_path, model_dirs, shape):
     """encode with a 2D model, decode (NIfTI by default for NIfTI sources): the file's shape and affine return."""
     (tmp_path / "in").mkdir()
     src = _nifti(tmp_path / "in" / "slice.nii", np.random.default_rng(1).random(shape).astype(np.float32))
-    res, out = _cli("encode", src, "-o", tmp_path / "lat", "--model", models[2])
+    res, out = _cli("encode", src, "-o", tmp_path / "lat", "--model", model_dirs[2])
     assert res.exit_code == 0, out
-    res, out = _cli("decode", tmp_path / "lat", "-o", tmp_path / "dec", "--model", models[2])
+    res, out = _cli("decode", tmp_path / "lat", "-o", tmp_path / "dec", "--model", model_dirs[2])
     assert res.exit_code == 0, out
     dec = nib.load(str(tmp_path / "dec" / "slice.nii.gz"))
     assert dec.shape == shape
@@ -268,14 +255,14 @@ def test_each_hostile_file_is_refused_naming_file_and_problem(tmp_path):
         assert text.startswith(str(path)) and fragment in text, f"{case}: {text}"
 
 
-def test_hostile_files_through_the_cli(tmp_path, models):
+def test_hostile_files_through_the_cli(tmp_path, model_dirs):
     """Every case: exit 1, the file and the problem in the output, no traceback or numpy warning, nothing written."""
     for case, path, fragment in _all_cases(tmp_path / "bad"):
         dims = 3 if path.suffix == ".nii" else 2
         out = tmp_path / "out" / path.stem
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            res, text = _cli("encode", path, "-o", out, "--model", models[dims])
+            res, text = _cli("encode", path, "-o", out, "--model", model_dirs[dims])
         assert res.exit_code == 1, f"{case}: exit {res.exit_code}\n{text}"
         flat = " ".join(text.split())  # the console wraps long lines
         assert path.name in flat and " ".join(fragment.split()) in flat, f"{case}: {text}"
@@ -309,11 +296,11 @@ def test_malformed_slice_geometry_names_the_slice(tmp_path):
         _read_quietly(folder)
 
 
-def test_truncated_slice_in_a_series_is_named_with_the_gap_it_leaves(tmp_path, models):
+def test_truncated_slice_in_a_series_is_named_with_the_gap_it_leaves(tmp_path, model_dirs):
     folder = _series(tmp_path / "series", [0.0, 3.0, 6.0, 9.0, 12.0])
     raw = (folder / "slice002.dcm").read_bytes()
     (folder / "slice002.dcm").write_bytes(raw[:600])
-    res, text = _cli("encode", folder, "-o", tmp_path / "out", "--model", models[3])
+    res, text = _cli("encode", folder, "-o", tmp_path / "out", "--model", model_dirs[3])
     flat = " ".join(text.split())
     assert res.exit_code == 1 and "missing slices?" in flat and "slice002.dcm: truncated DICOM header" in flat, text
 
@@ -348,9 +335,9 @@ def test_series_with_small_gap_jitter_is_accepted_on_its_mean_spacing(tmp_path, 
     assert "within the 5% tolerance" in caplog.text and "without interpolation" in caplog.text
 
 
-def test_jittered_series_encodes_through_the_cli(tmp_path, models):
+def test_jittered_series_encodes_through_the_cli(tmp_path, model_dirs):
     _series(tmp_path / "in" / "mr", _jittered())
-    res, out = _cli("encode", tmp_path / "in", "-o", tmp_path / "lat", "--model", models[3])
+    res, out = _cli("encode", tmp_path / "in", "-o", tmp_path / "lat", "--model", model_dirs[3])
     assert res.exit_code == 0, out
     assert (tmp_path / "lat" / "mr" / "series.latent.safetensors").is_file()
 
@@ -362,18 +349,18 @@ def _gap_offsets() -> np.ndarray:
     return np.concatenate([[0.0], np.cumsum(gaps)])
 
 
-def test_missing_slice_is_refused_naming_folder_and_gap(tmp_path, models):
+def test_missing_slice_is_refused_naming_folder_and_gap(tmp_path, model_dirs):
     folder = _series(tmp_path / "in" / "gappy", _gap_offsets())
     with pytest.raises(ImageReadError, match=r"gappy: uneven slice spacing: .*the gap of 4\.000 mm between slices 9 "
                                              r"and 10 of 20.*beyond the 5% tolerance — missing slices\?"):
         _read_quietly(folder)
-    res, text = _cli("encode", tmp_path / "in", "-o", tmp_path / "lat", "--model", models[3])
+    res, text = _cli("encode", tmp_path / "in", "-o", tmp_path / "lat", "--model", model_dirs[3])
     flat = " ".join(text.split())
     assert res.exit_code == 1 and "gappy" in flat and "gap of 4.000 mm" in flat and "--uneven resample" in flat
     assert not list((tmp_path / "lat").rglob("*.safetensors")) if (tmp_path / "lat").exists() else True
 
 
-def test_resampled_series_keeps_first_and_last_slice_positions(tmp_path, models):
+def test_resampled_series_keeps_first_and_last_slice_positions(tmp_path, model_dirs):
     offsets = _gap_offsets()
     folder = _series(tmp_path / "in" / "gappy", offsets)
     img = _read_quietly(folder, uneven="resample")
@@ -386,7 +373,7 @@ def test_resampled_series_keeps_first_and_last_slice_positions(tmp_path, models)
     src = pydicom.dcmread(sample_file("MR_small.dcm")).pixel_array
     np.testing.assert_array_equal(img.array[..., 0], src.T)  # end slices are the files' own pixels
     np.testing.assert_array_equal(img.array[..., -1], np.roll(src, 3 * 19, axis=1).T)
-    res, out = _cli("encode", tmp_path / "in", "-o", tmp_path / "lat", "--model", models[3], "--uneven", "resample")
+    res, out = _cli("encode", tmp_path / "in", "-o", tmp_path / "lat", "--model", model_dirs[3], "--uneven", "resample")
     assert res.exit_code == 0, out
     from medlatent.latentfile import read_latent
 

@@ -19,33 +19,20 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
-from conftest import randomise, tiny_config
+from conftest import run_cli
 from io_fixtures import copy_to, sample_file
-from medlatent import MedVAE
-from medlatent.cli import app
 from medlatent.registry import DEFAULT_MODEL
 
 nib = pytest.importorskip("nibabel")
 PIL = pytest.importorskip("PIL.Image")
-runner = CliRunner()
 SUFFIX = ".latent.safetensors"
 
 
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    out = {}
-    for dims in (2, 3):
-        randomise(MedVAE(tiny_config(dims)), seed=dims).save_pretrained(root / f"tiny{dims}d", name=f"tiny_{dims}d")
-        out[dims] = root / f"tiny{dims}d"
-    return out
 
 
-def _run(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    return res, res.output
+
+_run = run_cli
 
 
 def _clean_failure(res, text: str, name: str, fragment: str) -> None:
