@@ -294,6 +294,21 @@ def test_cad_3d_task_has_stitched_2d_and_natural_rows_beside_the_3d_latent(tmp_p
     assert "the mean of the 4 latent channels" in report and "class-balanced sampling" in report  # 3D: balanced
 
 
+def test_cad_2d_task_has_a_natural_autoencoder_row(tmp_path: Path):
+    from medlatent.evaluation.baselines import natural_image_autoencoder
+    from medlatent.evaluation.cad import CADConfig, default_methods, run_cad
+
+    pytest.importorskip("torchmetrics")
+    csv_path = _cad_task(tmp_path / "data", 2, n=12)
+    ae = natural_image_autoencoder(_natural_folder(tmp_path / "kl"))
+    methods = default_methods(natural={"kl": ae}, kinds=("image",))
+    res = run_cad(csv_path, methods, config=CADConfig(classifier="tiny", size=16, epochs=1, seeds=(0,), batch_size=4),
+                  cache_dir=tmp_path / "cache")
+    row = res.rows[-1]
+    assert (row.kind, row.label, row.f, row.C, row.input_shape) == ("natural", "KL-VAE kl (C=4)", 4, 4, [1, 8, 8])
+    assert any(p.parent.parent.name == "natural" for p in (tmp_path / "cache").rglob("*.safetensors"))
+
+
 def test_stitched_rows_are_refused_on_a_2d_task(tmp_path: Path, cad_app):
     csv_path = _cad_task(tmp_path / "data", 2, n=12)
     _tiny_vae(2).save_pretrained(tmp_path / "vae2d")
@@ -343,7 +358,7 @@ def test_recon_of_a_volume_has_slice_bicubic_and_stitched_2d_rows(tmp_path: Path
     app = typer.Typer()
     register(app)
     res = CliRunner().invoke(app, ["recon", str(tmp_path / "vol.nii.gz"), "-o", str(tmp_path / "out"), "-m",
-                                   str(tmp_path / "vae3d"), "--model2d", str(tmp_path / "vae2d"), "--baselines",
+                                   str(tmp_path / "vae3d"), "--stitched-2d", str(tmp_path / "vae2d"), "--baselines",
                                    "area,slice-bicubic", "--seeds", "1", "--figures", "0", "--no-equal-values"])
     assert res.exit_code == 0, res.output
     methods = json.loads((tmp_path / "out" / "summary.json").read_text())["methods"]

@@ -123,7 +123,8 @@ def register(app: typer.Typer) -> None:
             None, "--natural", help="Local diffusers AutoencoderKL/VQModel folder or KL-VAE checkpoint file (LDM "
                                     ".ckpt) to compare (repeatable)."),
         model2d: Optional[str] = typer.Option(
-            None, "--model2d", help="3D only: a 2D model applied slice by slice at the 3D latent size."),
+            None, "--stitched-2d", "--model2d", help="3D only: a 2D model applied slice by slice, its latents "
+                                                     "stitched to the 3D latent size (the paper's 2D rows)."),
         samples: int = typer.Option(0, "--samples", min=0, help="Images drawn per seed (0: as many as inputs)."),
         seeds: int = typer.Option(3, "--seeds", min=1, help="Number of random draws (seeds 0..K-1)."),
         replace: Optional[bool] = typer.Option(
@@ -177,13 +178,13 @@ def register(app: typer.Typer) -> None:
             extra[f"{'KL-VAE' if ae.kind == 'kl' else 'VQ-GAN'}:{folder.name}"] = natural_spec(ae)
         if model2d is not None:
             if nets[0].spatial_dims != 3:
-                _fail("--model2d compares a 2D model slice by slice with a 3D --model; this model is 2D")
+                _fail("--stitched-2d compares a 2D model slice by slice with a 3D --model; this model is 2D")
             try:
                 net2 = _load_model(model2d, None).to(device).eval()
             except ModelLoadError as e:
                 _fail(str(e))
             if net2.spatial_dims != 2:
-                _fail(f"--model2d {model2d!r} is a {net2.spatial_dims}D model; give a 2D one")
+                _fail(f"--stitched-2d {model2d!r} is a {net2.spatial_dims}D model; give a 2D one")
             label = f"2D:{net2.weights_info.get('model') or model2d} slice-wise"
             reductions = {n.downsample_per_axis: n for n in nets}
             for n3 in reductions.values():
