@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, WeightedRandomSampler
 
+from medlatent.evaluation.baselines import NaturalImageAutoencoder
 from medlatent.evaluation.classifiers import EVAL_EXTRA, PAPER_CLASSIFIER, build_classifier, check_classifier
 
 logger = logging.getLogger(__name__)
@@ -299,7 +300,7 @@ def default_methods(models: "Mapping[str, Any] | Sequence[Any] | Any | None" = N
         if "interp" in kinds:
             add_interp(m.downsample_per_axis, 3)
     for name, ae in (natural or {}).items():
-        kind = "KL-VAE" if getattr(ae, "kind", "kl") == "kl" else "VQ-GAN"
+        kind = "KL-VAE" if ae.kind == "kl" else "VQ-GAN"
         out.append(Method(f"{kind} {name} (C={ae.C})", "natural", model=ae, latent_channels=latent_channels))
     for f in interp_f:
         s = round(f ** (1 / spatial_dims))
@@ -656,7 +657,7 @@ def encode_2d(model: Any, x: torch.Tensor) -> torch.Tensor:
     A MedVAE gives its posterior mean (the stage-2 features when it has the stage-2 head, as ``latent``); a
     natural-image autoencoder its latent of the RGB-replicated image.
     """
-    if hasattr(model, "vae"):  # NaturalImageAutoencoder
+    if isinstance(model, NaturalImageAutoencoder):
         return model.encode(x).float().cpu()
     z = model.encode(x.to(model.quant_conv.weight.device)).mean.float()
     if model.config.stage2_head:
