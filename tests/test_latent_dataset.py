@@ -104,6 +104,9 @@ def test_labels_by_name_and_problems_named(tmp_path, model2d):
 
 def test_damaged_file_refused_on_read(tmp_path, model2d):
     [path] = _latents(model2d, tmp_path / "lat", 1)
+    write_latent(tmp_path / "no_stage2" / ("x" + SUFFIX), encode_image(model2d, _image(0), EncodeOptions(stage2=False)))
+    with pytest.raises(LatentFileError, match=r"x.latent.safetensors: holds no stage-2 features"):
+        LatentDataset(tmp_path / "no_stage2", tensor="stage2")[0]
     ds = LatentDataset(tmp_path / "lat")
     raw = bytearray(path.read_bytes())
     raw[-3] ^= 0xFF  # a flipped bit in the tensor data
@@ -206,3 +209,13 @@ def test_monai_transforms_round_trip(tmp_path, model2d):
         DecodeFromLatentd("z", model2d)(LoadLatentd("z")({"z": str(path)}))
     with pytest.raises(TypeError, match="must be an image path or an ImageData"):
         EncodeToLatentd("image", model2d)({"image": 3})
+
+
+def test_monai_is_optional():
+    """``medlatent.data`` never imports MONAI; without it, the transforms module says what to install."""
+    code = ("import sys; import medlatent.data; assert 'monai' not in sys.modules, 'monai imported'\n"
+            "sys.modules['monai'] = None\n"
+            "try:\n    import medlatent.data.monai\nexcept ImportError as e:\n    print(e)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "MONAI transforms needs monai.transforms" in res.stdout and "pip install" in res.stdout
