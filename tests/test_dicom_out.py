@@ -215,6 +215,16 @@ def test_bad_options_and_templates_fail_cleanly(tmp_path, models):
     assert res.exit_code == 1 and "img.png: template is not" in text and "Traceback" not in text
     assert not list(out.glob("*.dcm")) and not list(out.glob(".tmp-*"))
 
+    from pydicom.data import get_testdata_file  # a folder of other sources: never a guess between them
+
+    others = tmp_path / "others"
+    others.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        (others / name).write_bytes(open(get_testdata_file(name), "rb").read())
+    res, text = _cli("decode", tmp_path / "lat", "-o", out, "--format", "dicom", "--template", others,
+                     "--model", models[2])
+    assert res.exit_code == 1 and "holds no template for 'img'" in text and not list(out.glob("*.dcm"))
+
 
 def test_no_partial_series_on_failure(tmp_path, monkeypatch):
     import medlatent.io.dicom_out as dicom_out

@@ -219,12 +219,11 @@ def _base_dataset(img: ImageData, derivation: Derivation, template, ids: SeriesI
     from pydicom.dataset import Dataset
 
     ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SpecificCharacterSet = "ISO_IR 192"  # template values, decoded with the template's set, written as UTF-8
     if template is not None:
         for kw in PATIENT_STUDY_KEYWORDS:
             if kw in template:
                 ds[kw] = template[kw]
-        ds.SpecificCharacterSet = "ISO_IR 192"  # values were decoded with the template's set; written as UTF-8
         if img.spatial_dims == 2 and "SOPInstanceUID" in template and "SOPClassUID" in template:
             ref = Dataset()
             ref.ReferencedSOPClassUID = template.SOPClassUID
