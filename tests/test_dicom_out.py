@@ -294,3 +294,20 @@ def test_left_handed_affine_keeps_every_voxel_in_place(tmp_path):
     for (x, y, z), i in zip(cont, idx[:: 17]):
         assert max(abs(v - round(v)) for v in (x, y, z)) < 1e-3
         assert sitk_vals[round(z), round(y), round(x)] == vol[tuple(i)]
+
+
+def test_2d_anisotropic_spacing_and_rgb(tmp_path):
+    arr = np.arange(6 * 9, dtype=np.float64).reshape(1, 6, 9) * 3.5 - 40.0  # rows × columns, non-integer
+    path = write_dicom(ImageData(arr, np.diag([0.5, 0.7, 1.0]), modality="xray"), tmp_path / "a.dcm",
+                       Derivation("m", "e" * 64, "t"))
+    back = read_image(path)
+    assert back.spacing == pytest.approx((0.5, 0.7)) and back.array.shape == (1, 6, 9)  # (rows, columns)
+    assert np.abs(back.array - arr).max() <= float(pydicom.dcmread(path).RescaleSlope) / 2 + 1e-9
+    assert sitk.ReadImage(str(path)).GetSpacing()[:2] == pytest.approx((0.7, 0.5))  # SimpleITK: x = columns
+    rgb = np.random.default_rng(4).integers(0, 256, (3, 5, 4)).astype(np.uint8)
+    path = write_dicom(ImageData(rgb, np.eye(3)), tmp_path / "rgb.dcm", Derivation("m", "e" * 64, "t"))
+    assert np.array_equal(read_image(path).array, rgb)
+    with pytest.raises(DicomWriteError, match="rgb16.dcm: a colour image is written as 8-bit RGB"):
+        write_dicom(ImageData(rgb.astype(np.float32) * 300, np.eye(3)), tmp_path / "rgb16.dcm",
+                    Derivation("m", "e" * 64, "t"))
+    assert not (tmp_path / "rgb16.dcm").exists()
