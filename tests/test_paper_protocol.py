@@ -190,7 +190,7 @@ def test_cad_defaults_are_the_papers():
 
     cfg = CADConfig()
     assert cfg.select == "last" and cfg.epochs == 100 and cfg.lr == 1e-4
-    assert cfg.size_for(2) == (1024, 512) and cfg.size_for(3) == (160, 224, 224)
+    assert cfg.size_for(2) == (1024, 512) and cfg.size_for(3) == (224, 224, 160)
     assert cfg.batch_size_for(2, "latent") == cfg.batch_size_for(2, "image") == 256
     assert (cfg.batch_size_for(3, "latent"), cfg.batch_size_for(3, "stitched"), cfg.batch_size_for(3, "image")) == (
         20, 20, 10)

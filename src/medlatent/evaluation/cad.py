@@ -75,9 +75,10 @@ RESIZE_MODES = ("nearest", "bilinear", "bicubic", "area")
 CACHE_VERSION = 1
 #: ``last``: test the final epoch's classifier (App. B.1); ``best``: the epoch of the best validation AUROC
 SELECT_RULES = ("last", "best")
-#: the paper's input sizes: 2D 1024×512 (the FFDM and wrist tasks; bone age used 1024×1024), 3D 160×224×224
-#: (spine CT; head CT 44×224×224, knee MRI 56×256×256)
-PAPER_SIZE = {2: (1024, 512), 3: (160, 224, 224)}
+#: the paper's input sizes: 2D 1024×512 (the FFDM and wrist tasks; bone age used 1024×1024); 3D, in the axis
+#: order of medlatent's volumes (X×Y×Z, slices along Z), 224×224×160 (spine CT; head CT 224×224×44, knee MRI
+#: 56×256×256)
+PAPER_SIZE = {2: (1024, 512), 3: (224, 224, 160)}
 
 
 def paper_batch_size(spatial_dims: int, kind: str) -> int:
@@ -100,7 +101,7 @@ class CADConfig:
         classifier: ``"hrnet_w64"``, ``"seresnet152"``, ``"tiny"``; ``None`` = the paper's choice
             (HRNet-w64 in 2D, SEResNet-152 in 3D).
         size: high-resolution input size: one int (all axes) or one per axis (e.g. ``(1024, 512)``); ``None`` =
-            the paper's (:data:`PAPER_SIZE`: 1024×512 in 2D, 160×224×224 in 3D).
+            the paper's (:data:`PAPER_SIZE`: 1024×512 in 2D, 224×224×160 in 3D).
         epochs: training epochs (paper: 100).
         batch_size: training batch size; ``None`` = the paper's (:func:`paper_batch_size`: 256 in 2D; 3D 20 for
             latents and interpolated volumes, 10 for full-resolution ones).

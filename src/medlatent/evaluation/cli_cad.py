@@ -118,7 +118,7 @@ def register(app: typer.Typer) -> None:
         classifier: Optional[str] = CLASSIFIER_OPT,
         size: Optional[str] = typer.Option(
             None, "--size", "-s", help="High-resolution input size: N, HxW or DxHxW (default: the paper's: 1024x512 "
-                                       "in 2D, 160x224x224 in 3D)."),
+                                       "in 2D, 224x224x160 in 3D)."),
         epochs: int = EPOCHS_OPT,
         batch_size: Optional[int] = CAD_BATCH_OPT,
         lr: float = LR_OPT,
