@@ -366,3 +366,4 @@ def test_recon_of_a_volume_has_slice_bicubic_and_stitched_2d_rows(tmp_path: Path
     assert {"area", "slice-bicubic"} <= set(methods)
     assert methods["slice-bicubic"]["f"] == methods["area"]["f"] == methods[stitched]["f"] == 8
     assert methods["slice-bicubic"]["values_stored"] == methods["area"]["values_stored"]
+    assert methods["slice-bicubic"]["note"].startswith("2D bicubic ÷2 on every slice")

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from medlatent.evaluation.baselines import (
+    SLICE_BICUBIC,
     Method,
     interpolation_at,
     interpolation_methods,
@@ -582,8 +583,10 @@ def build_methods(model: "MedVAE | Sequence[MedVAE]", options: ReconOptions,
             if (name, float(m.f)) in done:
                 continue
             done.add((name, float(m.f)))
+            how = (f"2D bicubic ÷{s} on every slice, block means of {s} slices along Z, and back"
+                   if name == SLICE_BICUBIC else f"shrink ÷{s} per axis and enlarge back")
             methods[f"{name} (f={m.f})" if several_f else name] = MethodSpec(
-                fn, m.f, None, f"shrink ÷{s} per axis and enlarge back", multiple=s,
+                fn, m.f, None, how, multiple=s,
                 in_channels=m.config.in_channels, stored=_shrunk_count(s))
     mode = options.interp or default_interp(d)
     wanted: list[tuple[float, str]] = []
