@@ -61,3 +61,14 @@ def copy_to(tmp: Path, src: Path, name: str | None = None) -> Path:
     dst = tmp / (name or src.name)
     shutil.copy(src, dst)
     return dst
+
+
+def training_images(root: Path, volume: bool = True) -> Path:
+    """A folder of real training images: a CT and an MR slice (DICOM) and, with ``volume``, a T1 volume whose
+    slices a 2D run draws too."""
+    root.mkdir(parents=True)
+    shutil.copy(sample_file("CT_small.dcm"), root / "ct.dcm")
+    shutil.copy(sample_file("MR_small.dcm"), root / "mr.dcm")
+    if volume:
+        shutil.copy(nibabel_data("anatomical.nii"), root / "t1.nii")
+    return root

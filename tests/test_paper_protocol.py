@@ -65,15 +65,9 @@ def _tiny_cfg(tmp_path: Path, source: Path, **sections):
 
 @pytest.fixture
 def images(tmp_path: Path) -> Path:
-    import shutil
+    from io_fixtures import training_images
 
-    from io_fixtures import sample_file
-
-    root = tmp_path / "images"
-    root.mkdir()
-    shutil.copy(sample_file("CT_small.dcm"), root / "ct.dcm")
-    shutil.copy(sample_file("MR_small.dcm"), root / "mr.dcm")
-    return root
+    return training_images(tmp_path / "images", volume=False)
 
 
 @pytest.mark.parametrize("train_quant", [True, False])

@@ -14,7 +14,7 @@ import yaml
 
 pytest.importorskip("accelerate")
 
-from io_fixtures import nibabel_data, sample_file  # noqa: E402
+from io_fixtures import nibabel_data, training_images  # noqa: E402
 from medlatent import MedVAE  # noqa: E402
 from medlatent.training.config import ConfigError, load_config, preset_names  # noqa: E402
 
@@ -24,14 +24,7 @@ TINY = {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": 1, "embe
 @pytest.fixture
 def images(tmp_path: Path) -> Path:
     """Real 2D images: a CT slice and an MR slice (DICOM), and a T1 volume whose slices are drawn too."""
-    import shutil
-
-    root = tmp_path / "images"
-    root.mkdir()
-    shutil.copy(sample_file("CT_small.dcm"), root / "ct.dcm")
-    shutil.copy(sample_file("MR_small.dcm"), root / "mr.dcm")
-    shutil.copy(nibabel_data("anatomical.nii"), root / "t1.nii")
-    return root
+    return training_images(tmp_path / "images")
 
 
 def tiny_cfg(tmp_path: Path, source: Path, stage: str = "stage1", **sections) -> object:

@@ -8,7 +8,6 @@ import csv
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import yaml
 
 pytest.importorskip("accelerate")
 
-from io_fixtures import nibabel_data, sample_file  # noqa: E402
+from io_fixtures import training_images  # noqa: E402
 from medlatent import MedVAE  # noqa: E402
 from medlatent.training.config import ConfigError, load_config, preset_names  # noqa: E402
 
@@ -37,12 +36,7 @@ def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.C
 @pytest.fixture
 def images(tmp_path: Path) -> Path:
     """Three real images: a CT slice, an MR slice (DICOM) and a T1 volume (slices drawn in a 2D run)."""
-    root = tmp_path / "images"
-    root.mkdir()
-    shutil.copy(sample_file("CT_small.dcm"), root / "ct.dcm")
-    shutil.copy(sample_file("MR_small.dcm"), root / "mr.dcm")
-    shutil.copy(nibabel_data("anatomical.nii"), root / "t1.nii")
-    return root
+    return training_images(tmp_path / "images")
 
 
 def tiny_cfg(run: Path, source: Path, **sections):
