@@ -227,21 +227,25 @@ class _Progress:
         self.progress.update(self.task, advance=1, description=escape(res.item))
 
 
-def _discover_or_fail(console, inputs: list[Path], output: Path):
-    """Check the output folder, then find the inputs: fails before any model loads when ``-o`` is unusable or
-    the inputs hold nothing to encode."""
+def _discover_or_fail(console, inputs: list[Path], output: Path, verb: str = "encode"):
+    """Check the output folder, then find the inputs (images to encode, or latent files to decode): fails before
+    any model loads when ``-o`` is unusable or the inputs hold nothing to work on."""
     from medlatent.batch import check_output
     from medlatent.io.atomic import OutputError
-    from medlatent.io.discover import discover_inputs
+    from medlatent.io.discover import discover_inputs, find_latents
 
     try:
         check_output(output, inputs)
     except OutputError as e:
         _fail(str(e))
-    found = discover_inputs(inputs, exclude=output)
+    if verb == "decode":
+        found, ignored = find_latents(inputs, exclude=output), []
+    else:
+        found = discover_inputs(inputs, exclude=output)
+        ignored = found.ignored
     if not found.items:
-        _list_inputs(console, found.failed, found.ignored)
-        _fail("nothing to encode: " + "; ".join(f"{p}: {why}" for p, why in found.empty or found.failed))
+        _list_inputs(console, found.failed, ignored)
+        _fail(f"nothing to {verb}: " + "; ".join(f"{p}: {why}" for p, why in found.empty or found.failed))
     return found
 
 
@@ -425,9 +429,7 @@ def decode(
     compile_model: bool = COMPILE_OPT,
 ) -> None:
     """Decode latent files back to images on the original grid, orientation and intensity units."""
-    from medlatent.batch import MANIFEST, Job, check_output
-    from medlatent.io.atomic import OutputError
-    from medlatent.io.discover import find_latents
+    from medlatent.batch import MANIFEST, Job
     from medlatent.io.writers import output_suffix, write_image
     from medlatent.latentfile import read_latent, read_latent_header
     from medlatent.pipeline import decode_latent
@@ -440,14 +442,7 @@ def decode(
             _fail(f"{e}, dicom")
     _check_dicom_options(dicom, template, keep_study)
     console = _console()
-    try:
-        check_output(output, latents)
-    except OutputError as e:
-        _fail(str(e))
-    found = find_latents(latents, exclude=output)
-    if not found.items:
-        _list_inputs(console, found.failed, [])
-        _fail("nothing to decode: " + "; ".join(f"{p}: {why}" for p, why in found.empty or found.failed))
+    found = _discover_or_fail(console, latents, output, verb="decode")
     files = [(it.name, it.paths[0]) for it in found.items]
     cache: dict = {}
 
