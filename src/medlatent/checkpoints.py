@@ -133,6 +133,90 @@ def inflate_2d_to_3d(sd: Mapping[str, torch.Tensor], axis: int = -1) -> StateDic
     return out
 
 
+# ---- the diffusers AutoencoderKL layout (natural-image VAEs; folders written by medlatent.export)
+#: the modules of an autoencoder; everything else in a training checkpoint (``loss.*``: discriminator,
+#: LPIPS, learned log-variance; a full LDM's UNet and text encoder) is dropped.
+_MODEL_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "channel_ds.", "channel_proj.")
+_ATTN_NAMES = {"group_norm": "norm", "to_q": "q", "query": "q", "to_k": "k", "key": "k", "to_v": "v",
+               "value": "v", "to_out.0": "proj_out", "proj_attn": "proj_out"}
+_ATTN_WEIGHT = re.compile(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
+
+
+def unwrap_state_dict(sd: Mapping[str, object]) -> dict[str, torch.Tensor]:
+    """The state dict inside a training checkpoint's ``{"state_dict": …}``, or ``sd`` itself."""
+    inner = sd.get("state_dict")
+    return dict(inner) if isinstance(inner, Mapping) else dict(sd)  # type: ignore[arg-type]
+
+
+def keep_autoencoder_keys(sd: Mapping[str, torch.Tensor]) -> StateDict:
+    """Only the autoencoder's tensors (``encoder.*``, ``decoder.*``, ``quant_conv.*``, …); refuses a file with none."""
+    kept = {k: v for k, v in sd.items() if k.startswith(_MODEL_PREFIXES)}
+    if not kept:
+        raise CheckpointError(
+            f"no autoencoder weights (encoder.*, decoder.*, quant_conv.*) among the {len(sd)} tensors "
+            f"(first keys: {', '.join(list(sd)[:4])}); is this a KL-VAE checkpoint?"
+        )
+    dropped = sorted(set(sd) - set(kept))
+    if dropped:
+        logger.info("ignoring %d tensors that are not part of the autoencoder (%s…)", len(dropped), dropped[0])
+    return kept
+
+
+def attention_as_conv(sd: StateDict) -> StateDict:
+    """Attention projections stored as ``Linear`` (``C×C``) become 1×1 convs (``C×C×1×1``)."""
+    return {k: v[..., None, None] if v.ndim == 2 and _ATTN_WEIGHT.search(k) else v for k, v in sd.items()}
+
+
+def diffusers_to_medlatent_key(key: str, num_up: int) -> str:
+    """medlatent's name of one diffusers ``AutoencoderKL`` parameter (``num_up``: the decoder's levels)."""
+    if m := re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
+        key = f"encoder.down.{m[1]}.block.{m[2]}.{m[3]}"
+    elif m := re.match(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.*)", key):
+        key = f"encoder.down.{m[1]}.downsample.{m[2]}"
+    # diffusers numbers the decoder's up blocks from the bottom (lowest resolution first); LDM's
+    # `up.N` is indexed by the encoder level it mirrors.
+    elif m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
+        key = f"decoder.up.{num_up - 1 - int(m[1])}.block.{m[2]}.{m[3]}"
+    elif m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.*)", key):
+        key = f"decoder.up.{num_up - 1 - int(m[1])}.upsample.{m[2]}"
+    elif m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.([01])\.(.*)", key):
+        key = f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"
+    elif m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.*)\.(weight|bias)$", key):
+        name = _ATTN_NAMES.get(m[2])
+        if name is None:
+            raise CheckpointError(f"unknown attention parameter {key!r} in a diffusers AutoencoderKL state dict")
+        key = f"{m[1]}.mid.attn_1.{name}.{m[3]}"
+    elif m := re.match(r"(encoder|decoder)\.conv_norm_out\.(.*)", key):
+        key = f"{m[1]}.norm_out.{m[2]}"
+    return key.replace(".conv_shortcut.", ".nin_shortcut.")
+
+
+def convert_diffusers_state_dict(sd: Mapping[str, torch.Tensor]) -> StateDict:
+    """diffusers ``AutoencoderKL`` state dict → medlatent state dict.
+
+    ``down_blocks.i.resnets.j`` → ``down.i.block.j``, ``downsamplers.0`` → ``downsample``,
+    ``up_blocks.i`` → ``up.(n-1-i)`` (diffusers counts the decoder's levels from the bottom),
+    ``mid_block.resnets.{0,1}`` → ``mid.block_{1,2}``, ``mid_block.attentions.0.{group_norm, to_q, to_k,
+    to_v, to_out.0}`` (or the older ``query/key/value/proj_attn``) → ``mid.attn_1.{norm, q, k, v,
+    proj_out}`` with the ``Linear`` weights reshaped to 1×1 convs, ``conv_shortcut`` → ``nin_shortcut``,
+    ``conv_norm_out`` → ``norm_out``.
+    """
+    sd = keep_autoencoder_keys(unwrap_state_dict(sd))
+    ups = {int(m[1]) for k in sd if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))}
+    num_up = max(ups) + 1 if ups else 0
+    out: StateDict = {}
+    for key, value in sd.items():
+        new = diffusers_to_medlatent_key(key, num_up)
+        if new in out:
+            raise CheckpointError(f"two diffusers tensors map to {new!r} (the second is {key!r})")
+        out[new] = value
+    return attention_as_conv(out)
+
+
+def is_diffusers_state_dict(sd: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``sd`` uses diffusers' ``AutoencoderKL`` names (``down_blocks``, ``mid_block``, …)."""
+    return any(re.search(r"(^|\.)(down_blocks|up_blocks|mid_block|conv_norm_out)\.", k) for k in unwrap_state_dict(sd))
+
 def strip_training_keys(sd: Mapping[str, torch.Tensor]) -> StateDict:
     dropped = [k for k in sd if k.startswith(_TRAINING_ONLY_PREFIXES)]
     if dropped:
@@ -212,10 +296,77 @@ def save_pretrained(model: MedVAE, directory: str | Path, name: str | None = Non
     return directory
 
 
+#: the stage-2 head of a member exported to diffusers (which has no place for it), beside diffusers' weights
+DIFFUSERS_STAGE2_FILE = "medlatent_stage2.safetensors"
+DIFFUSERS_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+#: the key of a diffusers ``config.json`` that holds what medlatent wrote (diffusers ignores ``_``-keys)
+DIFFUSERS_META_KEY = "_medlatent"
+
+
+def is_diffusers_config(meta: Mapping[str, object]) -> bool:
+    """Whether a ``config.json`` is a diffusers model's (``_class_name``) rather than medlatent's."""
+    return "_class_name" in meta and "config" not in meta
+
+
+def config_from_diffusers(meta: Mapping[str, object], stage2_head: bool) -> MedVAEConfig:
+    """The :class:`MedVAEConfig` of a diffusers ``AutoencoderKL`` config; refuses what a MedVAE cannot express."""
+    if meta.get("_class_name") != "AutoencoderKL":
+        raise CheckpointError(f"a diffusers {meta.get('_class_name')}, not an AutoencoderKL")
+    fixed = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True}
+    odd = [f"{k}={meta[k]!r}" for k, v in fixed.items() if k in meta and meta[k] != v]
+    odd += [f"{k}={meta[k]!r}" for k, kind in (("down_block_types", "DownEncoderBlock2D"),
+                                                ("up_block_types", "UpDecoderBlock2D"))
+            if any(t != kind for t in meta.get(k, []))]
+    if odd:
+        raise CheckpointError(f"{', '.join(odd)}: a MedVAE has SiLU, quant convs, mid-block attention and "
+                              "plain DownEncoderBlock2D/UpDecoderBlock2D blocks")
+    try:
+        widths = [int(w) for w in meta["block_out_channels"]]
+        ch = widths[0]
+        if any(w % ch for w in widths):
+            raise CheckpointError(f"block_out_channels {widths} are not multiples of the first width")
+        latent = int(meta.get("latent_channels", 4))
+        return MedVAEConfig(spatial_dims=2, in_channels=int(meta.get("in_channels", 3)),
+                            out_channels=int(meta.get("out_channels", 3)), ch=ch, ch_mult=[w // ch for w in widths],
+                            num_res_blocks=int(meta.get("layers_per_block", 1)), z_channels=latent, embed_dim=latent,
+                            stage2_head=stage2_head, norm_groups=int(meta.get("norm_num_groups", 32)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"not a usable AutoencoderKL config: {e}") from e
+
+
+def _load_diffusers_directory(directory: Path, meta: Mapping[str, object], map_location: str | torch.device) -> MedVAE:
+    """A diffusers ``AutoencoderKL`` folder (e.g. written by ``medlatent export --to diffusers``) as a MedVAE."""
+    weights = directory / DIFFUSERS_WEIGHTS_FILE
+    stage2 = directory / DIFFUSERS_STAGE2_FILE
+    try:
+        config = config_from_diffusers(meta, stage2_head=stage2.is_file())
+    except CheckpointError as e:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: {e}") from e
+    if not weights.is_file():
+        raise CheckpointError(f"{directory}: a diffusers AutoencoderKL folder without {DIFFUSERS_WEIGHTS_FILE}")
+    try:
+        sd = convert_diffusers_state_dict(read_state_dict(weights, map_location))
+    except CheckpointError as e:
+        raise CheckpointError(f"{weights}: {e}") from e
+    if stage2.is_file():
+        sd.update(read_state_dict(stage2, map_location))
+    model = MedVAE(config)
+    load_state_dict_strict(model, sd, str(weights))
+    extra = meta.get(DIFFUSERS_META_KEY)
+    extra = extra if isinstance(extra, Mapping) else {}
+    model.weights_info = {"model": str(extra.get("model") or directory.name), "file": str(weights),
+                          "sha256": sha256_file(weights)}
+    tile = extra.get("max_tile")
+    model.max_tile = tile if isinstance(tile, int) and tile > 0 and tile % model.downsample_per_axis == 0 else None
+    return model.eval()
+
+
 def _load_directory(directory: Path, map_location: str | torch.device) -> MedVAE:
     cfg_path = directory / CONFIG_FILE
     try:
         meta = json.loads(cfg_path.read_text())
+        if isinstance(meta, dict) and is_diffusers_config(meta):
+            return _load_diffusers_directory(directory, meta, map_location)
         config = MedVAEConfig.from_dict(meta["config"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{cfg_path}: not a medlatent model config: {e}") from e
@@ -282,7 +433,8 @@ def load_pretrained(
       * a registry name (``medlatent.list_models()``): the official checkpoint is taken from
         ``checkpoint`` if given, else from the Hugging Face Hub (cached; ``HF_HUB_OFFLINE`` honoured),
         and the hub's YAML config, when it can be had, is checked against the registry;
-      * a directory written by :meth:`MedVAE.save_pretrained`;
+      * a directory written by :meth:`MedVAE.save_pretrained`, or a diffusers ``AutoencoderKL`` folder
+        (``medlatent export --to diffusers``; its stage-2 head, if any, from ``medlatent_stage2.safetensors``);
       * a checkpoint file (architecture inferred from its shapes).
 
     The model is returned in eval mode.
@@ -317,9 +469,14 @@ def load_pretrained(
 
 __all__ = [
     "CheckpointError",
+    "attention_as_conv",
+    "convert_diffusers_state_dict",
     "convert_official_state_dict",
     "infer_config",
+    "diffusers_to_medlatent_key",
     "inflate_2d_to_3d",
+    "is_diffusers_state_dict",
+    "keep_autoencoder_keys",
     "list_models",
     "load_checkpoint",
     "load_pretrained",
@@ -328,4 +485,5 @@ __all__ = [
     "read_state_dict",
     "save_pretrained",
     "sha256_file",
+    "unwrap_state_dict",
 ]

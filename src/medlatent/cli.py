@@ -730,6 +730,39 @@ def finetune(
     _train_or_show(cfg, show)
 
 
+@app.command("export")
+def export_cmd(
+    model: str = typer.Argument(DEFAULT_MODEL, help="Registry name or model folder."),
+    to: str = typer.Option(..., "--to", help="Target: diffusers (2D), monai (2D/3D) or onnx (2D/3D)."),
+    output: Path = typer.Option(..., "--output", "-o", help="A new folder to write."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Official checkpoint file for MODEL."),
+    scaling_factor: Optional[float] = typer.Option(
+        None, "--scaling-factor", help="diffusers/MONAI latent scale (default: 1/std of z over the sample images)."),
+) -> None:
+    """Write MODEL for diffusers (AutoencoderKL folder), MONAI (AutoencoderKL state dict + arguments) or ONNX.
+
+    Example: medlatent export medlatent_small_4_4_2d --to diffusers -o vae_diffusers
+    """
+    from medlatent.export import TARGETS, ExportError, export
+    from medlatent.io.atomic import OutputError, check_output_dir
+    from medlatent.optional import OptionalDependencyError
+
+    if to not in TARGETS:
+        _fail(f"--to {to}: unknown target; use one of {', '.join(TARGETS)}")
+    if scaling_factor is not None and to == "onnx":
+        _fail("--scaling-factor applies to --to diffusers and --to monai, not onnx")
+    try:
+        check_output_dir(output)
+    except OutputError as e:
+        _fail(str(e))
+    net = _load(model, checkpoint, provide=PROVIDE_BY_OPTIONS)
+    try:
+        path = export(net, to, output, scaling_factor=scaling_factor)
+    except (ExportError, OptionalDependencyError, OSError) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {path} ({to}, {net.spatial_dims}D, f={net.f}, C={net.C})")
+
+
 @app.command("export-ckpt")
 def export_ckpt(
     model_dir: Path = typer.Argument(..., help="A trained model folder (RUN_DIR/final or a checkpoint folder)."),

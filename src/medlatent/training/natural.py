@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -31,11 +30,16 @@ from torch import nn
 from medlatent.checkpoints import (
     CheckpointError,
     StateDict,
+    attention_as_conv,
+    convert_diffusers_state_dict,
     infer_config,
+    is_diffusers_state_dict,
+    keep_autoencoder_keys,
     load_state_dict_strict,
     merge_lora,
     read_state_dict,
     sha256_file,
+    unwrap_state_dict,
 )
 from medlatent.model.autoencoder import MedVAE
 from medlatent.model.config import MedVAEConfig
@@ -43,38 +47,10 @@ from medlatent.model.lora import inject_lora
 
 logger = logging.getLogger(__name__)
 
-#: the modules of an autoencoder; everything else in a training checkpoint (``loss.*``: discriminator,
-#: LPIPS, learned log-variance; a full LDM's UNet and text encoder) is dropped.
-_MODEL_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "channel_ds.", "channel_proj.")
 _LDM_PREFIX = "first_stage_model."  # the autoencoder inside a full latent-diffusion checkpoint
 _STAGE2_PREFIXES = ("channel_ds.", "channel_proj.")
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-_ATTN_NAMES = {"group_norm": "norm", "to_q": "q", "query": "q", "to_k": "k", "key": "k", "to_v": "v",
-               "value": "v", "to_out.0": "proj_out", "proj_attn": "proj_out"}
-_ATTN_WEIGHT = re.compile(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
 
-
-def _unwrap(sd: Mapping[str, object]) -> dict[str, torch.Tensor]:
-    inner = sd.get("state_dict")
-    return dict(inner) if isinstance(inner, Mapping) else dict(sd)  # type: ignore[arg-type]
-
-
-def _keep_model_keys(sd: Mapping[str, torch.Tensor]) -> StateDict:
-    kept = {k: v for k, v in sd.items() if k.startswith(_MODEL_PREFIXES)}
-    if not kept:
-        raise CheckpointError(
-            f"no autoencoder weights (encoder.*, decoder.*, quant_conv.*) among the {len(sd)} tensors "
-            f"(first keys: {', '.join(list(sd)[:4])}); is this a KL-VAE checkpoint?"
-        )
-    dropped = sorted(set(sd) - set(kept))
-    if dropped:
-        logger.info("ignoring %d tensors that are not part of the autoencoder (%s…)", len(dropped), dropped[0])
-    return kept
-
-
-def _attention_as_conv(sd: StateDict) -> StateDict:
-    """Attention projections stored as ``Linear`` (``C×C``) become 1×1 convs (``C×C×1×1``)."""
-    return {k: v[..., None, None] if v.ndim == 2 and _ATTN_WEIGHT.search(k) else v for k, v in sd.items()}
 
 
 def convert_ldm_state_dict(sd: Mapping[str, torch.Tensor]) -> StateDict:
@@ -85,60 +61,12 @@ def convert_ldm_state_dict(sd: Mapping[str, torch.Tensor]) -> StateDict:
     Training-only tensors (``loss.*``) and other models' tensors are dropped; the key names are already
     medlatent's. LoRA adapters, if any (a released multi-channel checkpoint, to train further), are merged.
     """
-    sd = _unwrap(sd)
+    sd = unwrap_state_dict(sd)
     if any(k.startswith(_LDM_PREFIX) for k in sd):
         sd = {k[len(_LDM_PREFIX):]: v for k, v in sd.items() if k.startswith(_LDM_PREFIX)}
-    return merge_lora(_attention_as_conv(_keep_model_keys(sd)))
+    return merge_lora(attention_as_conv(keep_autoencoder_keys(sd)))
 
 
-def _diffusers_key(key: str, num_up: int) -> str:
-    if m := re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
-        key = f"encoder.down.{m[1]}.block.{m[2]}.{m[3]}"
-    elif m := re.match(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.*)", key):
-        key = f"encoder.down.{m[1]}.downsample.{m[2]}"
-    # diffusers numbers the decoder's up blocks from the bottom (lowest resolution first); LDM's
-    # `up.N` is indexed by the encoder level it mirrors.
-    elif m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
-        key = f"decoder.up.{num_up - 1 - int(m[1])}.block.{m[2]}.{m[3]}"
-    elif m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.*)", key):
-        key = f"decoder.up.{num_up - 1 - int(m[1])}.upsample.{m[2]}"
-    elif m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.([01])\.(.*)", key):
-        key = f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"
-    elif m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.*)\.(weight|bias)$", key):
-        name = _ATTN_NAMES.get(m[2])
-        if name is None:
-            raise CheckpointError(f"unknown attention parameter {key!r} in a diffusers AutoencoderKL state dict")
-        key = f"{m[1]}.mid.attn_1.{name}.{m[3]}"
-    elif m := re.match(r"(encoder|decoder)\.conv_norm_out\.(.*)", key):
-        key = f"{m[1]}.norm_out.{m[2]}"
-    return key.replace(".conv_shortcut.", ".nin_shortcut.")
-
-
-def convert_diffusers_state_dict(sd: Mapping[str, torch.Tensor]) -> StateDict:
-    """diffusers ``AutoencoderKL`` state dict → medlatent state dict.
-
-    ``down_blocks.i.resnets.j`` → ``down.i.block.j``, ``downsamplers.0`` → ``downsample``,
-    ``up_blocks.i`` → ``up.(n-1-i)`` (diffusers counts the decoder's levels from the bottom),
-    ``mid_block.resnets.{0,1}`` → ``mid.block_{1,2}``, ``mid_block.attentions.0.{group_norm, to_q, to_k,
-    to_v, to_out.0}`` (or the older ``query/key/value/proj_attn``) → ``mid.attn_1.{norm, q, k, v,
-    proj_out}`` with the ``Linear`` weights reshaped to 1×1 convs, ``conv_shortcut`` → ``nin_shortcut``,
-    ``conv_norm_out`` → ``norm_out``.
-    """
-    sd = _keep_model_keys(_unwrap(sd))
-    ups = {int(m[1]) for k in sd if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))}
-    num_up = max(ups) + 1 if ups else 0
-    out: StateDict = {}
-    for key, value in sd.items():
-        new = _diffusers_key(key, num_up)
-        if new in out:
-            raise CheckpointError(f"two diffusers tensors map to {new!r} (the second is {key!r})")
-        out[new] = value
-    return _attention_as_conv(out)
-
-
-def is_diffusers_state_dict(sd: Mapping[str, torch.Tensor]) -> bool:
-    """Whether ``sd`` uses diffusers' ``AutoencoderKL`` names (``down_blocks``, ``mid_block``, …)."""
-    return any(re.search(r"(^|\.)(down_blocks|up_blocks|mid_block|conv_norm_out)\.", k) for k in _unwrap(sd))
 
 
 def convert_natural_state_dict(sd: Mapping[str, torch.Tensor]) -> StateDict:
