@@ -10,9 +10,22 @@ import torch
 from conftest import image_for, randomise, run_cli, tiny_config
 from io_fixtures import sample_file
 from medlatent import MedVAE
-from medlatent.export import ExportError, load_monai, measure_scaling_factor, to_diffusers, to_monai, to_onnx
+from medlatent.checkpoints import CheckpointError
+from medlatent.export import (
+    ExportError,
+    diffusers_config,
+    load_monai,
+    measure_scaling_factor,
+    monai_arguments,
+    to_diffusers,
+    to_diffusers_state_dict,
+    to_monai,
+    to_monai_state_dict,
+    to_onnx,
+)
 from medlatent.io.readers import read_image
 from medlatent.pipeline import encode_image, prepare
+from medlatent.registry import get_model_info, list_models
 
 TOL = 1e-4
 
@@ -134,3 +147,37 @@ def test_onnx_graphs_match_torch_at_other_sizes(tmp_path, tiny_model):
     with torch.no_grad():
         assert _max(stage2, tiny_model.stage2_features(z)) <= TOL
     assert _max(dec.run(["image"], {"z": z.numpy()})[0], rec) <= TOL
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_member_maps_onto_diffusers_and_monai_key_for_key(name):
+    """Architecture only (meta tensors, no weights): every parameter lands on one of the same shape."""
+    info = get_model_info(name)
+    with torch.device("meta"):
+        model = MedVAE(info.config)
+    if info.spatial_dims == 2:
+        diffusers = pytest.importorskip("diffusers")
+        with torch.device("meta"):
+            net = diffusers.AutoencoderKL(**diffusers_config(model, 1.0))
+        theirs = {k: v.shape for k, v in net.state_dict().items()}
+        mapped = to_diffusers_state_dict(dict(model.state_dict()), theirs, len(info.config.ch_mult))
+        assert {k: v.shape for k, v in mapped.items()} == theirs
+    else:
+        with pytest.raises(ExportError, match="2D only"):
+            diffusers_config(model, 1.0)
+    pytest.importorskip("einops")
+    nets = pytest.importorskip("monai.networks.nets")
+    with torch.device("meta"):
+        net = nets.AutoencoderKL(**monai_arguments(model))
+        mapped, silu_after = to_monai_state_dict(model)
+    assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in net.state_dict().items()}
+    assert all(isinstance(net.get_submodule(n), torch.nn.GroupNorm) for n in silu_after)
+
+
+def test_a_diffusers_folder_medlatent_cannot_express_is_refused_by_name(tmp_path):
+    pytest.importorskip("diffusers")
+    out = to_diffusers(randomise(MedVAE(tiny_config(2))).eval(), tmp_path / "vae", scaling_factor=1.0)
+    meta = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**meta, "act_fn": "gelu"}))
+    with pytest.raises(CheckpointError, match=r"config\.json.*act_fn='gelu'"):
+        MedVAE.from_pretrained(out)

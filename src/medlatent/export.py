@@ -152,7 +152,9 @@ def _model_name(model: MedVAE) -> str:
 
 
 def _state_dict(model: MedVAE) -> StateDict:
-    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    # a model on the meta device maps its architecture alone (shapes, no values), e.g. to check a member cheaply
+    dev = "meta" if model.quant_conv.weight.is_meta else "cpu"
+    return {k: v.detach().to(dev, torch.float32).contiguous() for k, v in model.state_dict().items()}
 
 
 def _stage2(sd: StateDict) -> StateDict:
