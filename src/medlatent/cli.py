@@ -756,6 +756,8 @@ def export_cmd(
     except OutputError as e:
         _fail(str(e))
     net = _load(model, checkpoint, provide=PROVIDE_BY_OPTIONS)
+    if scaling_factor is None and (to == "monai" or (to == "diffusers" and net.spatial_dims == 2)):
+        typer.echo("measuring the scaling factor on the offline sample images (--scaling-factor skips this)")
     try:
         path = export(net, to, output, scaling_factor=scaling_factor)
     except (ExportError, OptionalDependencyError, OSError) as e:

@@ -462,8 +462,9 @@ def to_onnx(model: MedVAE, directory: str | Path, *, opset: int = 17) -> Path:
     import_optional("onnx", "export to ONNX", EXPORT_INSTALL)
     cfg, s = model.config, model.downsample_per_axis
     stage2 = cfg.stage2_head
-    x = torch.zeros(1, cfg.in_channels, *(2 * s,) * cfg.spatial_dims)
-    z = torch.zeros(1, cfg.embed_dim, *(2,) * cfg.spatial_dims)
+    dev, dtype = model.quant_conv.weight.device, model.quant_conv.weight.dtype
+    x = torch.zeros(1, cfg.in_channels, *(2 * s,) * cfg.spatial_dims, device=dev, dtype=dtype)
+    z = torch.zeros(1, cfg.embed_dim, *(2,) * cfg.spatial_dims, device=dev, dtype=dtype)
     enc_out = ["z", "stage2"] if stage2 else ["z"]
     with _staging(directory) as tmp:
         staged = Path(tmp) / "out"
