@@ -80,8 +80,7 @@ def test_bundled_model_to_diffusers_through_the_cli(tmp_path):
     assert MedVAE.from_pretrained(tmp_path / "vae").max_tile == model.max_tile
 
 
-def test_scaling_factor_is_one_over_the_std_of_real_latents(tmp_path):
-    pytest.importorskip("diffusers")
+def test_scaling_factor_is_one_over_the_std_of_real_latents():
     model = MedVAE.from_pretrained("medlatent_small_4_4_2d")
     files = [sample_file("CT_small.dcm"), sample_file("MR_small.dcm")]
     got = measure_scaling_factor(model, files)
