@@ -352,6 +352,23 @@ def c1_init(data: Path, run: Path, maps: int, crops: int, sweeps: int, overrides
     return out
 
 
+def c1_validate(data: Path, model_dir: Path, out: Path, max_tile: int | None, overrides: list[str]) -> dict:
+    """A model folder (``RUN/init``, a checkpoint, ``final/``) on the validation split against bicubic; with
+    ``max_tile``, images are run in tiles of at most that size (faster on a CPU for the large mammograms)."""
+    from medlatent import MedVAE
+    from medlatent.training.data import build_datasets
+
+    cfg = _c1_config(data, Path("runs/_validate"), overrides)
+    _, val_ds = build_datasets(cfg.data, downsample=4, seed=cfg.train.seed)
+    model = MedVAE.from_pretrained(model_dir).eval()
+    model.max_tile = max_tile
+    res = {"model": str(model_dir), "max_tile": max_tile, **validate_vs_bicubic(model, val_ds.entries, cfg.data)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res["mean"], indent=1))
+    return res
+
+
 def c1_train(data: Path, run: Path, overrides: list[str]) -> None:
     from medlatent.training.run import run as run_training
 
@@ -480,12 +497,20 @@ def main(argv: list[str] | None = None) -> int:
     cu.add_argument("--data", type=Path, default=Path("data/default_model"))
     cu.add_argument("--run", type=Path, default=Path(f"runs/{C1_MODEL}"))
     cu.add_argument("overrides", nargs="*", help="section.key=value")
+    cv = sub.add_parser("c1-validate", help="a model folder on the validation split against bicubic")
+    cv.add_argument("model_dir", type=Path)
+    cv.add_argument("--data", type=Path, default=Path("data/default_model"))
+    cv.add_argument("--out", type=Path, required=True)
+    cv.add_argument("--max-tile", type=int, help="tile limit in pixels (default: whole images when they fit)")
+    cv.add_argument("overrides", nargs="*", help="section.key=value")
     args = ap.parse_args(argv)
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.cmd == "c1-init":
         c1_init(args.data, args.run, args.maps, args.crops, args.sweeps, args.overrides)
+    elif args.cmd == "c1-validate":
+        c1_validate(args.data, args.model_dir, args.out, args.max_tile, args.overrides)
     elif args.cmd == "c1-train":
         c1_train(args.data, args.run, args.overrides)
     elif args.cmd == "c1-pack":
