@@ -374,7 +374,14 @@ def c1_train(data: Path, run: Path, overrides: list[str]) -> None:
 
     if not (run / "init" / "config.json").is_file():
         raise SystemExit(f"{run / 'init'} is missing: run `c1-init` first (or `c1-unpack` to resume from the pack)")
-    print(json.dumps(run_training(_c1_config(data, run, [f"model.init={run / 'init'}", *overrides])), indent=2))
+    from medlatent.training.trainer import TrainingInterrupted
+
+    try:
+        result = run_training(_c1_config(data, run, [f"model.init={run / 'init'}", *overrides]))
+    except TrainingInterrupted as e:  # SIGINT/SIGTERM: the checkpoint of the step is saved; c1-train resumes there
+        print(e, file=sys.stderr)
+        raise SystemExit(128 + int(e.signum)) from None
+    print(json.dumps(result, indent=2))
 
 
 def c1_pack(run: Path, out: Path) -> Path:
@@ -406,6 +413,7 @@ def c1_pack(run: Path, out: Path) -> Path:
         if len(pnames) != len(ema):
             raise SystemExit(f"{ckpt}: {len(ema)} EMA tensors for {len(pnames)} parameters")
         save_file({n: t.contiguous() for n, t in zip(pnames, ema)}, str(out / "ema.safetensors"))
+        (out / "ema.safetensors").chmod(0o644)  # as the copied files
     counters = {k: state[k] for k in ("step", "epoch", "batch_in_epoch", "seconds")}
     (out / "resume.json").write_text(json.dumps({**counters, "checkpoint": ckpt.name}, indent=1) + "\n")
     for f in ("log.csv", "val.jsonl"):
