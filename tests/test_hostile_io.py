@@ -247,17 +247,23 @@ def _all_cases(d: Path) -> list[tuple[str, Path, str]]:
     return _dicom_cases(d) + _nifti_cases(d)
 
 
-def test_each_hostile_file_is_refused_naming_file_and_problem(tmp_path):
-    for case, path, fragment in _all_cases(tmp_path / "bad"):
+@pytest.fixture(scope="module")
+def hostile_cases(tmp_path_factory) -> list[tuple[str, Path, str]]:
+    """Built once: the deeply nested DICOM alone takes about a minute to write."""
+    return _all_cases(tmp_path_factory.mktemp("hostile") / "bad")
+
+
+def test_each_hostile_file_is_refused_naming_file_and_problem(hostile_cases):
+    for case, path, fragment in hostile_cases:
         with pytest.raises(ImageReadError) as err:
             _read_quietly(path)
         text = str(err.value)
         assert text.startswith(str(path)) and fragment in text, f"{case}: {text}"
 
 
-def test_hostile_files_through_the_cli(tmp_path, model_dirs):
+def test_hostile_files_through_the_cli(tmp_path, model_dirs, hostile_cases):
     """Every case: exit 1, the file and the problem in the output, no traceback or numpy warning, nothing written."""
-    for case, path, fragment in _all_cases(tmp_path / "bad"):
+    for case, path, fragment in hostile_cases:
         dims = 3 if path.suffix == ".nii" else 2
         out = tmp_path / "out" / path.stem
         with warnings.catch_warnings(record=True) as caught:
