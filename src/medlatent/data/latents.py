@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, Sampler
 
 from medlatent.distributed import Shard
 from medlatent.io.discover import find_latents
+from medlatent.io.tables import read_csv_rows
 from medlatent.latentfile import SUFFIX, LatentFile, LatentFileError, read_latent
 
 logger = logging.getLogger(__name__)
@@ -79,11 +80,7 @@ class _Labels:
 
 def _read_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            columns = [(c or "").strip() for c in (reader.fieldnames or [])]
-            rows = [(reader.line_num, {(k or "").strip(): (v or "").strip() if isinstance(v, str) else ""
-                                       for k, v in row.items()}) for row in reader]
+        columns, rows = read_csv_rows(csv_path)
     except FileNotFoundError:
         raise LatentDataError(f"{csv_path}: no such label CSV") from None
     except (OSError, UnicodeDecodeError, csv.Error) as e:

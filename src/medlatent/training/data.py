@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medlatent.io.image import ImageReadError
+from medlatent.io.tables import read_csv_rows
 from medlatent.preprocessing import PreprocessingError, preprocess
 from medlatent.training.options import option
 
@@ -231,17 +232,9 @@ def manifest_has_split(source: str | Path) -> bool:
 def _manifest_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """(lower-cased column names, [(line number, row)])."""
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            columns = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
-            rows = []
-            for row in reader:
-                clean = {(k or "").strip().lower(): (v or "").strip() if isinstance(v, str) else "" for k, v in
-                         row.items()}
-                rows.append((reader.line_num, clean))
+        return read_csv_rows(csv_path, lower=True)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{csv_path}: cannot be read as a CSV manifest ({type(e).__name__}: {e})") from e
-    return columns, rows
 
 
 def _read_manifest(csv_path: Path, *, split: str | None, modality: str, required: bool) -> list[Entry]:
