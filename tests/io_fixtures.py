@@ -72,3 +72,18 @@ def training_images(root: Path, volume: bool = True) -> Path:
     if volume:
         shutil.copy(nibabel_data("anatomical.nii"), root / "t1.nii")
     return root
+
+
+def write_task_image(folder: Path, stem: str, p: np.ndarray, dims: int) -> str:
+    """Write a [0, 1] array as a 16-bit PNG (2D) or a float NIfTI volume (3D) for a CAD task; returns the name."""
+    from medlatent.io.image import ImageData, spacing_affine
+    from medlatent.io.writers import write_image
+
+    if dims == 2:
+        name = f"{stem}.png"
+        write_image(ImageData(np.round(p * 65535).astype(np.uint16)[None], spacing_affine((1.0, 1.0))),
+                    folder / name, "png")
+    else:
+        name = f"{stem}.nii.gz"
+        write_image(ImageData(p.astype(np.float32), np.eye(4)), folder / name, "nifti")
+    return name

@@ -18,7 +18,7 @@ import typer
 from typer.testing import CliRunner
 
 from conftest import randomise, tiny_config
-from io_fixtures import nibabel_data, sample_file
+from io_fixtures import nibabel_data, sample_file, write_task_image
 from medlatent import MedVAE
 from medlatent.evaluation.cad import (
     CADConfig,
@@ -91,13 +91,7 @@ def separable_task(folder: Path, dims: int, n: int = 120, size: int = 16, shuffl
         plane = planes[i % len(planes)]
         start = [int(rng.integers(0, s - size + 1)) for s in plane.shape]
         p = _halves(crop(plane, start, size), bool(labels[i]))
-        if dims == 2:
-            name = f"img{i:03d}.png"
-            write_image(ImageData(np.round(p * 65535).astype(np.uint16)[None], spacing_affine((1.0, 1.0))),
-                        folder / name, "png")
-        else:
-            name = f"vol{i:03d}.nii.gz"
-            write_image(ImageData(p.astype(np.float32), np.eye(4)), folder / name, "nifti")
+        name = write_task_image(folder, f"img{i:03d}" if dims == 2 else f"vol{i:03d}", p, dims)
         rows.append([name, int(shown[i]), splits[i]] + ([f"p{i}"] if patient else []))
     csv_path = folder / "task.csv"
     with open(csv_path, "w", newline="") as fh:
@@ -303,8 +297,7 @@ def test_multiclass_task_reports_macro_auroc(tmp_path):
         p = unit(crop(planes[0], [int(rng.integers(0, 112)), int(rng.integers(0, 112))], 16))
         p[:, :] = np.minimum(p, 0.5)
         p[:, 5 * k:5 * k + 5] = 1.0
-        write_image(ImageData(np.round(p * 65535).astype(np.uint16)[None], spacing_affine((1.0, 1.0))),
-                    folder / f"{i}.png", "png")
+        write_task_image(folder, str(i), p, 2)
         rows.append(f"{i}.png,{['a', 'b', 'c'][k]},{'train' if i < 36 else 'test'}")
     csv_path = write_csv(folder / "three.csv", "path,label,split", rows)
     cfg = CADConfig(size=16, seeds=(0,), **{**FAST, "epochs": 6})

@@ -128,10 +128,8 @@ def _cad_task(folder: Path, dims: int, n: int = 24, size: int = 16) -> Path:
     or black (label 0); half train, a sixth val, the rest test."""
     import numpy as np
 
-    from io_fixtures import nibabel_data, sample_file
+    from io_fixtures import nibabel_data, sample_file, write_task_image
     from medlatent.evaluation.finefeature import crop, source_planes, unit
-    from medlatent.io.image import ImageData, spacing_affine
-    from medlatent.io.writers import write_image
 
     folder.mkdir(parents=True, exist_ok=True)
     planes = source_planes(sample_file("CT_small.dcm") if dims == 2 else nibabel_data("anatomical.nii"), dims)
@@ -142,13 +140,7 @@ def _cad_task(folder: Path, dims: int, n: int = 24, size: int = 16) -> Path:
         p = unit(crop(plane, [int(rng.integers(0, s - size + 1)) for s in plane.shape], size))
         p[..., size // 2:] = float(i % 2)
         split = "train" if i < n // 2 else "val" if i < n // 2 + n // 6 else "test"
-        if dims == 2:
-            name = f"{i}.png"
-            write_image(ImageData(np.round(p * 65535).astype(np.uint16)[None], spacing_affine((1.0, 1.0))),
-                        folder / name, "png")
-        else:
-            name = f"{i}.nii.gz"
-            write_image(ImageData(p.astype(np.float32), np.eye(4)), folder / name, "nifti")
+        name = write_task_image(folder, str(i), p, dims)
         rows.append(f"{name},{i % 2},{split}")
     (folder / "task.csv").write_text("\n".join(rows) + "\n")
     return folder / "task.csv"
