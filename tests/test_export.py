@@ -180,3 +180,27 @@ def test_a_diffusers_folder_medlatent_cannot_express_is_refused_by_name(tmp_path
     (out / "config.json").write_text(json.dumps({**meta, "act_fn": "gelu"}))
     with pytest.raises(CheckpointError, match=r"config\.json.*act_fn='gelu'"):
         MedVAE.from_pretrained(out)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_model_without_mid_attention_exports_and_loads_back(tmp_path, dims):
+    """The attention-free default models: diffusers (2D) and MONAI drop the attention block, medlatent reads the
+    diffusers folder back as attention-free, and every export still gives medlatent's z and decoding."""
+    pytest.importorskip("monai")
+    pytest.importorskip("einops")
+    model = randomise(MedVAE(tiny_config(dims, mid_attention=False))).eval()
+    assert not any("attn" in k for k in model.state_dict())
+    x = image_for(model)
+    z, rec = _reference(model, x)
+    net = load_monai(to_monai(model, tmp_path / "monai", scaling_factor=1.0))
+    with torch.no_grad():
+        mu, _ = net.encode(x)
+        assert _max(mu, z) <= TOL and _max(net.decode(z), rec) <= TOL
+    if dims == 2:
+        diffusers = pytest.importorskip("diffusers")
+        out = to_diffusers(model, tmp_path / "vae", scaling_factor=1.0)
+        vae = diffusers.AutoencoderKL.from_pretrained(out).eval()
+        with torch.no_grad():
+            assert _max(vae.encode(x).latent_dist.mean, z) <= TOL and _max(vae.decode(z).sample, rec) <= TOL
+        back = MedVAE.from_pretrained(out)
+        assert back.config.mid_attention is False and back.config == model.config

@@ -247,6 +247,7 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> MedVAEConfig:
             z_channels=sd["decoder.conv_in.weight"].shape[1],
             embed_dim=sd["post_quant_conv.weight"].shape[1],
             stage2_head="channel_proj.weight" in sd,
+            mid_attention="encoder.mid.attn_1.q.weight" in sd,
         )
     except (KeyError, IndexError) as e:
         raise CheckpointError(f"cannot infer a MedVAE architecture from this state dict (missing {e})") from e
@@ -312,13 +313,13 @@ def config_from_diffusers(meta: Mapping[str, object], stage2_head: bool) -> MedV
     """The :class:`MedVAEConfig` of a diffusers ``AutoencoderKL`` config; refuses what a MedVAE cannot express."""
     if meta.get("_class_name") != "AutoencoderKL":
         raise CheckpointError(f"a diffusers {meta.get('_class_name')}, not an AutoencoderKL")
-    fixed = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True}
+    fixed = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True}
     odd = [f"{k}={meta[k]!r}" for k, v in fixed.items() if k in meta and meta[k] != v]
     odd += [f"{k}={meta[k]!r}" for k, kind in (("down_block_types", "DownEncoderBlock2D"),
                                                 ("up_block_types", "UpDecoderBlock2D"))
             if any(t != kind for t in meta.get(k, []))]
     if odd:
-        raise CheckpointError(f"{', '.join(odd)}: a MedVAE has SiLU, quant convs, mid-block attention and "
+        raise CheckpointError(f"{', '.join(odd)}: a MedVAE has SiLU, quant convs and "
                               "plain DownEncoderBlock2D/UpDecoderBlock2D blocks")
     try:
         widths = [int(w) for w in meta["block_out_channels"]]
@@ -329,7 +330,8 @@ def config_from_diffusers(meta: Mapping[str, object], stage2_head: bool) -> MedV
         return MedVAEConfig(spatial_dims=2, in_channels=int(meta.get("in_channels", 3)),
                             out_channels=int(meta.get("out_channels", 3)), ch=ch, ch_mult=[w // ch for w in widths],
                             num_res_blocks=int(meta.get("layers_per_block", 1)), z_channels=latent, embed_dim=latent,
-                            stage2_head=stage2_head, norm_groups=int(meta.get("norm_num_groups", 32)))
+                            stage2_head=stage2_head, norm_groups=int(meta.get("norm_num_groups", 32)),
+                            mid_attention=bool(meta.get("mid_block_add_attention", True)))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"not a usable AutoencoderKL config: {e}") from e
 

@@ -14,7 +14,9 @@ Every target gives the posterior mean ``z`` and the decoding of medlatent to flo
   is exact (``quant_conv`` folded into the output conv), the variance cannot be expressed and is set to the clamp
   floor (σ = e⁻¹⁵), so MONAI's sampling returns the mean, medlatent's latent of record. MONAI shares
   ``num_res_blocks`` between encoder and decoder, while the decoder has one block more per level: the encoder gets one
-  extra residual block per level whose residual branch is zero, an exact identity.
+  extra residual block per level whose residual branch is zero, an exact identity. A model without mid-block
+  attention has no mid block in MONAI (``with_*_nonlocal_attn=False`` drops the two residual blocks around the
+  attention too): its two mid blocks become two more blocks of the lowest-resolution level, same width.
 * ONNX: the encoder (``image`` → ``z``, plus ``stage2`` with a stage-2 head) and the decoder (``z`` → ``image``) as
   two graphs with dynamic batch and spatial axes, traced with the standard ops (nearest upsampling + convolution, one
   attention call) rather than the inference-time sub-pixel convolution, which computes the same values.
@@ -183,7 +185,7 @@ def diffusers_config(model: MedVAE, scaling_factor: float) -> dict[str, Any]:
         "block_out_channels": [cfg.ch * m for m in cfg.ch_mult], "layers_per_block": cfg.num_res_blocks,
         "act_fn": "silu", "latent_channels": cfg.embed_dim, "norm_num_groups": cfg.norm_groups,
         "sample_size": model.max_tile or 512, "scaling_factor": scaling_factor, "force_upcast": True,
-        "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
+        "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": cfg.mid_attention,
     }
 
 
@@ -273,13 +275,16 @@ def monai_arguments(model: MedVAE) -> dict[str, Any]:
     """Constructor arguments of ``monai.networks.nets.AutoencoderKL`` for this model (2D or 3D)."""
     cfg = model.config
     _require_one_latent_width(model, "MONAI")
-    levels = len(cfg.ch_mult)
+    levels, attn = len(cfg.ch_mult), cfg.mid_attention
     return {
         "spatial_dims": cfg.spatial_dims, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
         # MONAI's encoder and decoder share this count; the decoder needs one more (see the module docstring)
-        "num_res_blocks": [cfg.num_res_blocks + 1] * levels, "channels": [cfg.ch * m for m in cfg.ch_mult],
+        # without mid attention MONAI has no mid block: the lowest level takes our two mid ResnetBlocks
+        "num_res_blocks": [cfg.num_res_blocks + 1] * (levels - 1) + [cfg.num_res_blocks + 1 + 2 * (not attn)],
+        "channels": [cfg.ch * m for m in cfg.ch_mult],
         "attention_levels": [False] * levels, "latent_channels": cfg.embed_dim, "norm_num_groups": cfg.norm_groups,
-        "norm_eps": 1e-6, "with_encoder_nonlocal_attn": True, "with_decoder_nonlocal_attn": True,
+        "norm_eps": 1e-6, "with_encoder_nonlocal_attn": cfg.mid_attention,
+        "with_decoder_nonlocal_attn": cfg.mid_attention,
         "use_convtranspose": False, "include_fc": True, "use_combined_linear": False, "use_flash_attention": True,
     }
 
@@ -303,6 +308,12 @@ def _identity_resblock(sd: StateDict, like: str, dst: str) -> StateDict:
         out[f"{dst}.{name}.conv.weight"] = torch.zeros_like(sd[f"{like}.conv2.weight"])
         out[f"{dst}.{name}.conv.bias"] = torch.zeros_like(sd[f"{like}.conv2.bias"])
     return out
+
+
+def _mid_blocks(sd: StateDict, src: str, dst: str, first: int) -> StateDict:
+    """``mid.block_1``, ``mid.block_2`` as MONAI's level blocks ``first``, ``first + 1`` (an attention-free model)."""
+    return _resblock(sd, f"{src}.mid.block_1", f"{dst}.blocks.{first}") | \
+        _resblock(sd, f"{src}.mid.block_2", f"{dst}.blocks.{first + 1}")
 
 
 def _mid(sd: StateDict, src: str, dst: str, first: int) -> StateDict:
@@ -329,21 +340,25 @@ def to_monai_state_dict(model: MedVAE) -> tuple[StateDict, list[str]]:
     """The state dict of ``monai.networks.nets.AutoencoderKL(**monai_arguments(model))``, and the names of the two
     GroupNorms after which MONAI lacks the SiLU that :func:`load_monai` adds back."""
     cfg, sd = model.config, _state_dict(model)
-    n, levels, c = cfg.num_res_blocks, len(cfg.ch_mult), cfg.embed_dim
+    n, levels, c, attn = cfg.num_res_blocks, len(cfg.ch_mult), cfg.embed_dim, cfg.mid_attention
     out: StateDict = {f"encoder.blocks.0.conv.{p}": sd[f"encoder.conv_in.{p}"] for p in ("weight", "bias")}
     i = 1
     for level in range(levels):
         for j in range(n):
             out |= _resblock(sd, f"encoder.down.{level}.block.{j}", f"encoder.blocks.{i}")
             i += 1
+        if level == levels - 1 and not attn:
+            out |= _mid_blocks(sd, "encoder", "encoder", i)
+            i += 2
         out |= _identity_resblock(sd, f"encoder.down.{level}.block.{n - 1}", f"encoder.blocks.{i}")
         i += 1
         if level != levels - 1:
             out |= {f"encoder.blocks.{i}.conv.conv.{p}": sd[f"encoder.down.{level}.downsample.conv.{p}"]
                     for p in ("weight", "bias")}
             i += 1
-    out |= _mid(sd, "encoder", "encoder", i)
-    i += 3
+    if attn:
+        out |= _mid(sd, "encoder", "encoder", i)
+        i += 3
     encoder_norm = f"encoder.blocks.{i}"
     out |= {f"{encoder_norm}.{p}": sd[f"encoder.norm_out.{p}"] for p in ("weight", "bias")}
     out[f"encoder.blocks.{i + 1}.conv.weight"], out[f"encoder.blocks.{i + 1}.conv.bias"] = _folded_mean_conv(sd, c)
@@ -354,8 +369,12 @@ def to_monai_state_dict(model: MedVAE) -> tuple[StateDict, list[str]]:
             "post_quant_conv.conv.weight": sd["post_quant_conv.weight"],
             "post_quant_conv.conv.bias": sd["post_quant_conv.bias"]}
     out |= {f"decoder.blocks.0.conv.{p}": sd[f"decoder.conv_in.{p}"] for p in ("weight", "bias")}
-    out |= _mid(sd, "decoder", "decoder", 1)
-    i = 4
+    if attn:
+        out |= _mid(sd, "decoder", "decoder", 1)
+        i = 4
+    else:
+        out |= _mid_blocks(sd, "decoder", "decoder", 1)
+        i = 3
     for level in reversed(range(levels)):
         for j in range(n + 1):
             out |= _resblock(sd, f"decoder.up.{level}.block.{j}", f"decoder.blocks.{i}")

@@ -27,10 +27,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _mid_block(spatial_dims: int, channels: int, dropout: float, groups: int) -> nn.Module:
+def _mid_block(spatial_dims: int, channels: int, dropout: float, groups: int, attention: bool) -> nn.Module:
     mid = nn.Module()
     mid.block_1 = ResnetBlock(spatial_dims, channels, channels, dropout, groups)
-    mid.attn_1 = AttnBlock(spatial_dims, channels, groups)
+    mid.attn_1 = AttnBlock(spatial_dims, channels, groups) if attention else nn.Identity()
     mid.block_2 = ResnetBlock(spatial_dims, channels, channels, dropout, groups)
     return mid
 
@@ -58,7 +58,7 @@ class Encoder(nn.Module):
             if level != len(cfg.ch_mult) - 1:
                 stage.downsample = Downsample(d, block_in)
             self.down.append(stage)
-        self.mid = _mid_block(d, block_in, cfg.dropout, cfg.norm_groups)
+        self.mid = _mid_block(d, block_in, cfg.dropout, cfg.norm_groups, cfg.mid_attention)
         self.norm_out = GroupNorm32(block_in, cfg.norm_groups)
         self.conv_out = conv_nd(d, block_in, 2 * cfg.z_channels, kernel_size=3, padding=1)
 
@@ -81,7 +81,7 @@ class Decoder(nn.Module):
         d = cfg.spatial_dims
         block_in = cfg.ch * cfg.ch_mult[-1]
         self.conv_in = conv_nd(d, cfg.z_channels, block_in, kernel_size=3, padding=1)
-        self.mid = _mid_block(d, block_in, cfg.dropout, cfg.norm_groups)
+        self.mid = _mid_block(d, block_in, cfg.dropout, cfg.norm_groups, cfg.mid_attention)
         # `up[i]` works at the resolution of encoder level i; built from the bottom so widths chain.
         stages: list[nn.Module] = []
         for level in reversed(range(len(cfg.ch_mult))):

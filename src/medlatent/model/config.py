@@ -22,6 +22,10 @@ class MedVAEConfig:
         embed_dim: latent channels ``C`` of the posterior (after ``quant_conv``).
         dropout: dropout inside ResnetBlocks (0 in all released models).
         stage2_head: whether the model carries the stage-2 projection head (``channel_ds``/``channel_proj``).
+        mid_attention: whether the encoder's and decoder's mid blocks hold the self-attention layer (every
+            released member does). Without it the model is fully convolutional: its receptive field is bounded,
+            so tiles with enough overlap give the whole image's result, and the cost grows linearly with the
+            image (dense attention grows with its square: a 2048² image has 512² attention positions at f=16).
         norm_groups: GroupNorm groups (32 in every released model, whose widths give ≥4 channels per group).
             A narrow model should keep several channels per group: with one channel per group GroupNorm becomes
             instance norm, which erases each feature map's mean — the decoder then cannot set an image's global
@@ -39,6 +43,7 @@ class MedVAEConfig:
     dropout: float = 0.0
     stage2_head: bool = True
     norm_groups: int = 32
+    mid_attention: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
