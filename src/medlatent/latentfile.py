@@ -314,7 +314,7 @@ def _open(path: Path, load_tensors: bool) -> tuple[str | None, dict[str, torch.T
     return raw, tensors
 
 
-def _parse_metadata(path: Path, raw: str | None) -> tuple[dict[str, Any], Preprocessing, dict[str, Any]]:
+def _parse_metadata(path: str | Path, raw: str | None) -> tuple[dict[str, Any], Preprocessing, dict[str, Any]]:
     """Parse, check the metadata digest (version 2 on), then the structure of everything decoding reads."""
     if raw is None:
         raise LatentFileError(path, "not a medlatent latent file (no 'medlatent' metadata)")
@@ -359,5 +359,43 @@ def read_latent(path: str | Path) -> LatentFile:
     if version < 2:
         logger.warning("%s: format version %d checks only the tensor bytes, so its metadata (intensity mapping, "
                        "geometry) are unverified; re-encode the source image for a fully checked file", path, version)
+    return LatentFile(z=tensors["z"], stage2=tensors.get("stage2"), preprocessing=rec, model=model,
+                      medlatent_version=str(meta.get("medlatent_version", "")), format_version=version)
+
+
+def latent_from_bytes(data: bytes, where: str | Path, *, checked: bool = True) -> LatentFile:
+    """A latent file's contents from its bytes (e.g. a member of a store shard); ``where`` names it in errors.
+
+    ``checked=True`` makes every check :func:`read_latent` makes. ``checked=False`` only parses: for bytes whose
+    SHA-256 matched a digest recorded after they passed those checks (a latent store's index), where running them
+    again would repeat the same answer at several times the cost of the read.
+
+    Raises:
+        LatentFileError: naming ``where`` and what is wrong.
+    """
+    from safetensors.torch import load
+
+    try:
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + n])
+        raw = (header.get("__metadata__") or {}).get("medlatent")
+        tensors = load(data)
+    except Exception as e:  # truncated, foreign or corrupt bytes: whatever safetensors or json raise
+        raise LatentFileError(where, f"damaged or not a safetensors file ({type(e).__name__}: {e})") from e
+    if not checked:
+        meta = json.loads(raw)
+        return LatentFile(z=tensors["z"], stage2=tensors.get("stage2"),
+                          preprocessing=Preprocessing.from_dict(meta["preprocessing"]), model=meta["model"],
+                          medlatent_version=str(meta.get("medlatent_version", "")),
+                          format_version=meta["format_version"])
+    meta, rec, model = _parse_metadata(where, raw)
+    version = meta["format_version"]
+    digest = _tensors_digest(tensors) if version >= 2 else _tensors_digest_v1(tensors)
+    if meta["sha256"] != digest:
+        raise LatentFileError(where, "tensor data do not match the stored checksum (file damaged)")
+    try:
+        _check_tensors(tensors, rec, model)
+    except ValueError as e:
+        raise LatentFileError(where, str(e)) from e
     return LatentFile(z=tensors["z"], stage2=tensors.get("stage2"), preprocessing=rec, model=model,
                       medlatent_version=str(meta.get("medlatent_version", "")), format_version=version)

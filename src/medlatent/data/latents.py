@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from medlatent.data.store import LatentStore, StoreError, is_store
 from medlatent.distributed import Shard
 from medlatent.io.discover import find_latents
 from medlatent.io.tables import read_csv_rows
@@ -95,10 +97,16 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def _read_labels(csv_path: Path, files: dict[str, Path], names: dict[str, Path],
-                 label_columns: Sequence[str] | None) -> _Labels:
-    """Rows keyed by ``path`` (relative to the CSV) or ``name`` (relative to the latent folder, without the
-    suffix); numeric columns stay numbers, others become class indices (sorted class names)."""
+def read_label_rows(csv_path: Path, files: dict[str, str], names: dict[str, str],
+                    label_columns: Sequence[str] | None) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """The label columns and, for each item a row labels (by its key), its label values as written.
+
+    Rows name items by ``path`` (relative to the CSV) or ``name`` (relative to the latent folder, without the
+    suffix). ``files`` maps the real paths of the dataset's files to item keys, ``names`` item names to keys.
+
+    Raises:
+        LatentDataError: naming the CSV (and line) and what does not fit.
+    """
     columns, rows = _read_rows(csv_path)
     key = next((c for c in KEY_COLUMNS if c in columns), None)
     if key is None:
@@ -120,6 +128,11 @@ def _read_labels(csv_path: Path, files: dict[str, Path], names: dict[str, Path],
         if empty:
             raise LatentDataError(f"{where}: empty {', '.join(empty)}")
         raw[target] = {c: row[c] for c in wanted}
+    return wanted, raw
+
+
+def labels_from_rows(wanted: list[str], raw: dict[str, dict[str, str]]) -> _Labels:
+    """Label values as written → numbers: numeric columns stay numbers, others become class indices (sorted)."""
     classes = {c: sorted({r[c] for r in raw.values()}) for c in wanted
                if not all(_is_number(r[c]) for r in raw.values())}
     by_file = {f: [float(classes[c].index(r[c])) if c in classes else float(r[c]) for c in wanted]
@@ -127,30 +140,42 @@ def _read_labels(csv_path: Path, files: dict[str, Path], names: dict[str, Path],
     return _Labels(wanted, classes, by_file)
 
 
-def _row_file(value: str, key: str, csv_path: Path, files: dict[str, Path], names: dict[str, Path],
+def _row_file(value: str, key: str, csv_path: Path, files: dict[str, str], names: dict[str, str],
               where: str) -> str:
-    """The real path of the latent file a CSV row names; an error when the dataset holds no such file."""
+    """The key of the item a CSV row names; an error when the dataset holds no such item."""
     if key == "name":
         name = value[: -len(SUFFIX)] if value.endswith(SUFFIX) else value
         if name not in names:
             raise LatentDataError(f"{where}: no latent file named {value!r} in the dataset (names are paths "
                                   f"relative to the latent folder, without {SUFFIX})")
-        return os.path.realpath(names[name])
+        return names[name]
     path = Path(value).expanduser()
     real = os.path.realpath(path if path.is_absolute() else csv_path.parent / path)
     if real not in files:
         raise LatentDataError(f"{where}: {value} is not a latent file of the dataset (relative paths are relative "
                               "to the CSV's folder)")
-    return real
+    return files[real]
+
+
+@dataclass(frozen=True)
+class _Item:
+    name: str
+    path: Path | str  # a store item: SHARD.tar:NAME.latent.safetensors
+    key: str  # what labels are matched by: a file's real path, a store item's path
+    store: int = -1  # index into the dataset's stores; -1: a file
+    pos: int = -1  # position in its store
 
 
 class LatentDataset(Dataset):
-    """Latent files under one or more folders (searched recursively) or given as files.
+    """Latent files under one or more folders (searched recursively), given as files, or in latent stores
+    (:mod:`medlatent.data.store`; a store lists its items in the order they were packed, which for one folder
+    is the order this class lists the folder in).
 
     Args:
-        roots: folders and/or latent files.
+        roots: folders, latent files and/or store folders.
         labels: optional CSV with a ``path`` (relative to the CSV) or ``name`` column (the file's path relative to
-            its folder, without ``.latent.safetensors``) and label columns.
+            its folder, without ``.latent.safetensors``; store items are matched by ``name``) and label columns.
+            Without it, labels packed into the stores are used.
         label_columns: which columns are labels (default: all but ``path``/``name``). Numeric columns give
             numbers; other columns give class indices, their names in :attr:`classes` (sorted).
         tensor: ``"z"`` (the latent of record) or ``"stage2"`` (stage-2 features, 2D files encoded with them).
@@ -175,35 +200,80 @@ class LatentDataset(Dataset):
         if unlabelled not in ("error", "skip"):
             raise ValueError(f"unlabelled must be 'error' or 'skip', got {unlabelled!r}")
         roots = [Path(roots)] if isinstance(roots, (str, Path)) else [Path(r) for r in roots]
-        found = find_latents(roots)
-        problems = found.failed + [(p, why) for p, why in found.empty]
-        missing = [(r, "does not exist") for r in roots if not r.exists()]
-        if missing or problems:
-            p, why = (missing or problems)[0]
-            raise LatentDataError(f"{p}: {why}")
         self.tensor, self.transform = tensor, transform
-        items = [(it.name, it.paths[0]) for it in found.items]
+        self._stores: list[LatentStore] = []
+        items = self._find(roots)
         self.label_columns: list[str] = []
         self.classes: dict[str, list[str]] = {}
         self._labels: list[list[float]] | None = None
         if labels is not None:
-            items = self._attach_labels(Path(labels), items, label_columns, unlabelled)
-        self.names = [n for n, _ in items]
-        self.paths = [p for _, p in items]
+            files = {os.path.realpath(it.path): it.key for it in items if it.store < 0}
+            wanted, raw = read_label_rows(Path(labels), files, {it.name: it.key for it in items}, label_columns)
+            items = self._attach_labels(str(labels), items, wanted, raw, unlabelled)
+        elif any(st.label_columns for st in self._stores):
+            items = self._attach_labels(", ".join(str(st.root) for st in self._stores if st.label_columns),
+                                        items, *self._stored_labels(items, label_columns), unlabelled)
+        self.names = [it.name for it in items]
+        self.paths: list[Path | str] = [it.path for it in items]
+        # per item: which store (-1: a file) and its position there; arrays, compact for 10⁵–10⁶ items
+        self._store = np.array([it.store for it in items], dtype=np.int32)
+        self._pos = np.array([it.pos for it in items], dtype=np.int64)
 
-    def _attach_labels(self, csv_path: Path, items: list[tuple[str, Path]], label_columns: Sequence[str] | None,
-                       unlabelled: str) -> list[tuple[str, Path]]:
-        files = {os.path.realpath(p): p for _, p in items}
-        lab = _read_labels(csv_path, files, {n: p for n, p in items}, label_columns)
-        keep = [(n, p) for n, p in items if os.path.realpath(p) in lab.by_file]
+    def _find(self, roots: list[Path]) -> list[_Item]:
+        """Items of folders (searched recursively), latent files and stores, in the order given."""
+        items: list[_Item] = []
+        missing, problems = [], []
+        for root in roots:
+            if not root.exists():
+                missing.append((root, "does not exist"))
+            elif is_store(root):
+                try:
+                    st = LatentStore(root)
+                except StoreError as e:
+                    raise LatentDataError(str(e)) from e
+                if not len(st):
+                    problems.append((root, "latent store holds no items"))
+                s = len(self._stores)
+                self._stores.append(st)
+                items += [_Item(n, st.where(j), st.where(j), s, j) for j, n in enumerate(st.names)]
+            else:
+                found = find_latents([root])
+                problems += found.failed + [(p, why) for p, why in found.empty]
+                items += [_Item(it.name, it.paths[0], os.path.realpath(it.paths[0])) for it in found.items]
+        if missing or problems:
+            p, why = (missing or problems)[0]
+            raise LatentDataError(f"{p}: {why}")
+        return items
+
+    def _stored_labels(self, items: list[_Item], label_columns: Sequence[str] | None,
+                       ) -> tuple[list[str], dict[str, dict[str, str]]]:
+        """The labels packed into the stores (as written), keyed like the items."""
+        have = {tuple(st.label_columns) for st in self._stores if st.label_columns}
+        if len(have) > 1:
+            raise LatentDataError(f"the stores have different label columns ({'; '.join(map(', '.join, have))}); "
+                                  "give one labels CSV for all")
+        columns = list(have.pop())
+        wanted = list(label_columns) if label_columns else columns
+        missing = [c for c in wanted if c not in columns]
+        if missing:
+            raise LatentDataError(f"label column(s) {', '.join(missing)} not in the stores (columns: "
+                                  f"{', '.join(columns)})")
+        raw = {it.key: {c: self._stores[it.store].labels[c][it.pos] for c in wanted}
+               for it in items if it.store >= 0 and self._stores[it.store].label_columns}
+        return wanted, raw
+
+    def _attach_labels(self, source: str, items: list[_Item], wanted: list[str], raw: dict[str, dict[str, str]],
+                       unlabelled: str) -> list[_Item]:
+        lab = labels_from_rows(wanted, raw)
+        keep = [it for it in items if it.key in lab.by_file]
         if len(keep) < len(items) and unlabelled == "error":
-            first = next(p for _, p in items if os.path.realpath(p) not in lab.by_file)
-            raise LatentDataError(f"{csv_path}: {len(items) - len(keep)} latent file(s) have no label row (first: "
+            first = next(it.path for it in items if it.key not in lab.by_file)
+            raise LatentDataError(f"{source}: {len(items) - len(keep)} latent file(s) have no label row (first: "
                                   f"{first}); label them, or pass unlabelled='skip' to leave them out")
         if not keep:
-            raise LatentDataError(f"{csv_path}: labels none of the dataset's latent files")
+            raise LatentDataError(f"{source}: labels none of the dataset's latent files")
         self.label_columns, self.classes = lab.columns, lab.classes
-        self._labels = [lab.by_file[os.path.realpath(p)] for _, p in keep]
+        self._labels = [lab.by_file[it.key] for it in keep]
         return keep
 
     def __len__(self) -> int:
@@ -218,8 +288,9 @@ class LatentDataset(Dataset):
         return torch.tensor(values, dtype=torch.float32)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        path = self.paths[i]
-        lf = read_latent(path)  # both digests checked: a damaged or edited file is refused, naming it
+        path, s = self.paths[i], int(self._store[i])
+        # a file: both digests checked; a store item: its bytes against the digest recorded when packed
+        lf = read_latent(path) if s < 0 else self._stores[s].load(int(self._pos[i]))
         item: dict[str, Any] = {self.tensor: select_tensor(lf, self.tensor, path),
                                 "meta": latent_meta(lf, self.names[i], path)}
         if self._labels is not None:

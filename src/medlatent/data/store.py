@@ -1,0 +1,561 @@
+"""A sharded latent store: many latent files in a few tar shards, for archives and for training at scale.
+
+Layout of a store folder::
+
+    store.json                   format, label columns, and per shard: item count, bytes, SHA-256 of the tar
+                                 and of its index
+    shard-000000.tar             the latent files, bytes unchanged, as ``NAME.latent.safetensors`` members
+    shard-000000.index.json      per item: name, offset and size of its bytes in the tar, their SHA-256, labels
+
+A shard is a plain (POSIX pax) tar, so ``tar``, WebDataset or any streaming reader opens it; it is read front to
+back by :func:`unpack` and :func:`verify` (local disk, NFS or object storage alike) and by offset, one item per
+``pread``, by :class:`LatentStore` (what :class:`~medlatent.data.LatentDataset` uses for random access).
+
+Writing: every input is checked in full (both digests of the latent file format) before anything is written;
+shards are written under temporary names, flushed and renamed, then listed in ``store.json``, which is replaced
+atomically. Shards are never changed once listed: appending writes new shards. A pack that was killed left at
+most unlisted shard files, which the next :func:`pack` into the store removes and redoes (finished shards are
+kept, and items already in the store are skipped), so a resumed pack gives the same store as an uninterrupted one.
+
+Reading: each item's bytes are checked against the SHA-256 its shard's index recorded when they were packed
+(after they passed every check of :func:`~medlatent.latentfile.read_latent`), so the per-read cost is one digest
+instead of re-validating the metadata; :func:`verify` checks whole shards against ``store.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medlatent.io.atomic import atomic_write, temporary_path
+from medlatent.latentfile import SUFFIX, LatentFile, LatentFileError, latent_from_bytes
+
+FORMAT = "medlatent-latent-store"
+FORMAT_VERSION = 1
+MANIFEST = "store.json"
+DEFAULT_SHARD_SIZE = 10_000  # items: ~100 MB of small 2D latents
+DEFAULT_SHARD_BYTES = 1 << 30  # a shard closes before it passes 1 GiB (large 3D latents)
+_BLOCK = tarfile.BLOCKSIZE
+
+
+class StoreError(ValueError):
+    """A store cannot be written or read: bad input, a damaged shard, or a folder that is not a store."""
+
+
+def is_store(path: str | Path) -> bool:
+    """Whether ``path`` is a latent store folder (it holds ``store.json``)."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _shard_names(k: int) -> tuple[str, str]:
+    return f"shard-{k:06d}.tar", f"shard-{k:06d}.index.json"
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+def _read_manifest(store: Path) -> dict[str, Any]:
+    path = store / MANIFEST
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise StoreError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise StoreError(f"{path}: not a medlatent latent store manifest (format {m.get('format')!r})"
+                         if isinstance(m, dict) else f"{path}: not a medlatent latent store manifest")
+    if not isinstance(m.get("format_version"), int) or m["format_version"] > FORMAT_VERSION:
+        raise StoreError(f"{path}: store format version {m.get('format_version')!r} is not supported by this "
+                         f"medlatent (up to {FORMAT_VERSION}); upgrade medlatent")
+    shards, cols = m.get("shards"), m.get("label_columns")
+    keys = {"tar", "index", "count", "bytes", "sha256", "index_sha256"}
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and keys <= set(s) for s in shards) \
+            or not isinstance(cols, list) or not all(isinstance(c, str) for c in cols):
+        raise StoreError(f"{path}: damaged manifest (needs label_columns and shards with {', '.join(sorted(keys))})")
+    return m
+
+
+def _new_manifest(label_columns: list[str]) -> dict[str, Any]:
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "label_columns": label_columns, "shards": []}
+
+
+def _write_json(path: Path, obj: Any) -> bytes:
+    data = (json.dumps(obj, indent=None, separators=(",", ":")) + "\n").encode()
+    with atomic_write(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return data
+
+
+@dataclass
+class _Index:
+    """One shard's index, columnar (compact to keep and quick to parse for 10⁵ items)."""
+
+    names: list[str]
+    offsets: list[int]
+    sizes: list[int]
+    sha256: list[str]
+    labels: dict[str, list[str]]
+
+
+def _read_index(store: Path, entry: dict[str, Any], label_columns: list[str]) -> _Index:
+    path = store / entry["index"]
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise StoreError(f"{path}: cannot be read ({e.strerror or e})") from e
+    if _sha256(data) != entry["index_sha256"]:
+        raise StoreError(f"{path}: SHA-256 does not match {MANIFEST} (index damaged or edited)")
+    d = json.loads(data)
+    idx = _Index(d["names"], d["offsets"], d["sizes"], d["sha256"], d.get("labels", {}))
+    n = entry["count"]
+    if not (len(idx.names) == len(idx.offsets) == len(idx.sizes) == len(idx.sha256) == n) \
+            or sorted(idx.labels) != sorted(label_columns) or any(len(v) != n for v in idx.labels.values()):
+        raise StoreError(f"{path}: does not list the {n} items {MANIFEST} says it holds, with their labels")
+    return idx
+
+
+# ------------------------------------------------------------------------------------------------- reading
+class LatentStore:
+    """Random access to the items of a store, for :class:`~medlatent.data.LatentDataset`.
+
+    Holds the index (names, offsets, sizes, digests, labels as written) in compact arrays and no open files
+    when pickled: each process (DataLoader worker, torchrun rank) opens the shards it reads itself.
+
+    Raises:
+        StoreError: a missing or damaged manifest or index (naming the file).
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not is_store(self.root):
+            raise StoreError(f"{self.root}: not a latent store (no {MANIFEST})")
+        m = _read_manifest(self.root)
+        self.label_columns: list[str] = list(m["label_columns"])
+        self.shard_files = [self.root / s["tar"] for s in m["shards"]]
+        names: list[str] = []
+        shard, offsets, sizes, digests = [], [], [], []
+        self.labels: dict[str, list[str]] = {c: [] for c in self.label_columns}
+        for k, entry in enumerate(m["shards"]):
+            idx = _read_index(self.root, entry, self.label_columns)
+            names += idx.names
+            shard.append(np.full(len(idx.names), k, dtype=np.int32))
+            offsets += idx.offsets
+            sizes += idx.sizes
+            digests += idx.sha256
+            for c in self.label_columns:
+                self.labels[c] += idx.labels[c]
+        self.names = names
+        self._shard = np.concatenate(shard) if shard else np.zeros(0, dtype=np.int32)
+        self._offset = np.asarray(offsets, dtype=np.int64)
+        self._size = np.asarray(sizes, dtype=np.int64)
+        self._digest = np.frombuffer(bytes.fromhex("".join(digests)), dtype=np.uint8).reshape(-1, 32)
+        self._fds: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_fds"] = {}
+        return state
+
+    def __del__(self) -> None:
+        if getattr(self, "_pid", None) == os.getpid():
+            for fd in getattr(self, "_fds", {}).values():
+                os.close(fd)
+
+    def where(self, j: int) -> str:
+        """How errors name item ``j``: ``SHARD.tar:NAME.latent.safetensors``."""
+        return f"{self.shard_files[self._shard[j]]}:{self.names[j]}{SUFFIX}"
+
+    def _fd(self, k: int) -> int:
+        if self._pid != os.getpid():  # forked: descriptors are shared with the parent; open our own
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(k)
+        if fd is None:
+            try:
+                fd = self._fds[k] = os.open(self.shard_files[k], os.O_RDONLY)
+            except OSError as e:
+                raise StoreError(f"{self.shard_files[k]}: cannot be opened ({e.strerror or e})") from e
+        return fd
+
+    def read_bytes(self, j: int) -> bytes:
+        """Item ``j``'s latent file, bit for bit, checked against its recorded SHA-256."""
+        size = int(self._size[j])
+        data = os.pread(self._fd(int(self._shard[j])), size, int(self._offset[j]))
+        if len(data) != size or hashlib.sha256(data).digest() != self._digest[j].tobytes():
+            raise LatentFileError(self.where(j), "bytes do not match the SHA-256 in the store's index (shard "
+                                                 "damaged or truncated); run verify on the store")
+        return data
+
+    def load(self, j: int) -> LatentFile:
+        """Item ``j`` as a :class:`LatentFile` (its bytes checked against the index, see the module docstring)."""
+        return latent_from_bytes(self.read_bytes(j), self.where(j), checked=False)
+
+
+# ------------------------------------------------------------------------------------------------- writing
+@dataclass
+class PackReport:
+    """What :func:`pack` did."""
+
+    store: Path
+    added: int = 0
+    already: int = 0  # items the store held already (same bytes): a resumed pack, or a folder packed twice
+    shards: list[str] = field(default_factory=list)  # shard files written
+    discarded: list[str] = field(default_factory=list)  # unfinished shards of an interrupted pack, removed
+
+
+@dataclass
+class _Todo:
+    name: str
+    path: Path
+    size: int
+    sha256: str
+    labels: dict[str, str]
+
+
+@contextmanager
+def _locked(store: Path) -> Iterator[None]:
+    """One writer per store: a second pack fails at once instead of interleaving shards."""
+    import fcntl
+
+    with open(store / ".lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise StoreError(f"{store}: another pack is writing this store") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _check_target(store: Path) -> None:
+    if store.exists() and not store.is_dir():
+        raise StoreError(f"{store}: exists and is not a folder; choose a new folder or an existing store")
+    if store.is_dir() and not is_store(store) and any(not p.name.startswith(".") for p in store.iterdir()):
+        raise StoreError(f"{store}: a folder that is not empty and is not a latent store (no {MANIFEST})")
+
+
+def _inputs(latent_dir: Path, labels_csv: Path | None,
+            label_columns: Sequence[str] | None) -> tuple[list[tuple[str, Path]], list[str], dict[str, dict[str, str]]]:
+    """The latent files under ``latent_dir`` (dataset order) and their labels as written, keyed by name."""
+    from medlatent.data.latents import LatentDataError, read_label_rows
+    from medlatent.io.discover import find_latents
+
+    if not latent_dir.is_dir():
+        raise StoreError(f"{latent_dir}: {'no such folder' if not latent_dir.exists() else 'not a folder'}")
+    found = find_latents([latent_dir])
+    problems = found.failed + found.empty
+    if problems:
+        raise StoreError(f"{problems[0][0]}: {problems[0][1]}")
+    items = [(it.name, it.paths[0]) for it in found.items]
+    if labels_csv is None:
+        return items, [], {}
+    by_real = {os.path.realpath(p): n for n, p in items}
+    try:
+        wanted, raw = read_label_rows(labels_csv, {r: r for r in by_real}, {n: os.path.realpath(p) for n, p in items},
+                                      label_columns)
+    except LatentDataError as e:
+        raise StoreError(str(e)) from e
+    labels = {by_real[r]: row for r, row in raw.items()}
+    unlabelled = [p for n, p in items if n not in labels]
+    if unlabelled:
+        raise StoreError(f"{labels_csv}: {len(unlabelled)} latent file(s) have no label row (first: "
+                         f"{unlabelled[0]}); every packed item needs its labels")
+    return items, wanted, labels
+
+
+def _plan(items: list[tuple[str, Path]], labels: dict[str, dict[str, str]], held: dict[str, tuple[str, dict]],
+          ) -> tuple[list[_Todo], int]:
+    """Check every input in full; return those the store does not hold yet, and how many it holds already."""
+    todo, already = [], 0
+    for name, path in items:
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise StoreError(f"{path}: cannot be read ({e.strerror or e})") from e
+        digest = _sha256(data)
+        row = labels.get(name, {})
+        if name in held:
+            if held[name][0] != digest:
+                raise StoreError(f"{path}: the store already holds an item {name!r} with other bytes; rename the "
+                                 "file or pack it into another store")
+            if held[name][1] != row:
+                raise StoreError(f"{path}: the store already holds {name!r} with other labels ({held[name][1]})")
+            already += 1
+            continue
+        latent_from_bytes(data, path, checked=True)  # LatentFileError naming the file
+        todo.append(_Todo(name, path, len(data), digest, row))
+    return todo, already
+
+
+def _chunks(todo: list[_Todo], shard_size: int, shard_bytes: int) -> Iterator[list[_Todo]]:
+    chunk: list[_Todo] = []
+    size = 0
+    for t in todo:
+        member = _BLOCK * 3 + t.size  # header (+ a pax header for long names) and padding, at most
+        if chunk and (len(chunk) >= shard_size or size + member > shard_bytes):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(t)
+        size += member
+    if chunk:
+        yield chunk
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    """A member header that depends on the name and size only, so the same items give the same shard bytes."""
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, 0, 0o644, 0, 0, "", ""
+    return ti
+
+
+def _write_shard(store: Path, k: int, chunk: list[_Todo], label_columns: list[str]) -> dict[str, Any]:
+    """Write shard ``k`` under a temporary name, flush it and rename it; then its index. Returns its entry."""
+    tar_name, index_name = _shard_names(k)
+    offsets = []
+    tmp = temporary_path(store / tar_name)
+    try:
+        with open(tmp, "wb") as fh:
+            with tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT) as tf:
+                for t in chunk:
+                    data = t.path.read_bytes()
+                    if _sha256(data) != t.sha256:
+                        raise StoreError(f"{t.path}: changed while being packed; run pack again")
+                    tf.addfile(_tarinfo(t.name + SUFFIX, len(data)), io.BytesIO(data))
+                    offsets.append(tf.offset - -(-len(data) // _BLOCK) * _BLOCK)  # data start: before its padding
+            fh.flush()
+            os.fsync(fh.fileno())
+        digest, size = _file_sha256(tmp), tmp.stat().st_size
+        os.replace(tmp, store / tar_name)
+    finally:
+        tmp.unlink(missing_ok=True)
+    index = {"names": [t.name for t in chunk], "offsets": offsets, "sizes": [t.size for t in chunk],
+             "sha256": [t.sha256 for t in chunk], "labels": {c: [t.labels[c] for t in chunk] for c in label_columns}}
+    data = _write_json(store / index_name, index)
+    return {"tar": tar_name, "index": index_name, "count": len(chunk), "bytes": size, "sha256": digest,
+            "index_sha256": _sha256(data)}
+
+
+def _discard_unfinished(store: Path, manifest: dict[str, Any]) -> list[str]:
+    """Remove what an interrupted pack left: temporary files and shards ``store.json`` does not list."""
+    listed = {s[key] for s in manifest["shards"] for key in ("tar", "index")}
+    gone = []
+    for p in sorted(store.iterdir()):
+        unfinished = p.name.startswith(".tmp-") or (p.name.startswith("shard-") and p.name not in listed)
+        if unfinished and p.is_file():
+            p.unlink()
+            gone.append(p.name)
+    return gone
+
+
+def _held(store: Path, manifest: dict[str, Any]) -> dict[str, tuple[str, dict[str, str]]]:
+    """Name → (SHA-256, labels) of every item the store holds."""
+    held = {}
+    cols = manifest["label_columns"]
+    for entry in manifest["shards"]:
+        idx = _read_index(store, entry, cols)
+        for j, name in enumerate(idx.names):
+            held[name] = (idx.sha256[j], {c: idx.labels[c][j] for c in cols})
+    return held
+
+
+def pack(latent_dir: str | Path, store: str | Path, labels_csv: str | Path | None = None, *,
+         shard_size: int = DEFAULT_SHARD_SIZE, shard_bytes: int = DEFAULT_SHARD_BYTES,
+         label_columns: Sequence[str] | None = None) -> PackReport:
+    """Pack the latent files under ``latent_dir`` (recursively, dataset order) into ``store`` (new or existing).
+
+    Into an existing store, items it holds already (same name and bytes) are skipped and the others go into new
+    shards: that appends a folder, and resumes an interrupted pack of the same folder (see the module docstring).
+
+    Args:
+        labels_csv: a CSV as :class:`~medlatent.data.LatentDataset` takes (``path`` or ``name`` column); every
+            item needs a row. Its label values are kept as written, and the dataset reads them from the store.
+        shard_size: at most this many items per shard; ``shard_bytes``: a shard closes before passing this size.
+
+    Raises:
+        StoreError / LatentFileError: a bad input (naming the file), checked before anything is written; or a
+            store that is damaged, not a store, or being written by another pack.
+    """
+    latent_dir, store = Path(latent_dir), Path(store)
+    if shard_size < 1 or shard_bytes < 1:
+        raise StoreError(f"shard size must be at least 1 item and 1 byte, got {shard_size} items, {shard_bytes} B")
+    _check_target(store)
+    items, columns, labels = _inputs(latent_dir, None if labels_csv is None else Path(labels_csv), label_columns)
+    manifest = _read_manifest(store) if is_store(store) else _new_manifest(columns)
+    if manifest["shards"] and manifest["label_columns"] != columns:
+        have = ", ".join(manifest["label_columns"]) or "no labels"
+        raise StoreError(f"{labels_csv or latent_dir}: the store {store} has {have}; packing into it needs the same "
+                         f"label columns (got {', '.join(columns) or 'no labels'})")
+    todo, already = _plan(items, labels, _held(store, manifest))
+    store.mkdir(parents=True, exist_ok=True)
+    report = PackReport(store, already=already)
+    with _locked(store):
+        manifest = _read_manifest(store) if is_store(store) else manifest  # as it is now that we hold the lock
+        if not manifest["shards"]:
+            manifest["label_columns"] = columns
+        report.discarded = _discard_unfinished(store, manifest)
+        held = _held(store, manifest)
+        todo = [t for t in todo if t.name not in held]  # packed meanwhile by a pack that finished first
+        for chunk in _chunks(todo, shard_size, shard_bytes):
+            entry = _write_shard(store, len(manifest["shards"]), chunk, columns)
+            manifest["shards"].append(entry)
+            _write_json(store / MANIFEST, manifest)  # the shard is finished once listed here
+            report.shards.append(entry["tar"])
+            report.added += len(chunk)
+        if not is_store(store):  # nothing to add to a new store: still a valid, empty store
+            _write_json(store / MANIFEST, manifest)
+    return report
+
+
+# ---------------------------------------------------------------------------------------- verify, unpack
+def verify(store: str | Path) -> list[str]:
+    """Check every shard against ``store.json`` (SHA-256 and size) and its index (tar members, offsets, sizes
+    and per-item SHA-256), reading each shard front to back once. Returns the problems, one line each (empty:
+    the store is intact).
+
+    Raises:
+        StoreError: ``store`` is not a readable store (no or a damaged manifest).
+    """
+    store = Path(store)
+    if not is_store(store):
+        raise StoreError(f"{store}: not a latent store (no {MANIFEST})")
+    manifest = _read_manifest(store)
+    problems = []
+    for entry in manifest["shards"]:
+        path = store / entry["tar"]
+        try:
+            idx = _read_index(store, entry, manifest["label_columns"])
+            problems += _verify_shard(path, entry, idx)
+        except StoreError as e:
+            problems.append(str(e))
+        except OSError as e:
+            problems.append(f"{path}: cannot be read ({e.strerror or e})")
+    return problems
+
+
+def _verify_shard(path: Path, entry: dict[str, Any], idx: _Index) -> list[str]:
+    if not path.is_file():
+        return [f"{path}: missing (listed in {MANIFEST})"]
+    if path.stat().st_size != entry["bytes"]:
+        return [f"{path}: {path.stat().st_size} bytes, {MANIFEST} says {entry['bytes']} (truncated or replaced)"]
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        raw = _HashingReader(fh, h)
+        try:
+            with tarfile.open(fileobj=raw, mode="r|") as tf:  # streaming: sequential reads only
+                members = [(m.name, m.offset_data, m.size, _sha256(tf.extractfile(m).read()))  # type: ignore
+                           for m in tf]
+        except (tarfile.TarError, EOFError) as e:
+            members = []
+            bad = f"{path}: not a readable tar ({e})"
+        else:
+            bad = ""
+        while raw.read(1 << 20):  # the rest (end-of-archive padding) for the digest
+            pass
+    if h.hexdigest() != entry["sha256"]:
+        return [f"{path}: SHA-256 does not match {MANIFEST} (shard damaged or edited)"]
+    if bad:
+        return [bad]
+    want = [(n + SUFFIX, o, s, d) for n, o, s, d in zip(idx.names, idx.offsets, idx.sizes, idx.sha256)]
+    if members != want:
+        return [f"{path}: members do not match its index {entry['index']}"]
+    return []
+
+
+class _HashingReader(io.RawIOBase):
+    """A read-only stream that hashes what passes through it (one pass: verify while parsing the tar)."""
+
+    def __init__(self, fh: Any, h: Any) -> None:
+        self.fh, self.h = fh, h
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(n)
+        self.h.update(data)
+        return data
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+@dataclass
+class UnpackReport:
+    """What :func:`unpack` did."""
+
+    written: int = 0
+    already: int = 0  # identical files that were in the output folder already
+
+
+def unpack(store: str | Path, out_dir: str | Path) -> UnpackReport:
+    """Write every item of ``store`` to ``out_dir/NAME.latent.safetensors``, bit-identical to the packed file.
+
+    The store is verified first, and files land under temporary names and are renamed only when all are
+    written, so a damaged store or a failure leaves no partial output. An existing file with the same bytes is
+    kept; one with other bytes is an error (before anything is written).
+
+    Raises:
+        StoreError: naming the damaged shard or the conflicting file.
+    """
+    store, out_dir = Path(store), Path(out_dir)
+    problems = verify(store)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise StoreError(problems[0] + more)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise StoreError(f"{out_dir}: exists and is not a folder")
+    reader = LatentStore(store)
+    report = UnpackReport()
+    todo = []
+    for j, name in enumerate(reader.names):
+        target = out_dir / (name + SUFFIX)
+        if target.exists():
+            if not target.is_file() or _file_sha256(target) != reader._digest[j].tobytes().hex():
+                raise StoreError(f"{target}: exists with other contents than the store's {name!r}; unpack into "
+                                 "another folder")
+            report.already += 1
+        else:
+            todo.append(j)
+    written: list[tuple[Path, Path]] = []
+    try:
+        for j in todo:
+            target = out_dir / (reader.names[j] + SUFFIX)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = temporary_path(target)
+            written.append((tmp, target))
+            tmp.write_bytes(reader.read_bytes(j))
+        for tmp, target in written:
+            os.replace(tmp, target)
+    finally:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+    report.written = len(written)
+    return report
