@@ -811,6 +811,50 @@ def samples(
         raise typer.Exit(code=1)
 
 
+@app.command("pack")
+def pack_cmd(
+    latent_dir: Path = typer.Argument(..., help="A folder of latent files (searched recursively)."),
+    output: Path = typer.Option(..., "--output", "-o", help="The store: a new folder, or a store to append to."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV with a path or name column and labels."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="Items per shard (default 10000)."),
+) -> None:
+    """Pack latent files (bytes unchanged) with their labels into a sharded store: tar shards, an index and
+    SHA-256 checksums. Into an existing store it appends; run again after an interruption, it resumes.
+
+    Example: medlatent pack latents -o latents.store --labels labels.csv
+    """
+    from medlatent.data.store import DEFAULT_SHARD_SIZE, StoreError, pack
+    from medlatent.latentfile import LatentFileError
+
+    try:
+        rep = pack(latent_dir, output, labels, shard_size=shard_size or DEFAULT_SHARD_SIZE)
+    except (StoreError, LatentFileError, OSError) as e:
+        _fail(str(e))
+    if rep.discarded:
+        typer.echo(f"resumed: removed {len(rep.discarded)} unfinished file(s) of an interrupted pack")
+    held = f", {rep.already} already in the store" if rep.already else ""
+    typer.echo(f"packed {rep.added} latent(s) into {len(rep.shards)} new shard(s) of {output}{held}")
+
+
+@app.command("unpack")
+def unpack_cmd(
+    store: Path = typer.Argument(..., help="A latent store (from medlatent pack)."),
+    output: Path = typer.Option(..., "--output", "-o", help="The folder to write the latent files to."),
+) -> None:
+    """Write the latent files of a store back to a folder, bit-identical to those packed (verified first).
+
+    Example: medlatent unpack latents.store -o latents
+    """
+    from medlatent.data.store import StoreError, unpack
+
+    try:
+        rep = unpack(store, output)
+    except (StoreError, OSError) as e:
+        _fail(str(e))
+    held = f", {rep.already} identical file(s) already there" if rep.already else ""
+    typer.echo(f"unpacked {rep.written} latent file(s) into {output}{held}")
+
+
 def _add_subcommands() -> None:
     from medlatent.evaluation.cli import app as evaluate_app
     from medlatent.readerstudy.cli import app as reader_study_app
