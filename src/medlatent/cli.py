@@ -18,38 +18,17 @@ def _fail(msg: str) -> None:
     raise typer.Exit(code=1)
 
 
-class ModelLoadError(RuntimeError):
-    """A model could not be built or loaded; the message says why and what to do."""
-
-
 # How each command can be given weights when the Hub cannot (only options that command has).
 PROVIDE_BY_OPTIONS = "`--checkpoint FILE` (the downloaded file) or `--model DIR` (a folder from `medlatent convert`)"
 PROVIDE_FOR_PROFILE = ("`--checkpoint FILE` (the downloaded file), a folder from `medlatent convert` in place of "
                        "the model name, or `--random-weights` (timings only)")
 
 
-def _load_model(model: str, checkpoint: Optional[Path], random_weights: bool = False, provide: Optional[str] = None):
-    """The model, or :class:`ModelLoadError` in one line; ``provide`` names this command's ways to give weights."""
-    from medlatent import MedVAE
-    from medlatent.checkpoints import CheckpointError
-    from medlatent.hub import ConfigMismatchError, WeightsNotFoundError
-
-    try:
-        if random_weights:
-            return MedVAE.from_config(model).eval()
-        return MedVAE.from_pretrained(model, checkpoint=checkpoint)
-    except WeightsNotFoundError as e:
-        if provide is None:
-            raise ModelLoadError(str(e)) from e
-        raise ModelLoadError(f"{e.summary}. Download it where the Hub is reachable (`{e.download_command}`) "
-                             f"and give {provide}.") from e
-    except (KeyError, FileNotFoundError, CheckpointError, ConfigMismatchError) as e:
-        raise ModelLoadError(e.args[0] if isinstance(e, KeyError) else str(e)) from e
-
-
 def _load(model: str, checkpoint: Optional[Path], random_weights: bool = False, provide: Optional[str] = None):
+    from medlatent.runs import ModelLoadError, load_model
+
     try:
-        return _load_model(model, checkpoint, random_weights, provide)
+        return load_model(model, checkpoint, random_weights=random_weights, provide=provide)
     except ModelLoadError as e:
         _fail(str(e))
 
@@ -75,15 +54,6 @@ NORM_OPT = typer.Option("tile", "--norm", help="GroupNorm statistics of tiled im
                                                "statistics passes over the tiles: much closer to untiled output).")
 COMPILE_OPT = typer.Option(False, "--compile", help="torch.compile the encoder and decoder (compiled on first use "
                                                     "and per new tile shape; no gain measured on a 2-core CPU).")
-
-
-def _compile(net, enabled: bool):
-    """Compile the encoder and decoder in place (state-dict keys unchanged), once per model."""
-    if enabled and not getattr(net, "_medlatent_compiled", False):
-        net.encoder.compile()
-        net.decoder.compile()
-        net._medlatent_compiled = True
-    return net
 
 
 @app.callback()
@@ -202,23 +172,26 @@ def _console():
 
 
 class _Progress:
-    """A rich progress bar over items; failures are printed as they happen, above the bar."""
+    """Shows a run (a ``medlatent.runs.RunListener``): models as they load, a rich progress bar over the items,
+    failures as they happen, above the bar."""
 
-    def __init__(self, console, total: int, verb: str) -> None:
+    def __init__(self, console) -> None:
+        self.console = console
+        self.progress = None
+
+    def model_loaded(self, name: str, note: str) -> None:
+        self.console.print(f"model {name}" + ("" if note == "given" else f" ({note})"), highlight=False,
+                           markup=False)
+
+    def started(self, label: str, total: int) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.progress = Progress(TextColumn(f"{verb} [progress.description]{{task.description}}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+        self.progress = Progress(TextColumn(f"{label} [progress.description]{{task.description}}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=self.console)
         self.task = self.progress.add_task("", total=total)
-
-    def __enter__(self) -> "_Progress":
         self.progress.start()
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.progress.stop()
-
-    def __call__(self, res) -> None:
+    def item_done(self, res) -> None:
         from rich.markup import escape
 
         if res.status == "failed":
@@ -226,42 +199,22 @@ class _Progress:
                                         highlight=False)
         self.progress.update(self.task, advance=1, description=escape(res.item))
 
+    def stopped(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
 
-def _discover_or_fail(console, inputs: list[Path], output: Path, verb: str = "encode"):
-    """Check the output folder, then find the inputs (images to encode, or latent files to decode): fails before
-    any model loads when ``-o`` is unusable or the inputs hold nothing to work on."""
-    from medlatent.batch import check_output
-    from medlatent.io.atomic import OutputError
-    from medlatent.io.discover import discover_inputs, find_latents
+
+def _run(console, run, *args, **kw):
+    """A library run (``medlatent.runs``) shown on ``console``; what it cannot do ends the command in one line,
+    after the inputs it found nothing in are listed."""
+    from medlatent.runs import NothingToDo, RunError
 
     try:
-        check_output(output, inputs)
-    except OutputError as e:
+        return run(*args, listener=_Progress(console), provide=PROVIDE_BY_OPTIONS, **kw)
+    except NothingToDo as e:
+        _list_inputs(console, e.failed, e.ignored)
         _fail(str(e))
-    if verb == "decode":
-        found, ignored = find_latents(inputs, exclude=output), []
-    else:
-        found = discover_inputs(inputs, exclude=output)
-        ignored = found.ignored
-    if not found.items:
-        _list_inputs(console, found.failed, ignored)
-        _fail(f"nothing to {verb}: " + "; ".join(f"{p}: {why}" for p, why in found.empty or found.failed))
-    return found
-
-
-def _record_skipped(out: Path, skipped_inputs, manifest: str, ignored=()) -> None:
-    """Inputs that never became items go into the manifest too: failed ones (missing, unsupported, unreadable
-    headers, broken links, inputs without images) and known non-image files, as skipped with what they are."""
-    from medlatent.batch import Manifest
-    from medlatent.io.atomic import OutputError
-
-    try:
-        with Manifest(out / manifest) as mf:
-            for p, why in skipped_inputs:
-                mf.write({"item": str(p), "status": "failed", "reason": why})
-            for p, why in ignored:
-                mf.write({"item": str(p), "status": "skipped", "reason": f"not an image: {why}"})
-    except OutputError as e:
+    except RunError as e:
         _fail(str(e))
 
 
@@ -279,38 +232,44 @@ def _list_inputs(console, failures, ignored, limit: int = 10) -> None:
             console.print(f"  {item}: {why}", highlight=False, markup=False)
 
 
-def _finish(console, report, out: Path, skipped_inputs, ignored=()) -> None:
-    """Summary, skipped non-images and failures listed with reasons, non-zero exit if anything failed."""
+def _finish(console, result) -> None:
+    """Summary, skipped non-images and failures listed with reasons, non-zero exit if anything failed (in any
+    shard)."""
     from medlatent.batch import MANIFEST
 
-    counts = report.counts()
-    failures = [(r.item, r.reason) for r in report.failed] + [(str(p), why) for p, why in skipped_inputs]
+    counts = result.report.counts()
+    failures, ignored = result.failures, result.ignored
     not_images = f"{len(ignored)} not images (skipped), " if ignored else ""
     console.print(f"done: {counts.get('ok', 0)} written, {counts.get('skipped', 0)} already complete, "
-                  f"{not_images}{len(failures)} failed — manifest {out / MANIFEST}", highlight=False)
+                  f"{not_images}{len(failures)} failed — manifest {result.output / MANIFEST}", highlight=False)
     _list_inputs(console, failures, ignored)
-    if failures:
+    if not result.ok:
         raise typer.Exit(code=1)
 
 
-def _run_batch(console, label: str, jobs: list, output: Path, **kw):
-    """``run_jobs`` under a progress bar; an output that stops taking writes (disk full) ends the command."""
-    from medlatent.batch import run_jobs
-    from medlatent.io.atomic import OutputError
+def _shard(spec: Optional[str]):
+    from medlatent.distributed import shard_from
 
     try:
-        with _Progress(console, len(jobs), label) as bar:
-            return run_jobs(jobs, output, progress=bar, **kw)
-    except OutputError as e:
+        return shard_from(spec)
+    except ValueError as e:
         _fail(str(e))
+
+
+MODEL_OPT = typer.Option(None, "--model", "-m", help="Registry name or model directory (default: the bundled model "
+                                                     "for the input's dimensionality; 2D only so far).")
+PREFETCH_OPT = typer.Option(2, min=1, help="Inputs read ahead while the model runs.")
+BATCH_OPT = typer.Option(None, "--batch", "-b", min=1, help="Equal-shaped images per forward pass, within --max-memory "
+                                                            "(default: 8 on GPUs; 1 on CPUs, where batching measured "
+                                                            "no gain).")
+SHARD_OPT = typer.Option(None, help="Process shard R/N of the inputs (default: torchrun's RANK/WORLD_SIZE).")
 
 
 @app.command()
 def encode(
     inputs: list[Path] = typer.Argument(..., help="Image files and/or folders (walked recursively)."),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder (mirrors the input tree)."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
-                              help="Registry name or model directory (default: the bundled model)."),
+    model: Optional[str] = MODEL_OPT,
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Official checkpoint file."),
     modality: str = typer.Option("auto", help="ct, mri, xray, other, or auto (from the file; 3D ≤-900 → CT)."),
     device: str = typer.Option("cpu", "--device", "-d"),
@@ -320,13 +279,10 @@ def encode(
     nifti: bool = typer.Option(False, "--nifti", help="Also write z as NIfTI aligned with the source image."),
     uneven: str = typer.Option("refuse", help="DICOM series with uneven slices: refuse or resample."),
     resume: bool = typer.Option(True, "--resume/--overwrite", help="Skip inputs whose outputs are complete."),
-    prefetch: int = typer.Option(2, min=1, help="Inputs read ahead while the model runs."),
-    batch: Optional[int] = typer.Option(None, "--batch", "-b", min=1,
-                                        help="Equal-shaped images per forward pass, within --max-memory (default: "
-                                             "8 on GPUs; 1 on CPUs, where batching measured no gain)."),
+    prefetch: int = PREFETCH_OPT,
+    batch: Optional[int] = BATCH_OPT,
     compile_model: bool = COMPILE_OPT,
-    shard: Optional[str] = typer.Option(
-        None, help="Process shard R/N of the inputs (default: torchrun's RANK/WORLD_SIZE)."),
+    shard: Optional[str] = SHARD_OPT,
     tile: Optional[int] = TILE_OPT,
     overlap: Optional[int] = OVERLAP_OPT,
     max_memory: Optional[float] = MEMORY_OPT,
@@ -334,74 +290,18 @@ def encode(
     norm: str = NORM_OPT,
 ) -> None:
     """Encode images into latent files (``<name>.latent.safetensors``), one per input or DICOM series."""
-    import numpy as np
-    import torch
-
-    from medlatent.batch import Job
-    from medlatent.io.discover import read_item
-    from medlatent.io.image import ImageData
-    from medlatent.io.writers import write_image
-    from medlatent.latentfile import SUFFIX, write_latent
-    from medlatent.pipeline import EncodeOptions, encode_prepared, prepare
+    from medlatent.runs import encode_files
 
     if latent_dtype not in ("float16", "float32"):
         _fail(f"--latent-dtype must be float16 or float32, got {latent_dtype!r}")
-    from medlatent.distributed import device_for, finish, shard_from
-
-    try:
-        part = shard_from(shard)
-    except ValueError as e:
-        _fail(str(e))
-    console = _console()
-    found = _discover_or_fail(console, inputs, output)
+    part = _shard(shard)
     tiles = _tiles(tile, overlap, max_memory, tile_batch, norm)  # options checked before any weights are fetched
-    net = _compile(_load(model, checkpoint, provide=PROVIDE_BY_OPTIONS).to(device_for(device)), compile_model)
-    batch = batch or (1 if net.quant_conv.weight.device.type == "cpu" else 8)
-    opts = EncodeOptions(modality=modality, stage2=stage2, precision=precision, tiles=tiles, batch=batch)
-    items = part.take(found.items)
-    skipped_inputs = part.take(found.failed + found.empty)
-    ignored = part.take(found.ignored)
-
-    def make_job(item):
-        latent_path = output / (item.name + SUFFIX)
-        outs = [latent_path] + ([output / (item.name + ".latent.nii.gz")] if nifti else [])
-
-        def run(lf):
-            write_latent(latent_path, lf, dtype=getattr(torch, latent_dtype))
-            if nifti:
-                z = lf.z.float().numpy()
-                arr = z[0] if z.shape[0] == 1 else np.moveaxis(z, 0, -1)
-                write_image(ImageData(arr[None] if lf.spatial_dims == 2 and arr.ndim == 2 else arr,
-                                      lf.latent_affine), outs[1], "nifti")
-            return {"shape": list(lf.preprocessing.original_shape), "latent_shape": list(lf.z.shape)}
-
-        # reading and preprocessing run in loader threads, overlapped with the model's passes
-        return Job(item.name, outs, lambda: prepare(net, read_item(item, uneven), opts), run)
-
-    label = f"encoding (shard {part.rank + 1}/{part.world})" if part.active else "encoding"
-    report = _run_batch(console, label, [make_job(it) for it in items], output, resume=resume, prefetch=prefetch,
-                        manifest=part.manifest_name, batch=batch,
-                        compute=lambda prepared: encode_prepared(net, prepared, opts))
-    _record_skipped(output, skipped_inputs, part.manifest_name, ignored)
-    failed_all = finish(part, output, len(report.failed) + len(skipped_inputs))
-    _finish(console, report, output, skipped_inputs, ignored)
-    if failed_all:
-        raise typer.Exit(code=1)
-
-
-def _model_for_latent(lf, model: Optional[str], checkpoint: Optional[Path], cache: dict):
-    name = model or lf.model.get("name")
-    key = (name, checkpoint)
-    if key not in cache:
-        try:
-            cache[key] = _load_model(name, checkpoint, provide=PROVIDE_BY_OPTIONS)
-        except ModelLoadError as e:
-            # remembered, so that the next latent of this model fails at once instead of asking the Hub again
-            cache[key] = ModelLoadError(f"cannot load model {name!r} named in the latent file: {e} "
-                                        "(pass --model NAME|DIR to choose the decoder)")
-    if isinstance(cache[key], ModelLoadError):
-        raise ModelLoadError(str(cache[key]))
-    return cache[key]
+    console = _console()
+    result = _run(console, encode_files, inputs, output, model=model, checkpoint=checkpoint, device=device,
+                  modality=modality, precision=precision, latent_dtype=latent_dtype, stage2=stage2, nifti=nifti,
+                  uneven=uneven, resume=resume, prefetch=prefetch, batch=batch, compile=compile_model, shard=part,
+                  tiles=tiles)
+    _finish(console, result)
 
 
 @app.command()
@@ -429,10 +329,8 @@ def decode(
     compile_model: bool = COMPILE_OPT,
 ) -> None:
     """Decode latent files back to images on the original grid, orientation and intensity units."""
-    from medlatent.batch import MANIFEST, Job
-    from medlatent.io.writers import output_suffix, write_image
-    from medlatent.latentfile import read_latent, read_latent_header
-    from medlatent.pipeline import decode_latent
+    from medlatent.io.writers import output_suffix
+    from medlatent.runs import decode_files
 
     dicom = fmt == "dicom"
     if fmt is not None and not dicom:
@@ -441,43 +339,12 @@ def decode(
         except ValueError as e:
             _fail(f"{e}, dicom")
     _check_dicom_options(dicom, template, keep_study)
-    console = _console()
-    found = _discover_or_fail(console, latents, output, verb="decode")
-    files = [(it.name, it.paths[0]) for it in found.items]
-    cache: dict = {}
-
     tiles = _tiles(tile, overlap, max_memory, tile_batch, norm)
-
-    def make_job(name: str, path: Path):
-        # the suffix depends on the latent (2D/3D) when no format is given: read the header only (no tensors);
-        # a damaged file fails later, in the job, with its reason
-        if dicom:
-            return _dicom_job(name, path, output, template, keep_study, decode_one)
-        out_fmt = fmt
-        if out_fmt is None:
-            try:
-                rec = read_latent_header(path)[0]  # NIfTI sources (e.g. X×Y×1) go back to NIfTI
-                out_fmt = "nifti" if rec.spatial_dims == 3 or rec.file_geometry else "png"
-            except Exception:
-                out_fmt = "nifti"
-        target = output / (name + output_suffix(out_fmt))
-
-        def run(lf):
-            img = decode_one(lf, path)[1]
-            write_image(img, target, out_fmt)
-            return {"shape": list(img.array.shape)}
-
-        return Job(name, [target], lambda: read_latent(path), run)
-
-    def decode_one(lf, path: Path):
-        """The decoder used and the decoded image."""
-        net = _compile(_model_for_latent(lf, model, checkpoint, cache).to(device), compile_model)
-        return net, decode_latent(net, lf, source=path, precision=precision, strict_weights=not ignore_weights,
-                                  tiles=tiles)
-
-    report = _run_batch(console, "decoding", [make_job(n, p) for n, p in files], output, resume=resume)
-    _record_skipped(output, found.failed + found.empty, MANIFEST)
-    _finish(console, report, output, found.failed + found.empty)
+    console = _console()
+    result = _run(console, decode_files, latents, output, model=model, checkpoint=checkpoint, fmt=fmt,
+                  template=template, keep_study=keep_study, device=device, precision=precision,
+                  ignore_weights=ignore_weights, resume=resume, tiles=tiles, compile=compile_model)
+    _finish(console, result)
 
 
 def _check_dicom_options(dicom: bool, template: Optional[Path], keep_study: bool) -> None:
@@ -487,31 +354,6 @@ def _check_dicom_options(dicom: bool, template: Optional[Path], keep_study: bool
         _fail("--keep-study keeps the study of the source DICOM: give it with --template")
     if template is not None and not template.exists():
         _fail(f"--template {template}: no such file or folder")
-
-
-def _dicom_job(name: str, path: Path, output: Path, template: Optional[Path], keep_study: bool, decode_one):
-    """A job that decodes one latent into a derived DICOM file (2D) or series folder (3D)."""
-    from medlatent import __version__
-    from medlatent.batch import Job
-    from medlatent.io.dicom_out import Derivation, dicom_output_path, find_template, write_dicom
-    from medlatent.latentfile import read_latent, read_latent_header
-    from medlatent.pipeline import model_record
-
-    try:
-        dims = read_latent_header(path)[0].spatial_dims
-    except Exception:  # a damaged file fails in the job, with its reason
-        dims = 2
-    target = dicom_output_path(output, name, dims)
-
-    def run(lf):
-        source = find_template(template, name) if template is not None else None
-        net, img = decode_one(lf, path)
-        rec = model_record(net)
-        write_dicom(img, target, Derivation(rec["name"], rec["weights_sha256"], __version__), template=source,
-                    keep_study=keep_study)
-        return {"shape": list(img.array.shape), **({"template": str(source)} if source else {})}
-
-    return Job(name, [target], lambda: read_latent(path), run)
 
 
 @app.command()
@@ -552,14 +394,17 @@ def np_fmt(rows) -> str:
 def roundtrip(
     inputs: list[Path] = typer.Argument(..., help="Image files and/or folders."),
     output: Path = typer.Option(..., "--output", "-o"),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
-                              help="Registry name or model directory (default: the bundled model)."),
+    model: Optional[str] = MODEL_OPT,
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c"),
     modality: str = typer.Option("auto"),
     device: str = typer.Option("cpu", "--device", "-d"),
     precision: str = typer.Option("fp32"),
     uneven: str = typer.Option("refuse"),
     resume: bool = typer.Option(True, "--resume/--overwrite"),
+    prefetch: int = PREFETCH_OPT,
+    batch: Optional[int] = BATCH_OPT,
+    compile_model: bool = COMPILE_OPT,
+    shard: Optional[str] = SHARD_OPT,
     tile: Optional[int] = TILE_OPT,
     overlap: Optional[int] = OVERLAP_OPT,
     max_memory: Optional[float] = MEMORY_OPT,
@@ -567,68 +412,20 @@ def roundtrip(
     norm: str = NORM_OPT,
 ) -> None:
     """Encode and decode: writes the latent, the reconstruction, a comparison PNG and PSNR / MS-SSIM per file."""
-    import csv
-    import io
-    import json
+    from medlatent.runs import roundtrip_files
 
-    from medlatent.batch import MANIFEST, Job
-    from medlatent.io.atomic import OutputError, write_text
-    from medlatent.io.discover import read_item
-    from medlatent.io.writers import output_suffix, write_image
-    from medlatent.latentfile import SUFFIX, write_latent
-    from medlatent.pipeline import EncodeOptions, decode_latent, encode_image
-    from medlatent.report import comparison_png, roundtrip_metrics
-
-    console = _console()
-    found = _discover_or_fail(console, inputs, output)
+    part = _shard(shard)
     tiles = _tiles(tile, overlap, max_memory, tile_batch, norm)  # options checked before any weights are fetched
-    net = _load(model, checkpoint, provide=PROVIDE_BY_OPTIONS).to(device)
-    opts = EncodeOptions(modality=modality, precision=precision, tiles=tiles)
-    items, skipped_inputs = found.items, found.failed + found.empty
-
-    def make_job(item):
-        base = output / item.name
-        latent_path = base.with_name(base.name + SUFFIX)
-        fmt = "nifti" if net.spatial_dims == 3 else "png"
-        recon = base.with_name(base.name + ".recon" + output_suffix(fmt))
-        compare = base.with_name(base.name + ".compare.png")
-
-        def run(img):
-            lf = encode_image(net, img, opts)
-            write_latent(latent_path, lf)
-            rec_img = decode_latent(net, lf, source=latent_path, precision=precision, out_dtype="float32",
-                                    tiles=tiles)
-            write_image(rec_img, recon, fmt)
-            metrics = roundtrip_metrics(img.array, rec_img.array, lf.preprocessing)
-            comparison_png(img.array, rec_img.array, lf.preprocessing, compare)
-            source_bytes = sum(p.stat().st_size for p in item.paths)
-            latent_bytes = latent_path.stat().st_size
-            return {**metrics, "pixels": int(img.array.size), "latent_values": int(lf.z.numel()),
-                    "source_file_bytes": source_bytes, "latent_file_bytes": latent_bytes,
-                    "storage_ratio": source_bytes / latent_bytes}
-
-        return Job(item.name, [latent_path, recon, compare], lambda: read_item(item, uneven), run)
-
-    report = _run_batch(console, "roundtrip", [make_job(it) for it in items], output, resume=resume)
-    rows = [{"item": r.item, **r.info} for r in report.results if r.status == "ok"]
-    if rows:
-        table = io.StringIO(newline="")
-        w = csv.DictWriter(table, fieldnames=sorted({k for r in rows for k in r}, key=lambda k: (k != "item", k)))
-        w.writeheader()
-        w.writerows(rows)
-        try:
-            write_text(output / "metrics.csv", table.getvalue())
-            write_text(output / "summary.json", json.dumps(rows, indent=2) + "\n")
-        except OutputError as e:
-            _fail(str(e))
-        for r in rows:
-            console.print(f"  {r['item']}: PSNR {r['psnr']:.2f} dB, MS-SSIM {r['ms_ssim']:.4f}, "
-                          f"{r['pixels']} pixels → {r['latent_values']} latent values, "
-                          f"file {r['source_file_bytes']} B → latent file {r['latent_file_bytes']} B "
-                          f"(÷{r['storage_ratio']:.1f})", highlight=False)
-    _record_skipped(output, skipped_inputs, MANIFEST, found.ignored)
-    _finish(console, report, output, skipped_inputs, found.ignored)
-
+    console = _console()
+    result = _run(console, roundtrip_files, inputs, output, model=model, checkpoint=checkpoint, device=device,
+                  modality=modality, precision=precision, uneven=uneven, resume=resume, prefetch=prefetch,
+                  batch=batch, compile=compile_model, shard=part, tiles=tiles)
+    for r in result.rows:
+        console.print(f"  {r['item']}: PSNR {r['psnr']:.2f} dB, MS-SSIM {r['ms_ssim']:.4f}, "
+                      f"{r['pixels']} pixels → {r['latent_values']} latent values, "
+                      f"file {r['source_file_bytes']} B → latent file {r['latent_file_bytes']} B "
+                      f"(÷{r['storage_ratio']:.1f})", highlight=False)
+    _finish(console, result)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})

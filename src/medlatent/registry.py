@@ -139,3 +139,12 @@ register_model(ModelInfo(
     hub_config="", hub_checkpoint="", modalities=_2D_MODALITIES, bundled=True, repo_id="",
     description="2D, f=16 (H/4×W/4), C=4, 2.7 M parameters; bundled default trained by medlatent on public images",
 ))
+
+# The model a run uses when none is given, by the input's dimensionality (2D images, 3D volumes). 3D has no
+# bundled default yet: such inputs need an explicit model.
+DEFAULT_MODELS: dict[int, str | None] = {2: DEFAULT_MODEL, 3: None}
+
+
+def default_model(spatial_dims: int) -> str | None:
+    """The registry name of the default model for ``spatial_dims``-D inputs, or ``None`` if there is none."""
+    return DEFAULT_MODELS.get(spatial_dims)

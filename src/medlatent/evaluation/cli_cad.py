@@ -79,12 +79,12 @@ def _size(text: str) -> int | tuple[int, ...]:
 
 
 def _models(names: Optional[list[str]], random_weights: bool, device: str) -> dict[str, object]:
-    from medlatent.cli import ModelLoadError, _load_model
+    from medlatent.runs import ModelLoadError, load_model
 
     out = {}
     for name in names or []:
         try:
-            model = _load_model(name, None, random_weights)
+            model = load_model(name, None, random_weights=random_weights)
         except ModelLoadError as e:
             _fail(str(e))
         label = model.weights_info.get("model") or Path(name).name

@@ -55,10 +55,10 @@ def _model_config(model: str, checkpoint: Optional[Path]):
             return get_model_info(model).config
         except KeyError as e:
             _fail(e.args[0])
-    from medlatent.cli import ModelLoadError, _load_model
+    from medlatent.runs import ModelLoadError, load_model
 
     try:
-        return _load_model(model, checkpoint).config
+        return load_model(model, checkpoint).config
     except ModelLoadError as e:
         _fail(str(e))
 
@@ -143,7 +143,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Reconstruction quality (PSNR, MS-SSIM, ROI PSNR) of one or more models against baselines at the same f
         and at equal values stored, paper-style mean ± sd."""
-        from medlatent.cli import ModelLoadError, _load_model
         from medlatent.engine.tiled import TileSettings
         from medlatent.evaluation.baselines import BaselineError, NaturalModelError, natural_image_autoencoder
         from medlatent.evaluation.recon import (
@@ -155,6 +154,7 @@ def register(app: typer.Typer) -> None:
             natural_spec,
             slicewise_spec,
         )
+        from medlatent.runs import ModelLoadError, load_model
 
         if latent_dtype not in ("float16", "float32"):
             _fail(f"--latent-dtype must be float16 or float32, got {latent_dtype!r}")
@@ -164,7 +164,7 @@ def register(app: typer.Typer) -> None:
         nets = []
         for name in names:
             try:
-                nets.append(_load_model(name, checkpoint).to(device).eval())
+                nets.append(load_model(name, checkpoint).to(device).eval())
             except ModelLoadError as e:
                 _fail(str(e))
         if len({n.spatial_dims for n in nets}) > 1:
@@ -180,7 +180,7 @@ def register(app: typer.Typer) -> None:
             if nets[0].spatial_dims != 3:
                 _fail("--stitched-2d compares a 2D model slice by slice with a 3D --model; this model is 2D")
             try:
-                net2 = _load_model(model2d, None).to(device).eval()
+                net2 = load_model(model2d, None).to(device).eval()
             except ModelLoadError as e:
                 _fail(str(e))
             if net2.spatial_dims != 2:
