@@ -213,7 +213,11 @@ class LatentStore:
 
     def load(self, j: int) -> LatentFile:
         """Item ``j`` as a :class:`LatentFile` (its bytes checked against the index, see the module docstring)."""
-        return latent_from_bytes(self.read_bytes(j), self.where(j), checked=False)
+        data = self.read_bytes(j)
+        try:
+            return latent_from_bytes(data, "", checked=False)
+        except LatentFileError as e:  # named here: building the name for every read costs more than the parse
+            raise LatentFileError(self.where(j), str(e).removeprefix(": ")) from e
 
 
 # ------------------------------------------------------------------------------------------------- writing
