@@ -37,3 +37,19 @@ def test_samples_command(tmp_path):
     assert ct.modality == "ct" and ct.array.min() < -800  # still HU after the copy
     vol = read_image(tmp_path / "3d" / "t1_anatomical.nii.gz")
     assert vol.spatial_dims == 3
+
+
+def test_default_sizes_and_full_resolution(tmp_path, monkeypatch):
+    from medlatent import samples as samples_mod
+
+    one = [("2d/radiograph_1.dcm", 2, samples_mod._pydicom_file("RG1_UNCR.dcm"))]  # 1955×1841
+    monkeypatch.setattr(samples_mod, "_sources", lambda: one)
+    res = CliRunner().invoke(app, ["samples", "-o", str(tmp_path / "default")])
+    assert res.exit_code == 0, res.output
+    assert read_image(tmp_path / "default" / "2d" / "radiograph_1.dcm").spatial_shape == (977, 920)  # ÷2 ≤ 1024
+    res = CliRunner().invoke(app, ["samples", "-o", str(tmp_path / "full"), "--full-resolution"])
+    assert res.exit_code == 0, res.output
+    assert read_image(tmp_path / "full" / "2d" / "radiograph_1.dcm").spatial_shape == (1955, 1841)
+    res = CliRunner().invoke(app, ["samples", "-o", str(tmp_path / "both"), "--full-resolution", "--max-size-2d", "64"])
+    assert res.exit_code != 0 and "--full-resolution" in res.output
+    assert not (tmp_path / "both").exists()

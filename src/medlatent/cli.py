@@ -582,13 +582,20 @@ def export_ckpt(
 def samples(
     output: Path = typer.Option(Path("samples"), "--output", "-o"),
     max_size_2d: int = typer.Option(
-        256, help="Block-average 2D images to at most this many pixels per axis (0: keep)."),
-    max_size_3d: int = typer.Option(64, help="Block-average volumes to at most this many voxels per axis (0: keep)."),
+        1024, help="Block-average 2D images to at most this many pixels on the long side (0: keep)."),
+    max_size_3d: int = typer.Option(
+        128, help="Block-average volumes to at most this many voxels per axis (0: keep)."),
+    full_resolution: bool = typer.Option(
+        False, "--full-resolution", help="Keep every image at its source resolution (same as both sizes 0)."),
 ) -> None:
     """Gather real public sample images from installed packages (pip install 'medlatent[samples]')."""
     from medlatent.io.atomic import OutputError, check_output_dir
-    from medlatent.samples import MANIFEST, gather
+    from medlatent.samples import MANIFEST, MAX_SIZE_2D, MAX_SIZE_3D, gather
 
+    if full_resolution and (max_size_2d, max_size_3d) != (MAX_SIZE_2D, MAX_SIZE_3D):
+        _fail("--full-resolution keeps every image whole; it cannot be combined with --max-size-2d/--max-size-3d")
+    if full_resolution:
+        max_size_2d = max_size_3d = 0
     try:
         check_output_dir(output)
     except OutputError as e:

