@@ -51,3 +51,36 @@ def test_inflated_model_encodes_a_repeated_slice_as_the_2d_model(model_2d, axis)
         # the stage-2 head's 3×3 conv ("same" padding) is centred too
         torch.testing.assert_close(model_3d.stage2_features(post3.mean),
                                    repeat(model_2d.stage2_features(post2.mean), depth // s), rtol=0, atol=1e-4)
+
+
+def test_linear_resample_inflation_interpolates_the_new_axis():
+    """``resample_taps=LINEAR_RESAMPLE_TAPS``: the inflated Upsample is the 2D Upsample of each slice followed by
+    linear interpolation along the new axis (¼/¾ of the two nearest slices), and the inflated Downsample is the
+    2D Downsample of the [¼, ½, ¼]-filtered slices; both with and without autograd (two code paths)."""
+    from medlatent.checkpoints import LINEAR_RESAMPLE_TAPS
+    from medlatent.model.layers import Downsample, Upsample
+
+    g = torch.Generator().manual_seed(5)
+    for cls in (Upsample, Downsample):
+        m2, m3 = cls(2, 4), cls(3, 4)
+        with torch.no_grad():
+            m2.conv.weight.copy_(torch.randn(m2.conv.weight.shape, generator=g))
+            m2.conv.bias.copy_(torch.randn(4, generator=g))
+        inflated = inflate_2d_to_3d({f"x.{cls.__name__.lower()}.{k}": v for k, v in m2.state_dict().items()},
+                                    resample_taps=LINEAR_RESAMPLE_TAPS)
+        m3.load_state_dict({k.split(".", 2)[2]: v for k, v in inflated.items()})
+        x = torch.randn(1, 4, 6, 6, 6, generator=g)
+        slices = [x[..., k] for k in range(6)]
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                y3 = m3(x).detach()
+                if cls is Upsample:
+                    up = [m2(s).detach() for s in slices]
+                    for j in range(1, 5):  # interior output planes 2j (phase 0) and 2j+1 (phase 1)
+                        torch.testing.assert_close(y3[..., 2 * j], 0.25 * up[j - 1] + 0.75 * up[j], atol=1e-4, rtol=0)
+                        torch.testing.assert_close(y3[..., 2 * j + 1], 0.75 * up[j] + 0.25 * up[j + 1], atol=1e-4,
+                                                   rtol=0)
+                else:
+                    for j in range(2):  # output plane j reads input planes 2j, 2j+1, 2j+2
+                        mix = 0.25 * slices[2 * j] + 0.5 * slices[2 * j + 1] + 0.25 * slices[2 * j + 2]
+                        torch.testing.assert_close(y3[..., j], m2(mix).detach(), atol=1e-4, rtol=0)

@@ -109,7 +109,15 @@ def merge_lora(sd: Mapping[str, torch.Tensor], scale: float = 1.0) -> StateDict:
     return out
 
 
-def inflate_2d_to_3d(sd: Mapping[str, torch.Tensor], axis: int = -1) -> StateDict:
+#: the resampling convolutions (stride-2 ``Downsample`` and the conv after ×2 nearest ``Upsample``)
+_RESAMPLE_WEIGHT = re.compile(r"\.(downsample|upsample)\.conv\.weight$")
+#: taps along the new axis that make the resampling convs linear: a [¼, ½, ¼] anti-aliasing filter before the
+#: stride-2 subsampling, and after ×2 nearest upsampling exactly linear interpolation (¾/¼ of the two neighbours)
+LINEAR_RESAMPLE_TAPS = (0.25, 0.5, 0.25)
+
+
+def inflate_2d_to_3d(sd: Mapping[str, torch.Tensor], axis: int = -1,
+                     resample_taps: tuple[float, ...] | None = None) -> StateDict:
     """Lift 2D conv kernels to 3D by kernel centring (paper §3, 3D stage 2).
 
     Each ``O×I×kh×kw`` kernel becomes ``O×I×…×…×…`` with the 2D kernel in the centre slice of a new
@@ -117,6 +125,11 @@ def inflate_2d_to_3d(sd: Mapping[str, torch.Tensor], axis: int = -1) -> StateDic
     ``axis`` is where the new kernel axis goes among the three spatial axes (default: last, the slice
     axis of medlatent's ``B×C×X×Y×Z`` volumes — as the official 3D training did). Biases, norms and all
     other parameters are copied.
+
+    ``resample_taps`` (e.g. :data:`LINEAR_RESAMPLE_TAPS`): the down- and upsampling kernels are spread over the
+    new axis with these weights instead (the 2D kernel times each tap), so the inflated model resamples the new
+    axis linearly rather than keeping every other slice and repeating slices on the way back; every other kernel
+    is centred as in the paper.
     """
     if axis not in (-1, -2, -3, 0, 1, 2):
         raise ValueError(f"axis must index one of the three spatial axes (0, 1, 2 or -3, -2, -1), got {axis}")
@@ -125,6 +138,12 @@ def inflate_2d_to_3d(sd: Mapping[str, torch.Tensor], axis: int = -1) -> StateDic
     for key, t in sd.items():
         if key.endswith(".weight") and t.ndim == 4:
             k = t.shape[-1]
+            if resample_taps is not None and _RESAMPLE_WEIGHT.search(key):
+                if len(resample_taps) != k:
+                    raise ValueError(f"{len(resample_taps)} resample taps for the {k}-tap kernel {key!r}")
+                taps = torch.tensor(resample_taps, dtype=t.dtype)
+                out[key] = (t.unsqueeze(-1) * taps).movedim(-1, pos).contiguous()
+                continue
             w = t.new_zeros(*t.shape, k).movedim(-1, pos)  # O×I×(3 spatial), new axis at `pos`
             w.narrow(pos, k // 2, 1).copy_(t.unsqueeze(pos))
             out[key] = w.contiguous()

@@ -7,7 +7,13 @@ import dataclasses
 import torch
 from torch import nn
 
-from medlatent.checkpoints import inflate_2d_to_3d, load_pretrained, load_state_dict_strict, strip_training_keys
+from medlatent.checkpoints import (
+    LINEAR_RESAMPLE_TAPS,
+    inflate_2d_to_3d,
+    load_pretrained,
+    load_state_dict_strict,
+    strip_training_keys,
+)
 from medlatent.model import MedVAE, MedVAEConfig
 from medlatent.model.lora import inject_lora
 from medlatent.registry import get_model_info
@@ -51,11 +57,15 @@ def _load(source: str) -> MedVAE:
         raise ConfigError(f"cannot load {source!r}: {e}") from e
 
 
-def inflate(model2d: MedVAE, arch: MedVAEConfig) -> MedVAE:
-    """A 3D model whose kernels are the 2D kernels in the centre slice (zeros elsewhere)."""
+def inflate(model2d: MedVAE, arch: MedVAEConfig, resample: str = "centre") -> MedVAE:
+    """A 3D model whose kernels are the 2D kernels in the centre slice (zeros elsewhere); with ``resample="linear"``
+    the down/upsampling kernels are spread [1/4, 1/2, 1/4] along the new axis instead."""
+    if resample not in ("centre", "linear"):
+        raise ConfigError(f"model.inflate_resample must be 'centre' or 'linear', got {resample!r}")
     sd = strip_training_keys(model2d.state_dict())
     model = MedVAE(arch)
-    load_state_dict_strict(model, inflate_2d_to_3d(sd), "inflated 2D model")
+    taps = LINEAR_RESAMPLE_TAPS if resample == "linear" else None
+    load_state_dict_strict(model, inflate_2d_to_3d(sd, resample_taps=taps), "inflated 2D model")
     return model
 
 
@@ -100,7 +110,7 @@ def build_model(cfg: TrainConfig, weights_follow: bool = False) -> tuple[MedVAE,
             raise ConfigError(f"model.init {m.init}: the natural-image VAE has architecture {model.config}, "
                               f"the config asks for {arch}")
     elif stage == "stage2_3d" and m.inflate_from:
-        model = inflate(_load(m.inflate_from), arch)
+        model = inflate(_load(m.inflate_from), arch, m.inflate_resample)
     elif m.init == "random":
         model = MedVAE(arch)
         if m.zero_init_residual:

@@ -48,6 +48,11 @@ class ModelSection:
               "`post_quant_conv` in full, as the official fine-tuning does; false freezes them with the rest.")
     inflate_from: str | None = option(
         None, "stage2_3d only: the 2D model (name or path) whose kernels are inflated to 3D.")
+    inflate_resample: str = option(
+        "centre", "stage2_3d: how the 2D down/upsampling kernels are inflated. `centre`: in the centre slice, as "
+                  "every other kernel (the paper; the new axis starts as keep-every-other-slice and repeat); "
+                  "`linear`: spread [1/4, 1/2, 1/4] along the new axis (anti-aliased subsampling and linear "
+                  "interpolation from the start).")
     zero_init_residual: bool = option(
         False, "With `init: random`, start every ResnetBlock and attention block as the identity (last conv of each "
                "residual branch zeroed): faster convergence from scratch.")
