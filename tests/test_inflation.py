@@ -56,7 +56,7 @@ def test_inflated_model_encodes_a_repeated_slice_as_the_2d_model(model_2d, axis)
 def test_linear_resample_inflation_interpolates_the_new_axis():
     """``resample_taps=LINEAR_RESAMPLE_TAPS``: the inflated Upsample is the 2D Upsample of each slice followed by
     linear interpolation along the new axis (¼/¾ of the two nearest slices), and the inflated Downsample is the
-    2D Downsample of the [¼, ½, ¼]-filtered slices; both with and without autograd (two code paths)."""
+    2D Downsample of the mean of each pair of slices; both with and without autograd (two code paths)."""
     from medlatent.checkpoints import LINEAR_RESAMPLE_TAPS
     from medlatent.model.layers import Downsample, Upsample
 
@@ -81,6 +81,6 @@ def test_linear_resample_inflation_interpolates_the_new_axis():
                         torch.testing.assert_close(y3[..., 2 * j + 1], 0.75 * up[j] + 0.25 * up[j + 1], atol=1e-4,
                                                    rtol=0)
                 else:
-                    for j in range(2):  # output plane j reads input planes 2j, 2j+1, 2j+2
-                        mix = 0.25 * slices[2 * j] + 0.5 * slices[2 * j + 1] + 0.25 * slices[2 * j + 2]
+                    for j in range(3):  # output plane j: the mean of input planes 2j, 2j+1
+                        mix = 0.5 * slices[2 * j] + 0.5 * slices[2 * j + 1]
                         torch.testing.assert_close(y3[..., j], m2(mix).detach(), atol=1e-4, rtol=0)

@@ -111,13 +111,16 @@ def merge_lora(sd: Mapping[str, torch.Tensor], scale: float = 1.0) -> StateDict:
 
 #: the resampling convolutions (stride-2 ``Downsample`` and the conv after ×2 nearest ``Upsample``)
 _RESAMPLE_WEIGHT = re.compile(r"\.(downsample|upsample)\.conv\.weight$")
-#: taps along the new axis that make the resampling convs linear: a [¼, ½, ¼] anti-aliasing filter before the
-#: stride-2 subsampling, and after ×2 nearest upsampling exactly linear interpolation (¾/¼ of the two neighbours)
-LINEAR_RESAMPLE_TAPS = (0.25, 0.5, 0.25)
+#: taps along the new axis that make the resampling convs linear, by kind: the stride-2 ``Downsample`` (output plane
+#: ``j`` reads planes ``2j, 2j+1, 2j+2``) averages the pair ``2j, 2j+1`` that latent plane ``j`` stands for (the
+#: alignment the ×2 upsampling assumes); the conv after ×2 nearest ``Upsample`` gets [¼, ½, ¼], which makes it
+#: exactly linear interpolation (¾/¼ of the two nearest planes). Measured on a 64³ block of a training volume: the
+#: inflated default at 23.2 dB with these, 21.0 with every kernel centred, 21.0 with [¼, ½, ¼] for both.
+LINEAR_RESAMPLE_TAPS: dict[str, tuple[float, ...]] = {"downsample": (0.5, 0.5, 0.0), "upsample": (0.25, 0.5, 0.25)}
 
 
 def inflate_2d_to_3d(sd: Mapping[str, torch.Tensor], axis: int = -1,
-                     resample_taps: tuple[float, ...] | None = None) -> StateDict:
+                     resample_taps: Mapping[str, tuple[float, ...]] | None = None) -> StateDict:
     """Lift 2D conv kernels to 3D by kernel centring (paper §3, 3D stage 2).
 
     Each ``O×I×kh×kw`` kernel becomes ``O×I×…×…×…`` with the 2D kernel in the centre slice of a new
@@ -126,10 +129,10 @@ def inflate_2d_to_3d(sd: Mapping[str, torch.Tensor], axis: int = -1,
     axis of medlatent's ``B×C×X×Y×Z`` volumes — as the official 3D training did). Biases, norms and all
     other parameters are copied.
 
-    ``resample_taps`` (e.g. :data:`LINEAR_RESAMPLE_TAPS`): the down- and upsampling kernels are spread over the
-    new axis with these weights instead (the 2D kernel times each tap), so the inflated model resamples the new
-    axis linearly rather than keeping every other slice and repeating slices on the way back; every other kernel
-    is centred as in the paper.
+    ``resample_taps`` (``{"downsample": taps, "upsample": taps}``, e.g. :data:`LINEAR_RESAMPLE_TAPS`): the down-
+    and upsampling kernels are spread over the new axis with these weights instead (the 2D kernel times each tap),
+    so the inflated model resamples the new axis linearly rather than keeping every other slice and repeating
+    slices on the way back; every other kernel is centred as in the paper.
     """
     if axis not in (-1, -2, -3, 0, 1, 2):
         raise ValueError(f"axis must index one of the three spatial axes (0, 1, 2 or -3, -2, -1), got {axis}")
@@ -138,10 +141,11 @@ def inflate_2d_to_3d(sd: Mapping[str, torch.Tensor], axis: int = -1,
     for key, t in sd.items():
         if key.endswith(".weight") and t.ndim == 4:
             k = t.shape[-1]
-            if resample_taps is not None and _RESAMPLE_WEIGHT.search(key):
-                if len(resample_taps) != k:
-                    raise ValueError(f"{len(resample_taps)} resample taps for the {k}-tap kernel {key!r}")
-                taps = torch.tensor(resample_taps, dtype=t.dtype)
+            kind = _RESAMPLE_WEIGHT.search(key)
+            if resample_taps is not None and kind:
+                taps = torch.tensor(resample_taps[kind[1]], dtype=t.dtype)
+                if len(taps) != k:
+                    raise ValueError(f"{len(taps)} resample taps for the {k}-tap kernel {key!r}")
                 out[key] = (t.unsqueeze(-1) * taps).movedim(-1, pos).contiguous()
                 continue
             w = t.new_zeros(*t.shape, k).movedim(-1, pos)  # O×I×(3 spatial), new axis at `pos`

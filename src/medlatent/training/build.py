@@ -59,7 +59,7 @@ def _load(source: str) -> MedVAE:
 
 def inflate(model2d: MedVAE, arch: MedVAEConfig, resample: str = "centre") -> MedVAE:
     """A 3D model whose kernels are the 2D kernels in the centre slice (zeros elsewhere); with ``resample="linear"``
-    the down/upsampling kernels are spread [1/4, 1/2, 1/4] along the new axis instead."""
+    the down/upsampling kernels are spread along the new axis instead (:data:`LINEAR_RESAMPLE_TAPS`)."""
     if resample not in ("centre", "linear"):
         raise ConfigError(f"model.inflate_resample must be 'centre' or 'linear', got {resample!r}")
     sd = strip_training_keys(model2d.state_dict())

@@ -51,8 +51,8 @@ class ModelSection:
     inflate_resample: str = option(
         "centre", "stage2_3d: how the 2D down/upsampling kernels are inflated. `centre`: in the centre slice, as "
                   "every other kernel (the paper; the new axis starts as keep-every-other-slice and repeat); "
-                  "`linear`: spread [1/4, 1/2, 1/4] along the new axis (anti-aliased subsampling and linear "
-                  "interpolation from the start).")
+                  "`linear`: spread along the new axis (the downsampling averages each pair of planes, the upsampling "
+                  "interpolates linearly), so the new axis starts as a linear codec.")
     zero_init_residual: bool = option(
         False, "With `init: random`, start every ResnetBlock and attention block as the identity (last conv of each "
                "residual branch zeroed): faster convergence from scratch.")
