@@ -461,6 +461,31 @@ def c1_unpack(pack: Path, data: Path, run: Path, overrides: list[str]) -> Path:
     return ckpt
 
 
+def ship_pack(pack: Path, name: str, weights: str = "ema") -> Path:
+    """A packed checkpoint's EMA weights (``weights="ema"``; or ``"model"``, the raw weights) → the bundled folder
+    ``medlatent/weights/<name>`` (config.json + model.safetensors; the model card is written by hand from the
+    recorded numbers). Which weights ship is the rule fixed before evaluation: the EMA at the last step."""
+    from safetensors.torch import load_file
+
+    from medlatent import MedVAE
+    from medlatent.checkpoints import sha256_file
+
+    model = MedVAE.from_pretrained(pack)
+    if weights == "ema":
+        ema = load_file(str(pack / "ema.safetensors"))
+        own = model.state_dict()
+        missing = sorted(k for k, p in model.named_parameters() if k not in ema)
+        if missing:
+            raise SystemExit(f"{pack / 'ema.safetensors'}: no EMA for {missing[:4]}")
+        model.load_state_dict({**own, **ema}, strict=True)
+    dest = Path(__file__).parent.parent / "src" / "medlatent" / "weights" / name
+    out = model.save_pretrained(dest, name=name)
+    counters = json.loads((pack / "resume.json").read_text())
+    print(f"shipped {pack} ({weights} weights, step {counters['step']}) to {out}; "
+          f"SHA-256 {sha256_file(out / 'model.safetensors')}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -507,6 +532,10 @@ def main(argv: list[str] | None = None) -> int:
     cu.add_argument("--data", type=Path, default=Path("data/default_model"))
     cu.add_argument("--run", type=Path, default=Path(f"runs/{C1_MODEL}"))
     cu.add_argument("overrides", nargs="*", help="section.key=value")
+    sp = sub.add_parser("ship-pack", help="a resume folder's EMA weights → the package's bundled model folder")
+    sp.add_argument("pack", type=Path)
+    sp.add_argument("--name", required=True)
+    sp.add_argument("--weights", choices=("ema", "model"), default="ema")
     cv = sub.add_parser("c1-validate", help="a model folder on the validation split against bicubic")
     cv.add_argument("model_dir", type=Path)
     cv.add_argument("--data", type=Path, default=Path("data/default_model"))
@@ -517,7 +546,9 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.cmd == "c1-init":
+    if args.cmd == "ship-pack":
+        ship_pack(args.pack, args.name, args.weights)
+    elif args.cmd == "c1-init":
         c1_init(args.data, args.run, args.maps, args.crops, args.sweeps, args.overrides)
     elif args.cmd == "c1-validate":
         c1_validate(args.data, args.model_dir, args.out, args.max_tile, args.overrides)
