@@ -5,6 +5,9 @@
 * :mod:`medlatent.evaluation.baselines` — interpolation, a 2D model slice by slice on volumes, natural-image
   autoencoders (diffusers KL-VAE / VQ-GAN).
 * :mod:`medlatent.evaluation.storage` — bytes and values of images against their latents (§4.2).
+* :mod:`medlatent.evaluation.honest` — per image and modality: the model through a latent file against
+  interpolation at the same f and at equal values stored, and JPEG 2000 at the latent's bytes; bytes against
+  ``xz -9e`` and lossless JPEG 2000 (:mod:`medlatent.evaluation.codecs`).
 * :mod:`medlatent.evaluation.report` — Markdown reports, bar charts with error bars, residual figures.
 * :mod:`medlatent.evaluation.cad`, :mod:`~medlatent.evaluation.classifiers`, :mod:`~medlatent.evaluation.finefeature`,
   :mod:`~medlatent.evaluation.efficiency` — CAD on images, latents and interpolated images (§4.1), the

@@ -9,7 +9,8 @@ are multiples of the model's per-axis reduction ``s`` — and returns its recons
   ``bicubic`` (antialiased when shrinking, as PIL/torchvision resize do). 3D: ``nearest``, ``trilinear`` (torch
   has no antialiasing in 3D, so this one aliases), ``area`` (block mean to shrink, trilinear to enlarge: the
   antialiased 3D baseline) and ``slice-bicubic`` (2D bicubic on every slice along Z, block means / linear along Z:
-  the paper's 3D "Bicubic" rows, a 2D method applied per slice and stitched to the 3D latent's size).
+  the paper's 3D "Bicubic" rows, a 2D method applied per slice and stitched to the 3D latent's size) and
+  ``cubic-spline`` (block/area means to shrink, cubic B-spline interpolation to enlarge: :func:`cubic_spline_resize`).
 * **The model itself** (:func:`model_method`): posterior mean ``z``, optionally rounded through float16 as
   ``medlatent encode`` stores it, decoded; large images go through the tiled engine.
 * **A 2D model on 3D volumes** (:func:`slicewise_2d_model_for_3d`): the paper's "2D Med-VAE-Decoder" comparison
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -41,12 +43,15 @@ logger = logging.getLogger(__name__)
 #: 3D baseline: 2D bicubic per slice (along Z), block means to shrink / linear to enlarge along Z
 SLICE_BICUBIC = "slice-bicubic"
 
+#: 3D baseline: area means to shrink (antialiased), cubic B-spline interpolation to enlarge
+CUBIC_SPLINE = "cubic-spline"
+
 #: A reconstruction method: preprocessed ``1×C×…`` tensor in [-1, 1] → reconstruction of the same shape.
 Method = Callable[[torch.Tensor], torch.Tensor]
 
 #: Interpolation baselines per spatial dimensionality.
 INTERPOLATION: dict[int, tuple[str, ...]] = {2: ("nearest", "bilinear", "bicubic"),
-                                              3: ("nearest", "trilinear", "area", SLICE_BICUBIC)}
+                                              3: ("nearest", "trilinear", "area", SLICE_BICUBIC, CUBIC_SPLINE)}
 
 _LATENT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -85,7 +90,7 @@ def shrink(x: torch.Tensor, s: int, mode: str) -> torch.Tensor:
         return slice_bicubic_resize(x, size)
     if mode == "nearest":
         return F.interpolate(x, size=size, mode="nearest")
-    if mode == "area":
+    if mode in ("area", CUBIC_SPLINE):
         return F.interpolate(x, size=size, mode="area")
     return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=mode in ("bilinear", "bicubic"))
 
@@ -97,6 +102,8 @@ def enlarge(small: torch.Tensor, size: tuple[int, ...], mode: str) -> torch.Tens
         return slice_bicubic_resize(small, size)
     if mode == "nearest":
         return F.interpolate(small, size=size, mode="nearest")
+    if mode == CUBIC_SPLINE:
+        return cubic_spline_resize(small, size)
     up = "trilinear" if mode == "area" else mode
     return F.interpolate(small, size=size, mode=up, align_corners=False)
 
@@ -115,6 +122,48 @@ def slice_bicubic_resize(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor
     if sz > nz:
         return F.interpolate(t, size=(sx, sy, sz), mode="trilinear", align_corners=False)
     return t.contiguous()
+
+
+def _mirror(k: np.ndarray, n: int) -> np.ndarray:
+    """Indices ``k`` folded into ``0 … n-1`` by half-sample symmetric extension (``-1 → 0``, ``n → n-1``)."""
+    k = np.mod(k, 2 * n)
+    return np.where(k >= n, 2 * n - 1 - k, k)
+
+
+def _cubic_bspline(t: np.ndarray) -> np.ndarray:
+    """The cubic B-spline β³ at offsets ``t``."""
+    a = np.abs(t)
+    return np.where(a < 1, 2 / 3 - a**2 + a**3 / 2, np.where(a < 2, (2 - a) ** 3 / 6, 0.0))
+
+
+def cubic_spline_matrix(n: int, m: int) -> np.ndarray:
+    """The ``m×n`` linear map of cubic B-spline interpolation from ``n`` samples to ``m`` (pixel-centre grids, as
+    ``align_corners=False``; half-sample symmetric boundary): prefilter (solve for the spline coefficients whose
+    spline passes through the samples) then evaluate β³ at the new centres. ``n == m`` is the identity."""
+    band = np.zeros((n, n))
+    for i in range(n):
+        for off, w in ((-1, 1 / 6), (0, 4 / 6), (1, 1 / 6)):
+            band[i, _mirror(np.array(i + off), n)] += w
+    u = (np.arange(m) + 0.5) * n / m - 0.5
+    evaluate = np.zeros((m, n))
+    first = np.floor(u).astype(int) - 1
+    for j in range(4):
+        k = first + j
+        np.add.at(evaluate, (np.arange(m), _mirror(k, n)), _cubic_bspline(u - k))
+    return evaluate @ np.linalg.inv(band)
+
+
+def cubic_spline_resize(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Cubic B-spline interpolation of ``B×C×…`` to ``size``, one axis at a time. Meant for enlarging: it does
+    not antialias, so shrink with area means first (as the ``cubic-spline`` baseline does)."""
+    out = x
+    for axis, m in enumerate(size, start=2):
+        n = out.shape[axis]
+        if n == m:
+            continue
+        mat = torch.from_numpy(cubic_spline_matrix(n, int(m))).to(out.dtype)
+        out = torch.movedim(torch.movedim(out, axis, -1) @ mat.T, -1, axis)
+    return out.contiguous()
 
 
 def roundtrip(x: torch.Tensor, s: int, mode: str) -> torch.Tensor:
@@ -172,8 +221,8 @@ def interpolation_at(spatial_dims: int, f: float, mode: str) -> tuple[Method, in
         size = resized_shape(tuple(x.shape[2:]), r)
         if mode == SLICE_BICUBIC:
             small = slice_bicubic_resize(x, size)
-        elif mode in ("nearest", "area"):
-            small = F.interpolate(x, size=size, mode=mode)
+        elif mode in ("nearest", "area", CUBIC_SPLINE):
+            small = F.interpolate(x, size=size, mode="area" if mode == CUBIC_SPLINE else mode)
         else:
             small = F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=mode != "trilinear")
         return enlarge(small, tuple(x.shape[2:]), mode)

@@ -546,7 +546,9 @@ def default_interp(spatial_dims: int) -> str:
     return "bicubic" if spatial_dims == 2 else "area"
 
 
-def _interp_spec(d: int, f: float, mode: str, in_channels: int, note: str) -> MethodSpec:
+def interpolation_spec(d: int, f: float, mode: str, in_channels: int, note: str) -> MethodSpec:
+    """Interpolation ``mode`` at any downsizing factor ``f`` of ``d``-D inputs with ``in_channels``, as a method
+    whose values stored are those of the shrunk image (sizes rounded per axis for non-integer factors)."""
     fn, multiple = interpolation_at(d, f, mode)
     r = per_axis_factor(f, d)
     if multiple > 1:
@@ -602,7 +604,7 @@ def build_methods(model: "MedVAE | Sequence[MedVAE]", options: ReconOptions,
         done.add((mode, f))
         r = per_axis_factor(f, d)
         how = f"÷{format_f(r)}" if r.is_integer() else f"÷{r:.3f} (sizes rounded)"
-        methods[f"{mode} (f={format_f(f)})"] = _interp_spec(
+        methods[f"{mode} (f={format_f(f)})"] = interpolation_spec(
             d, f, mode, models[0].config.in_channels, f"{mode}: shrink {how} per axis and enlarge back; {why}")
     for name, spec in (extra or {}).items():
         if name in methods:
