@@ -226,3 +226,27 @@ def test_official_yaml_check_both_layouts(tmp_path):
     p.write_text("just: text")
     with pytest.raises(ConfigMismatchError, match="no 'ddconfig'"):
         check_official_yaml(info, p)
+
+
+def test_from_config_and_from_pretrained_tile_alike(tmp_path, monkeypatch):
+    """The inference default max_tile comes from the registry entry, and from config.json for a model folder:
+    every member tiles the same whichever way it was built."""
+    from medlatent.engine.tiled import TiledAutoencoder, TileSettings
+
+    for name in registry.list_models():
+        info = registry.get_model_info(name)
+        assert MedVAE.from_config(name).max_tile == info.max_tile
+        if info.bundled:  # its folder's config.json holds the registry's value
+            assert MedVAE.from_pretrained(name).max_tile == info.max_tile
+    crops = registry.ModelInfo(name="tiny_crops_2d", config=tiny_config(), hub_config="", hub_checkpoint="",
+                               max_tile=16)
+    monkeypatch.setitem(registry._REGISTRY, crops.name, crops)
+    model = randomise(MedVAE(crops.config))
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "w.ckpt")
+    built, loaded = MedVAE.from_config(crops.name), MedVAE.from_pretrained(crops.name, tmp_path / "w.ckpt")
+    settings = TileSettings(max_memory_gb=1.0)
+    assert TiledAutoencoder(built, settings).tile_and_overlap("encode")[0] == 16
+    assert TiledAutoencoder(loaded, settings).tile_and_overlap("encode") == \
+        TiledAutoencoder(built, settings).tile_and_overlap("encode")
+    loaded.save_pretrained(tmp_path / "folder")
+    assert MedVAE.from_pretrained(tmp_path / "folder").max_tile == 16

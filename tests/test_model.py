@@ -191,3 +191,76 @@ def test_subpixel_upsample_equals_nearest_then_conv(dims, shape):
             cl = up(x.detach().to(memory_format=torch.channels_last))
             assert cl.is_contiguous(memory_format=torch.channels_last)
             torch.testing.assert_close(cl, reference.detach(), atol=2e-6, rtol=0)
+
+
+def test_fused_is_an_explicit_choice_of_algorithm_with_the_same_values():
+    """`fused` None follows autograd; True/False force the in-place / sub-pixel or the reference algorithm."""
+    from medlatent.model.layers import ResnetBlock, Upsample
+
+    torch.manual_seed(0)
+    block, up = ResnetBlock(2, 8, 16, groups=4).eval(), Upsample(2, 8).eval()
+    x = torch.randn(2, 8, 6, 5)
+    with torch.no_grad():
+        auto_block, auto_up = block(x.clone()), up(x)
+        block.fused, up.fused = False, False
+        ref_block, ref_up = block(x.clone()), up(x)
+    assert torch.equal(auto_block, ref_block)
+    torch.testing.assert_close(auto_up, ref_up, atol=2e-6, rtol=0)
+    block.fused, up.fused = None, True  # the sub-pixel form also runs under autograd when asked for
+    y = up(x.requires_grad_())
+    assert y.requires_grad
+    torch.testing.assert_close(y.detach(), ref_up, atol=2e-6, rtol=0)
+    assert torch.equal(block(x).detach(), ref_block)  # auto under autograd: unfused
+
+
+def test_device_dtype_and_inference_defaults_are_explicit():
+    model = MedVAE(tiny_config(), max_tile=16)
+    assert model.device == torch.device("cpu") and model.dtype == torch.float32
+    assert model.to(torch.float64).dtype == torch.float64
+    assert model.max_tile == 16 and MedVAE(tiny_config()).max_tile is None
+    for bad in (3, 2, 0, 16.0, True):
+        with pytest.raises(ValueError, match="max_tile must be a multiple of 2"):
+            MedVAE(tiny_config(), max_tile=bad)
+
+
+def test_finite_check_once_where_input_enters():
+    """The public entries refuse NaN; the internal per-tile and per-step calls skip the scan (a device sync)."""
+    from medlatent.engine.tiled import TiledAutoencoder, TileSettings
+
+    model = MedVAE(tiny_config()).eval()
+    x = torch.zeros(1, 1, 16, 16)
+    x[0, 0, 3, 3] = float("nan")
+    with torch.no_grad():
+        assert torch.isnan(model.encode(x, check_finite=False).mean).any()
+        assert torch.isnan(model(x, check_finite=False).reconstruction).any()
+        with pytest.raises(ValueError, match="latent z contains NaN"):
+            model.decode(torch.full((1, 2, 4, 4), float("nan")))
+    engine = TiledAutoencoder(model, TileSettings(tile=8, overlap=2))
+    with pytest.raises(ValueError, match="image contains NaN or infinite values"):
+        engine.encode(x)
+    with pytest.raises(ValueError, match="latent z contains NaN or infinite values"):
+        engine.decode(torch.full((1, 2, 8, 8), float("inf")))
+
+
+def test_image_norm_routing_is_per_model():
+    """Routing one model's GroupNorms through image-wide statistics leaves another model alone, and a second
+    routing of the same model is refused."""
+    from medlatent.model.layers import GroupNorm32, routed_group_norms
+
+    a, b = randomise(MedVAE(tiny_config())).eval(), randomise(MedVAE(tiny_config())).eval()
+    x = torch.rand(1, 1, 8, 8)
+    with torch.no_grad():
+        before = b.reconstruct(x)
+
+        def zero(gn: GroupNorm32, t: torch.Tensor) -> torch.Tensor:
+            return torch.zeros_like(t)
+
+        with routed_group_norms(a, zero):
+            assert all(m.shared is zero for m in a.modules() if isinstance(m, GroupNorm32))
+            assert torch.equal(b.reconstruct(x), before)
+            assert not torch.equal(a.reconstruct(x), before)
+            with pytest.raises(RuntimeError, match="already routed"):
+                with routed_group_norms(a.decoder, zero):
+                    pass
+        assert torch.equal(a.reconstruct(x), before)
+    assert all(m.shared is None for m in a.modules() if isinstance(m, GroupNorm32))

@@ -375,14 +375,14 @@ def _load_diffusers_directory(directory: Path, meta: Mapping[str, object], map_l
         raise CheckpointError(f"{weights}: {e}") from e
     if stage2.is_file():
         sd.update(read_state_dict(stage2, map_location))
-    model = MedVAE(config)
-    load_state_dict_strict(model, sd, str(weights))
     extra = meta.get(DIFFUSERS_META_KEY)
     extra = extra if isinstance(extra, Mapping) else {}
+    tile = extra.get("max_tile")
+    s = config.downsample_per_axis
+    model = MedVAE(config, max_tile=tile if isinstance(tile, int) and tile >= 2 * s and tile % s == 0 else None)
+    load_state_dict_strict(model, sd, str(weights))
     model.weights_info = {"model": str(extra.get("model") or directory.name), "file": str(weights),
                           "sha256": sha256_file(weights)}
-    tile = extra.get("max_tile")
-    model.max_tile = tile if isinstance(tile, int) and tile > 0 and tile % model.downsample_per_axis == 0 else None
     return model.eval()
 
 
@@ -396,17 +396,14 @@ def _load_directory(directory: Path, map_location: str | torch.device) -> MedVAE
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{cfg_path}: not a medlatent model config: {e}") from e
     weights = directory / WEIGHTS_FILE
-    model = MedVAE(config)
+    try:
+        model = MedVAE(config, max_tile=meta.get("max_tile"))
+    except ValueError as e:  # the one invalid inference default
+        raise CheckpointError(f"{cfg_path}: {e}") from e
     # merge_lora: a directory written with the adapters kept (medlatent.training.export) loads as a plain member
     load_state_dict_strict(model, merge_lora(read_state_dict(weights, map_location)), str(weights))
     model.weights_info = {"model": meta.get("model") or directory.name, "file": str(weights),
                           "sha256": sha256_file(weights)}
-    tile = meta.get("max_tile")
-    if tile is not None and (not isinstance(tile, int) or tile < 2 * model.downsample_per_axis
-                             or tile % model.downsample_per_axis):
-        raise CheckpointError(f"{cfg_path}: max_tile must be a multiple of {model.downsample_per_axis} "
-                              f"(at least twice that), got {tile!r}")
-    model.max_tile = tile
     return model.eval()
 
 
@@ -421,7 +418,7 @@ def load_checkpoint(path: str | Path, name: str | ModelInfo | None = None,
     sd = convert_official_state_dict(read_state_dict(path, map_location))
     info = get_model_info(name) if isinstance(name, str) else name
     config = info.config if info is not None else infer_config(sd)
-    model = MedVAE(config)
+    model = MedVAE(config, max_tile=info.max_tile if info is not None else None)
     load_state_dict_strict(model, sd, str(path))
     model.weights_info = {"model": info.name if info else path.stem, "file": str(path), "sha256": sha256_file(path)}
     return model.eval()

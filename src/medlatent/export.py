@@ -102,7 +102,7 @@ def measure_scaling_factor(model: MedVAE, files: Iterable[str | Path] | None = N
         if not files:
             raise ExportError(f"no {model.spatial_dims}D sample image to measure the scaling factor on "
                               "(pip install 'medlatent[samples]'), or pass --scaling-factor")
-        dev = model.quant_conv.weight.device
+        dev = model.device
         zs, names = [], []
         for path in files:
             item = prepare(model, read_image(path))
@@ -155,7 +155,7 @@ def _model_name(model: MedVAE) -> str:
 
 def _state_dict(model: MedVAE) -> StateDict:
     # a model on the meta device maps its architecture alone (shapes, no values), e.g. to check a member cheaply
-    dev = "meta" if model.quant_conv.weight.is_meta else "cpu"
+    dev = "meta" if model.device.type == "meta" else "cpu"
     return {k: v.detach().to(dev, torch.float32).contiguous() for k, v in model.state_dict().items()}
 
 
@@ -481,7 +481,7 @@ def to_onnx(model: MedVAE, directory: str | Path, *, opset: int = 17) -> Path:
     import_optional("onnx", "export to ONNX", EXPORT_INSTALL)
     cfg, s = model.config, model.downsample_per_axis
     stage2 = cfg.stage2_head
-    dev, dtype = model.quant_conv.weight.device, model.quant_conv.weight.dtype
+    dev, dtype = model.device, model.dtype
     x = torch.zeros(1, cfg.in_channels, *(2 * s,) * cfg.spatial_dims, device=dev, dtype=dtype)
     z = torch.zeros(1, cfg.embed_dim, *(2,) * cfg.spatial_dims, device=dev, dtype=dtype)
     enc_out = ["z", "stage2"] if stage2 else ["z"]

@@ -45,15 +45,11 @@ def model_record(model: MedVAE) -> dict:
     }
 
 
-def _device(model: MedVAE) -> torch.device:
-    return model.quant_conv.weight.device
-
-
 def _autocast(model: MedVAE, precision: str):
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     dtype = PRECISIONS[precision]
-    dev = _device(model).type
+    dev = model.device.type
     return torch.autocast(dev, dtype=dtype, enabled=dtype is not None)
 
 
@@ -104,7 +100,7 @@ def encode_prepared(model: MedVAE, items: list[Prepared], opts: EncodeOptions | 
     changes no result beyond float rounding: GroupNorm and attention work per image.
     """
     opts = opts or EncodeOptions()
-    dev = _device(model)
+    dev = model.device
     engine = TiledAutoencoder(model, opts.tiles)
     want_stage2 = (opts.stage2 if opts.stage2 is not None else model.spatial_dims == 2) and model.config.stage2_head
     out: list[LatentFile | None] = [None] * len(items)
@@ -112,7 +108,7 @@ def encode_prepared(model: MedVAE, items: list[Prepared], opts: EncodeOptions | 
         xt = _to_device(np.stack([items[i].x for i in idx]), dev)
         with _autocast(model, opts.precision):
             z = (model.encode(xt).mean if len(idx) > 1 else engine.encode(xt)).to(xt.dtype)
-            feats = model.stage2_features(z) if want_stage2 else None
+            feats = model.stage2_features(z, check_finite=False) if want_stage2 else None  # the model's own z
         for j, i in enumerate(idx):
             out[i] = LatentFile(z=z[j].float().cpu(), stage2=None if feats is None else feats[j].float().cpu(),
                                 preprocessing=items[i].preprocessing, model=model_record(model))
@@ -145,7 +141,7 @@ def decode_latent(model: MedVAE, lf: LatentFile, *, source: str | Path = "latent
                   tiles: TileSettings | None = None) -> ImageData:
     """Decode a latent file's ``z`` back onto the original grid, orientation and intensity units."""
     check_compatible(model, lf, source, strict_weights)
-    z = lf.z.float()[None].to(_device(model))
+    z = lf.z.float()[None].to(model.device)
     rec = lf.preprocessing
     with _autocast(model, precision):
         gray = rec.channel_mean or (rec.spatial_dims == 2 and rec.original_shape[0] == 1)

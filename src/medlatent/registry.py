@@ -29,6 +29,9 @@ class ModelInfo:
         repo_id: Hugging Face repo holding the weights.
         sha256: expected SHA-256 of the checkpoint file, when known.
         bundled: the weights ship inside the package (``medlatent/weights/<name>/``); no hub involved.
+        max_tile: inference default, the largest image-space tile edge the tiling engine picks by itself for this
+            member (:attr:`MedVAE.max_tile <medlatent.model.autoencoder.MedVAE>`; ``None``: no limit). A bundled
+            member's ``config.json`` holds the same value (the loaders read it from there).
     """
 
     name: str
@@ -42,6 +45,7 @@ class ModelInfo:
     sha256: str | None = None
     tags: tuple[str, ...] = field(default=())
     bundled: bool = False
+    max_tile: int | None = None
 
     @property
     def f(self) -> int:
@@ -136,7 +140,7 @@ register_model(ModelInfo(
     name=DEFAULT_MODEL,
     config=MedVAEConfig(spatial_dims=2, in_channels=1, out_channels=1, ch=32, ch_mult=_F4, num_res_blocks=1,
                         z_channels=4, embed_dim=4, stage2_head=False, norm_groups=8),
-    hub_config="", hub_checkpoint="", modalities=_2D_MODALITIES, bundled=True, repo_id="",
+    hub_config="", hub_checkpoint="", modalities=_2D_MODALITIES, bundled=True, repo_id="", max_tile=256,
     description="2D, f=16 (H/4×W/4), C=4, 2.7 M parameters; bundled default trained by medlatent on public images",
 ))
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from medlatent.engine.tiling import Tile
-from medlatent.model.layers import GroupNorm32
+from medlatent.model.layers import GroupNorm32, routed_group_norms
 
 Fractions = tuple[tuple[float, float], ...]  # per axis: core start and end as fractions of the tile extent
 
@@ -108,12 +108,7 @@ class ImageNorm:
 
 @contextmanager
 def attached(model: nn.Module, norm: ImageNorm) -> Iterator[ImageNorm]:
-    """Route every GroupNorm of ``model`` through ``norm`` for the duration of the block."""
-    layers = [m for m in model.modules() if isinstance(m, GroupNorm32)]
-    for m in layers:
-        m.shared = norm
-    try:
+    """Route every GroupNorm of ``model`` through ``norm`` for the duration of the block (this model only; one
+    routing per model at a time, see :func:`medlatent.model.layers.routed_group_norms`)."""
+    with routed_group_norms(model, norm):
         yield norm
-    finally:
-        for m in layers:
-            m.shared = None

@@ -20,7 +20,7 @@ import torch
 
 from medlatent.engine.imagenorm import ImageNorm, attached, core_fractions
 from medlatent.engine.tiling import Tile, blend_weights, plan_tiles, receptive_radius, tile_for_budget
-from medlatent.model.autoencoder import MedVAE
+from medlatent.model.autoencoder import MedVAE, require_finite
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class TiledAutoencoder:
         return max(1, int(budget // (self._bytes_per_voxel(op, dtype) * voxels)))
 
     def _device(self) -> torch.device:
-        return self.model.quant_conv.weight.device
+        return self.model.device
 
     # ----------------------------------------------------------------------------------------- core loop
     def _run(self, x: torch.Tensor, fn, ratio: float, out_channels: int, tile: int, overlap: int,
@@ -205,15 +205,18 @@ class TiledAutoencoder:
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Posterior mean ``z`` (``1×C×…/s``) of an image ``1×C_in×…`` (sizes multiples of ``s``)."""
         tile, overlap = self.tile_and_overlap("encode", x.dtype)
-        return self._run(x, lambda t: self.model.encode(t).mean, 1 / self.s, self.model.C, tile, overlap, self.s)
+        require_finite(x, "image")  # once here, not per tile: the scan waits for the device
+        return self._run(x, lambda t: self.model.encode(t, check_finite=False).mean, 1 / self.s, self.model.C, tile,
+                         overlap, self.s)
 
     @torch.inference_mode()
     def decode(self, z: torch.Tensor, grayscale: bool = False) -> torch.Tensor:
         """Image ``1×C_out×…`` from a latent ``z`` (``1×C×…``); tiles planned in latent voxels."""
         tile, overlap = self.tile_and_overlap("decode", z.dtype)
+        require_finite(z, "latent z")  # once here, not per tile
         s = self.s
         out_ch = 1 if grayscale else self.model.config.out_channels
-        return self._run(z, lambda t: self.model.decode(t, grayscale=grayscale), float(s), out_ch,
+        return self._run(z, lambda t: self.model.decode(t, grayscale=grayscale, check_finite=False), float(s), out_ch,
                          max(2, tile // s), overlap // s, 1)
 
 

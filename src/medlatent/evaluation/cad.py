@@ -635,7 +635,7 @@ def latent_input(model: Any, image: torch.Tensor, channels: str = "mean") -> tor
 
     if channels not in LATENT_CHANNELS:
         raise ValueError(f"channels must be one of {', '.join(LATENT_CHANNELS)}, got {channels!r}")
-    dev = model.quant_conv.weight.device
+    dev = model.device
     z = TiledAutoencoder(model).encode(image[None].to(dev)).to(torch.float32)
     if model.spatial_dims == 2 and model.config.stage2_head:
         z = model.stage2_features(z).float()
@@ -660,7 +660,7 @@ def encode_2d(model: Any, x: torch.Tensor) -> torch.Tensor:
     """
     if isinstance(model, NaturalImageAutoencoder):
         return model.encode(x).float().cpu()
-    z = model.encode(x.to(model.quant_conv.weight.device)).mean.float()
+    z = model.encode(x.to(model.device)).mean.float()
     if model.config.stage2_head:
         z = model.stage2_features(z).float()
     return z.cpu()

@@ -27,16 +27,54 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _mid_block(spatial_dims: int, channels: int, dropout: float, groups: int, attention: bool) -> nn.Module:
-    mid = nn.Module()
-    mid.block_1 = ResnetBlock(spatial_dims, channels, channels, dropout, groups)
-    mid.attn_1 = AttnBlock(spatial_dims, channels, groups) if attention else nn.Identity()
-    mid.block_2 = ResnetBlock(spatial_dims, channels, channels, dropout, groups)
-    return mid
+class MidBlock(nn.Module):
+    """ResnetBlock → self-attention (``nn.Identity`` when the model has no mid attention) → ResnetBlock, at the
+    lowest resolution. Keys ``mid.block_1``, ``mid.attn_1``, ``mid.block_2`` as in the released weights."""
+
+    def __init__(self, spatial_dims: int, channels: int, dropout: float, groups: int, attention: bool) -> None:
+        super().__init__()
+        self.block_1 = ResnetBlock(spatial_dims, channels, channels, dropout, groups)
+        self.attn_1: AttnBlock | nn.Identity = AttnBlock(spatial_dims, channels, groups) if attention else nn.Identity()
+        self.block_2 = ResnetBlock(spatial_dims, channels, channels, dropout, groups)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(h)))
 
 
-def _run_mid(mid: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return mid.block_2(mid.attn_1(mid.block_1(h)))
+class DownStage(nn.Module):
+    """One encoder level: ``block`` (ResnetBlocks at one resolution), then a stride-2 ``downsample`` on every
+    level but the last (``None`` there, which adds no state-dict key)."""
+
+    def __init__(self, spatial_dims: int, block_in: int, block_out: int, blocks: int, dropout: float, groups: int,
+                 downsample: bool) -> None:
+        super().__init__()
+        widths = [block_in] + [block_out] * blocks
+        self.block = nn.ModuleList(ResnetBlock(spatial_dims, widths[i], block_out, dropout, groups)
+                                   for i in range(blocks))
+        self.downsample = Downsample(spatial_dims, block_out) if downsample else None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for block in self.block:
+            h = block(h)
+        return h if self.downsample is None else self.downsample(h)
+
+
+class UpStage(nn.Module):
+    """One decoder level: ``block`` (ResnetBlocks at one resolution), then a ×2 ``upsample`` on every level but
+    level 0 (``None`` there, which adds no state-dict key)."""
+
+    def __init__(self, spatial_dims: int, block_in: int, block_out: int, blocks: int, dropout: float, groups: int,
+                 upsample: bool) -> None:
+        super().__init__()
+        widths = [block_in] + [block_out] * blocks
+        self.block = nn.ModuleList(ResnetBlock(spatial_dims, widths[i], block_out, dropout, groups)
+                                   for i in range(blocks))
+        self.upsample = Upsample(spatial_dims, block_out) if upsample else None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for block in self.block:
+            h = block(h)
+        return h if self.upsample is None else self.upsample(h)
 
 
 class Encoder(nn.Module):
@@ -46,30 +84,22 @@ class Encoder(nn.Module):
         super().__init__()
         d = cfg.spatial_dims
         self.conv_in = conv_nd(d, cfg.in_channels, cfg.ch, kernel_size=3, padding=1)
-        self.down = nn.ModuleList()
-        block_in = cfg.ch
-        for level, mult in enumerate(cfg.ch_mult):
-            block_out = cfg.ch * mult
-            stage = nn.Module()
-            stage.block = nn.ModuleList()
-            for _ in range(cfg.num_res_blocks):
-                stage.block.append(ResnetBlock(d, block_in, block_out, cfg.dropout, cfg.norm_groups))
-                block_in = block_out
-            if level != len(cfg.ch_mult) - 1:
-                stage.downsample = Downsample(d, block_in)
-            self.down.append(stage)
-        self.mid = _mid_block(d, block_in, cfg.dropout, cfg.norm_groups, cfg.mid_attention)
-        self.norm_out = GroupNorm32(block_in, cfg.norm_groups)
-        self.conv_out = conv_nd(d, block_in, 2 * cfg.z_channels, kernel_size=3, padding=1)
+        widths = [cfg.ch] + [cfg.ch * m for m in cfg.ch_mult]  # input width, then each level's
+        last = len(cfg.ch_mult) - 1
+        self.down = nn.ModuleList(
+            DownStage(d, widths[level], widths[level + 1], cfg.num_res_blocks, cfg.dropout, cfg.norm_groups,
+                      downsample=level != last)
+            for level in range(len(cfg.ch_mult))
+        )
+        self.mid = MidBlock(d, widths[-1], cfg.dropout, cfg.norm_groups, cfg.mid_attention)
+        self.norm_out = GroupNorm32(widths[-1], cfg.norm_groups)
+        self.conv_out = conv_nd(d, widths[-1], 2 * cfg.z_channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for stage in self.down:
-            for block in stage.block:
-                h = block(h)
-            if hasattr(stage, "downsample"):
-                h = stage.downsample(h)
-        h = _run_mid(self.mid, h)
+            h = stage(h)
+        h = self.mid(h)
         return self.conv_out(swish(self.norm_out(h)))
 
 
@@ -79,33 +109,30 @@ class Decoder(nn.Module):
     def __init__(self, cfg: MedVAEConfig) -> None:
         super().__init__()
         d = cfg.spatial_dims
-        block_in = cfg.ch * cfg.ch_mult[-1]
-        self.conv_in = conv_nd(d, cfg.z_channels, block_in, kernel_size=3, padding=1)
-        self.mid = _mid_block(d, block_in, cfg.dropout, cfg.norm_groups, cfg.mid_attention)
-        # `up[i]` works at the resolution of encoder level i; built from the bottom so widths chain.
-        stages: list[nn.Module] = []
-        for level in reversed(range(len(cfg.ch_mult))):
-            block_out = cfg.ch * cfg.ch_mult[level]
-            stage = nn.Module()
-            stage.block = nn.ModuleList()
-            for _ in range(cfg.num_res_blocks + 1):
-                stage.block.append(ResnetBlock(d, block_in, block_out, cfg.dropout, cfg.norm_groups))
-                block_in = block_out
-            if level != 0:
-                stage.upsample = Upsample(d, block_in)
-            stages.insert(0, stage)
-        self.up = nn.ModuleList(stages)
-        self.norm_out = GroupNorm32(block_in, cfg.norm_groups)
-        self.conv_out = conv_nd(d, block_in, cfg.out_channels, kernel_size=3, padding=1)
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = conv_nd(d, cfg.z_channels, widths[-1], kernel_size=3, padding=1)
+        self.mid = MidBlock(d, widths[-1], cfg.dropout, cfg.norm_groups, cfg.mid_attention)
+        # `up[i]` works at the resolution of encoder level i and takes the width of level i + 1 (the bottom level
+        # its own); it runs from the bottom, so level i's output feeds level i - 1.
+        # built from the bottom (the order the parameters are drawn in from the random generator)
+        stages = [UpStage(d, widths[min(level + 1, len(widths) - 1)], widths[level], cfg.num_res_blocks + 1,
+                          cfg.dropout, cfg.norm_groups, upsample=level != 0)
+                  for level in reversed(range(len(cfg.ch_mult)))]
+        self.up = nn.ModuleList(stages[::-1])
+        self.norm_out = GroupNorm32(widths[0], cfg.norm_groups)
+        self.conv_out = conv_nd(d, widths[0], cfg.out_channels, kernel_size=3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = _run_mid(self.mid, self.conv_in(z))
+        h = self.mid(self.conv_in(z))
         for stage in reversed(self.up):
-            for block in stage.block:
-                h = block(h)
-            if hasattr(stage, "upsample"):
-                h = stage.upsample(h)
+            h = stage(h)
         return self.conv_out(swish(self.norm_out(h)))
+
+
+def require_finite(t: torch.Tensor, what: str) -> None:
+    """Refuse a tensor holding NaN or infinite values (the one place that words the error). Meta tensors pass."""
+    if t.device.type != "meta" and not torch.isfinite(t).all():
+        raise ValueError(f"{what} contains NaN or infinite values")
 
 
 class AutoencoderOutput(NamedTuple):
@@ -132,11 +159,27 @@ class MedVAE(nn.Module):
     Grayscale input to a 3-channel model (``medvae_4_3_2d``, ``medvae_8_4_2d``) is replicated to three
     channels in :meth:`encode`; :meth:`decode` returns three channels unless ``grayscale=True``, which
     averages them back to one (what :meth:`reconstruct` does for one-channel input).
+
+    State besides the weights, all of it set at construction, none of it read by the forward pass:
+
+    * ``config``: the architecture (:class:`MedVAEConfig`).
+    * ``max_tile``: an inference default, the largest image-space tile edge the tiling engine
+      (:class:`medlatent.engine.tiled.TiledAutoencoder`) picks by itself for this model; ``None``: no limit. For
+      members trained on small crops: their GroupNorm statistics over a whole large image lie outside what they
+      were trained on, while tiles of the training scale do not. Declared in the registry
+      (:attr:`medlatent.registry.ModelInfo.max_tile`) and persisted in a model folder's ``config.json``, so
+      ``from_config(name)`` and ``from_pretrained(name)`` tile alike.
+    * ``weights_info``: where the weights came from (model name, file, SHA-256), filled by the loaders; it is
+      provenance written into latent files and exports, never read by the computation.
     """
 
-    def __init__(self, config: MedVAEConfig) -> None:
+    def __init__(self, config: MedVAEConfig, *, max_tile: int | None = None) -> None:
         super().__init__()
         self.config = config
+        s = config.downsample_per_axis
+        if max_tile is not None and (isinstance(max_tile, bool) or not isinstance(max_tile, int)
+                                     or max_tile < 2 * s or max_tile % s):
+            raise ValueError(f"max_tile must be a multiple of {s} (at least twice that), got {max_tile!r}")
         d, c = config.spatial_dims, config.embed_dim
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
@@ -152,12 +195,8 @@ class MedVAE(nn.Module):
                 conv_nd(d, 64, c, kernel_size=1),
             )
             self.channel_proj = conv_nd(d, c, c, kernel_size=1)
-        #: where the weights came from (model name, file, sha256); filled by the loaders.
         self.weights_info: dict[str, str] = {}
-        #: largest image-space tile edge the tiling engine picks by itself for this model (``max_tile`` in
-        #: ``config.json``; None: no limit). For members trained on small crops: their GroupNorm statistics over a
-        #: whole large image lie outside what they were trained on, while tiles of the training scale do not.
-        self.max_tile: int | None = None
+        self.max_tile: int | None = max_tile
         # Channels-last activations run the convolutions ~15-25% faster on CPU (oneDNN) and suit cuDNN;
         # weights in this layout make every conv produce it. Values are unchanged; state dicts are too.
         self.to(memory_format=torch.channels_last if d == 2 else torch.channels_last_3d)
@@ -181,6 +220,16 @@ class MedVAE(nn.Module):
     def downsample_per_axis(self) -> int:
         return self.config.downsample_per_axis
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (all of them: a model is moved as a whole)."""
+        return self.quant_conv.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype; inputs are cast to it unless autocast chooses the compute dtype."""
+        return self.quant_conv.weight.dtype
+
     def latent_shape(self, spatial_shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape ``C×…`` of ``z`` for an image of the given spatial shape."""
         return self.config.latent_shape(tuple(spatial_shape))
@@ -191,9 +240,10 @@ class MedVAE(nn.Module):
         dev = t.device.type
         if dev in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(dev):
             return t
-        return t.to(self.quant_conv.weight.dtype)
+        return t.to(self.dtype)
 
-    def _check(self, x: torch.Tensor, what: str, channels: tuple[int, ...], multiple: int) -> None:
+    def _check(self, x: torch.Tensor, what: str, channels: tuple[int, ...], multiple: int, finite: bool) -> None:
+        """Refuse what the model cannot take, in one line; ``finite`` also scans the values (a device sync)."""
         rank = self.spatial_dims + 2
         layout = "B×C×H×W" if self.spatial_dims == 2 else "B×C×X×Y×Z"
         if not isinstance(x, torch.Tensor):
@@ -214,48 +264,53 @@ class MedVAE(nn.Module):
                 f"{what} spatial sizes {tuple(x.shape[2:])} must be positive multiples of {multiple}; "
                 "pad the input first (medlatent's preprocessing pads and records the padding)"
             )
-        if x.device.type != "meta" and not torch.isfinite(x).all():
-            raise ValueError(f"{what} contains NaN or infinite values")
+        if finite:
+            require_finite(x, what)
 
     # ------------------------------------------------------------------ inference API
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+    def encode(self, x: torch.Tensor, *, check_finite: bool = True) -> DiagonalGaussian:
         """Encode images to the posterior q(z|x).
 
         Args:
             x: ``B×in_channels×H×W`` (2D) or ``B×in_channels×X×Y×Z`` (3D), intensities in [-1, 1],
                 sizes multiples of ``downsample_per_axis``. One-channel input to a 3-channel model is
                 replicated to three channels.
+            check_finite: refuse NaN or infinite values. The scan waits for the device, so callers that
+                checked the input where it entered (the tiling engine per image, not per tile; training, whose
+                readers check every image) pass ``False``.
 
         Returns:
             The posterior; ``.mean`` is ``z`` (``B×C×H/s×W/s``), the deterministic latent of record.
         """
         allowed = (self.config.in_channels, 1) if self.config.in_channels == 3 else (self.config.in_channels,)
-        self._check(x, "image", allowed, self.downsample_per_axis)
+        self._check(x, "image", allowed, self.downsample_per_axis, check_finite)
         if x.shape[1] != self.config.in_channels:
             x = x.expand(-1, self.config.in_channels, *x.shape[2:])
         x = self._cast_in(x)
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
 
-    def decode(self, z: torch.Tensor, grayscale: bool = False) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, grayscale: bool = False, *, check_finite: bool = True) -> torch.Tensor:
         """Decode a latent ``z`` (``B×C×…``) to an image ``B×out_channels×…`` in [-1, 1] (not clamped).
 
         Args:
             z: posterior mean or a sample, ``B×C×H/s×W/s`` (2D) or ``B×C×X/s×Y/s×Z/s`` (3D).
             grayscale: average the output channels to one (for grayscale use of 3-channel models).
+            check_finite: refuse NaN or infinite values (see :meth:`encode`).
         """
-        self._check(z, "latent z", (self.C,), 1)
+        self._check(z, "latent z", (self.C,), 1, check_finite)
         z = self._cast_in(z)
         out = self.decoder(self.post_quant_conv(z))
         return out.mean(dim=1, keepdim=True) if grayscale and out.shape[1] > 1 else out
 
-    def stage2_features(self, z: torch.Tensor) -> torch.Tensor:
+    def stage2_features(self, z: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
         """Stage-2 features ``channel_proj(channel_ds(z) + z)`` of a latent ``z``; same shape as ``z``.
 
-        These projected latents are what the paper feeds to CAD classifiers (2D models).
+        These projected latents are what the paper feeds to CAD classifiers (2D models). ``check_finite``: see
+        :meth:`encode`.
         """
         if not self.config.stage2_head:
             raise RuntimeError("this model was built without the stage-2 projection head (stage2_head=False)")
-        self._check(z, "latent z", (self.C,), 1)
+        self._check(z, "latent z", (self.C,), 1, check_finite)
         z = self._cast_in(z)
         return self.channel_proj(self.channel_ds(z) + z)
 
@@ -265,15 +320,17 @@ class MedVAE(nn.Module):
         return self.decode(z, grayscale=x.shape[1] == 1)
 
     def forward(
-        self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+        self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None, *,
+        check_finite: bool = True,
     ) -> AutoencoderOutput:
         """Encode, take the posterior mean (or a sample when ``sample=True``), decode.
 
-        Training uses ``sample=True``; inference keeps the deterministic default.
+        Training uses ``sample=True`` (and ``check_finite=False``: its readers check every image); inference keeps
+        the deterministic default.
         """
-        posterior = self.encode(x)
+        posterior = self.encode(x, check_finite=check_finite)
         z = posterior.sample(generator) if sample else posterior.mean
-        return AutoencoderOutput(self.decode(z, grayscale=x.shape[1] == 1), posterior, z)
+        return AutoencoderOutput(self.decode(z, grayscale=x.shape[1] == 1, check_finite=check_finite), posterior, z)
 
     def last_layer_weight(self) -> torch.Tensor:
         """Weight of the decoder's last conv (for the GAN loss's adaptive weight)."""
@@ -282,14 +339,15 @@ class MedVAE(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, config: "str | MedVAEConfig | ModelInfo") -> "MedVAE":
-        """Build a model with random weights from a registry name, a ``ModelInfo`` or a config."""
+        """Build a model with random weights from a registry name, a ``ModelInfo`` (with its inference defaults)
+        or a config."""
         from medlatent.registry import ModelInfo, get_model_info
 
         info = get_model_info(config) if isinstance(config, str) else config
-        cfg = info.config if isinstance(info, ModelInfo) else info
-        model = cls(cfg)
-        if isinstance(info, ModelInfo):
-            model.weights_info = {"model": info.name, "weights": "random"}
+        if not isinstance(info, ModelInfo):
+            return cls(info)
+        model = cls(info.config, max_tile=info.max_tile)
+        model.weights_info = {"model": info.name, "weights": "random"}
         return model
 
     @classmethod

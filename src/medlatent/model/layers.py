@@ -9,20 +9,27 @@ official state dicts load with ``strict=True``.
 from __future__ import annotations
 
 import itertools
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+_CONV: dict[int, type[nn.Conv2d] | type[nn.Conv3d]] = {2: nn.Conv2d, 3: nn.Conv3d}
 
 
-def conv_nd(spatial_dims: int, *args, **kwargs) -> nn.Module:
+def conv_nd(spatial_dims: int, *args, **kwargs) -> nn.Conv2d | nn.Conv3d:
     """``nn.Conv2d`` or ``nn.Conv3d`` depending on ``spatial_dims``."""
     try:
         return _CONV[spatial_dims](*args, **kwargs)
     except KeyError:
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}") from None
+
+
+#: normalises a GroupNorm32's input in its place: ``(layer, x) → y`` (see :func:`routed_group_norms`)
+GroupNormHook = Callable[["GroupNorm32", torch.Tensor], torch.Tensor]
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -31,13 +38,14 @@ class GroupNorm32(nn.GroupNorm):
     Under bf16/fp16 autocast the mean/variance over large images lose precision; computing the
     normalisation in float32 and casting back keeps reduced-precision inference close to float32.
     In float32 this is exactly ``nn.GroupNorm``.
-    """
 
-    # set during tiled inference with image-wide statistics (medlatent.engine.imagenorm)
-    shared = None
+    ``shared``: state of this layer alone, ``None`` except inside :func:`routed_group_norms`, which sets it to the
+    hook that normalises instead (tiled inference with image-wide statistics, :mod:`medlatent.engine.imagenorm`).
+    """
 
     def __init__(self, num_channels: int, num_groups: int = 32, eps: float = 1e-6) -> None:
         super().__init__(num_groups=num_groups, num_channels=num_channels, eps=eps, affine=True)
+        self.shared: GroupNormHook | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shared is not None:
@@ -52,17 +60,57 @@ class GroupNorm32(nn.GroupNorm):
         return y.to(x.dtype)
 
 
-def swish(x: torch.Tensor) -> torch.Tensor:
-    """SiLU; in place when autograd is off, which saves one activation-sized buffer per call."""
-    return F.silu(x, inplace=not torch.is_grad_enabled())
+_ROUTING = threading.Lock()
+
+
+@contextmanager
+def routed_group_norms(model: nn.Module, hook: GroupNormHook) -> Iterator[None]:
+    """Normalise with ``hook`` in every :class:`GroupNorm32` of ``model`` (itself one, or holding some) for the
+    duration of the block.
+
+    The routing is state of these layers only: another model, in this thread or another, is unaffected. One
+    routing per model at a time: a second, e.g. two threads running image-wide tiled inference on one model
+    instance, is refused rather than mixing their statistics. While routed, every call of ``model`` goes through
+    ``hook``, so a routed model must not also be run by another thread (loader threads only preprocess).
+    """
+    layers = [m for m in model.modules() if isinstance(m, GroupNorm32)]
+    with _ROUTING:
+        if any(m.shared is not None for m in layers):
+            raise RuntimeError("this model's GroupNorm layers are already routed (one image-wide tiled run per "
+                               "model instance at a time)")
+        for m in layers:
+            m.shared = hook
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.shared = None
+
+
+def resolve_fused(fused: bool | None) -> bool:
+    """``fused`` of a layer, ``None`` (auto) meaning: exactly when autograd is off (see :class:`ResnetBlock`)."""
+    return not torch.is_grad_enabled() if fused is None else fused
+
+
+def swish(x: torch.Tensor, inplace: bool | None = None) -> torch.Tensor:
+    """SiLU; ``inplace`` (default: when autograd is off) overwrites ``x``, which saves one activation-sized buffer
+    per call but destroys the input that SiLU's gradient needs."""
+    return F.silu(x, inplace=resolve_fused(inplace))
 
 
 class ResnetBlock(nn.Module):
-    """GroupNorm → swish → conv3 → GroupNorm → swish → dropout → conv3, plus a (1×1) shortcut."""
+    """GroupNorm → swish → conv3 → GroupNorm → swish → dropout → conv3, plus a (1×1) shortcut.
+
+    ``fused`` chooses the algorithm, not the result: fused, the activations and the residual sum are computed in
+    place (one activation-sized buffer fewer each), which autograd cannot differentiate, since SiLU's gradient
+    needs its input. ``None`` (default): fused exactly when autograd is off (inference), unfused when it is on
+    (training); ``True``/``False`` force one (``True`` only without autograd). The two give identical values.
+    """
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, dropout: float = 0.0,
                  groups: int = 32) -> None:
         super().__init__()
+        self.fused: bool | None = None
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.norm1 = GroupNorm32(in_channels, groups)
@@ -74,11 +122,12 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = conv_nd(spatial_dims, in_channels, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(swish(self.norm1(x)))
-        h = self.conv2(self.dropout(swish(self.norm2(h))))
+        fused = resolve_fused(self.fused)
+        h = self.conv1(swish(self.norm1(x), fused))
+        h = self.conv2(self.dropout(swish(self.norm2(h), fused)))
         if self.in_channels != self.out_channels:
             x = self.nin_shortcut(x)
-        return h.add_(x) if not torch.is_grad_enabled() else x + h
+        return h.add_(x) if fused else x + h
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_scores: int | None = None) -> torch.Tensor:
@@ -167,25 +216,31 @@ def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
 class Upsample(nn.Module):
     """Nearest-neighbour ×2 upsampling followed by a 3×3 convolution.
 
-    Without autograd the two run fused as a sub-pixel convolution: each output phase is a 2×2(×2) convolution of
-    the low-resolution input. Same result up to float rounding, with 4/9 (2D) or 8/27 (3D) of the multiply-adds
-    and no upsampled copy of the input.
+    Fused, the two run as a sub-pixel convolution: each output phase is a 2×2(×2) convolution of the
+    low-resolution input, with 4/9 (2D) or 8/27 (3D) of the multiply-adds and no upsampled copy of the input. The
+    result equals the unfused one up to float rounding, so ``fused`` (``None``, the default: exactly when autograd
+    is off) keeps training on the reference algorithm, whose gradients the released weights were trained with,
+    and gives inference the fast one. A convolution wrapped by adapters (``medlatent.model.lora``) has no single
+    kernel to split into phases and always runs unfused.
     """
 
     def __init__(self, spatial_dims: int, channels: int) -> None:
         super().__init__()
         self.spatial_dims = spatial_dims
-        self.conv = conv_nd(spatial_dims, channels, channels, kernel_size=3, padding=1)
+        self.fused: bool | None = None
+        self.conv: nn.Module = conv_nd(spatial_dims, channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or type(self.conv) not in (nn.Conv2d, nn.Conv3d):  # training, adapters
-            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        return self._subpixel(x)
+        conv = self.conv
+        # a subclass (adapters, parametrisations) may not compute with `weight` alone: the reference path
+        if resolve_fused(self.fused) and (type(conv) is nn.Conv2d or type(conv) is nn.Conv3d):
+            return self._subpixel(x, conv)
+        return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
-    def _subpixel(self, x: torch.Tensor) -> torch.Tensor:
-        d, w = self.spatial_dims, self.conv.weight
+    def _subpixel(self, x: torch.Tensor, base: nn.Conv2d | nn.Conv3d) -> torch.Tensor:
+        d, w = self.spatial_dims, base.weight
         conv = F.conv2d if d == 2 else F.conv3d
-        bias = None if self.conv.bias is None else self.conv.bias.repeat(2**d)
+        bias = None if base.bias is None else base.bias.repeat(2**d)
         y = conv(F.pad(x, (1, 1) * d), phase_kernels(w).to(x.dtype), None if bias is None else bias.to(x.dtype))
         y = y.unflatten(1, (*(2,) * d, w.shape[0]))  # B × 2 × 2 (× 2) × C_out × (n+1)…
         size = x.shape[2:]
@@ -208,4 +263,6 @@ __all__ = [
     "Upsample",
     "attention",
     "conv_nd",
+    "routed_group_norms",
+    "swish",
 ]

@@ -355,7 +355,7 @@ def init_as_codec(model: MedVAE, path: LinearPath, logvar: float = -14.0) -> Med
         for block in stage.block:
             if hasattr(block, "nin_shortcut"):
                 _route(block.nin_shortcut, None, reserved=enc_keep(widths[level]), maps=m)
-        if hasattr(stage, "downsample"):  # keeps the level's width
+        if stage.downsample is not None:  # keeps the level's width
             _route(stage.downsample.conv, path.down[level], reserved=enc_keep(widths[level]))
     _norm_pass(enc.norm_out, enc.mid.block_2.conv2, ge, m)
     c = cfg.z_channels
@@ -379,7 +379,7 @@ def init_as_codec(model: MedVAE, path: LinearPath, logvar: float = -14.0) -> Med
         for block in stage.block:
             if hasattr(block, "nin_shortcut"):
                 _route(block.nin_shortcut, None, reserved=dec_keep(widths[level], pairs), maps=pairs)
-        if hasattr(stage, "upsample"):  # keeps the level's width; its output is at level − 1's resolution
+        if stage.upsample is not None:  # keeps the level's width; its output is at level − 1's resolution
             k = path.up[levels - level]
             _route(stage.upsample.conv, k, reserved=dec_keep(widths[level], k.shape[0]))
     _norm_pass(dec.norm_out, dec.up[0].block[-1].conv2, gd, 1)

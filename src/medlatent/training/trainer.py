@@ -63,7 +63,8 @@ class _Stage1Step(nn.Module):
         self.model, self.sample = model, sample
 
     def forward(self, x: torch.Tensor):
-        return self.model(x, sample=self.sample)
+        # the readers refused non-finite images; scanning every batch again would wait for the device each step
+        return self.model(x, sample=self.sample, check_finite=False)
 
 
 class _Stage2Step(nn.Module):
@@ -75,8 +76,8 @@ class _Stage2Step(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            z = self.model.encode(x).mean
-        return self.model.stage2_features(z)
+            z = self.model.encode(x, check_finite=False).mean
+        return self.model.stage2_features(z, check_finite=False)
 
 
 class EMA:
