@@ -257,7 +257,7 @@ def model_method(model: "MedVAE", *, latent_dtype: str | None = "float16", tiles
 
     @torch.inference_mode()
     def run(x: torch.Tensor) -> torch.Tensor:
-        dev = model.quant_conv.weight.device
+        dev = model.device
         dtype = PRECISIONS[precision]
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
             z = round_latent(engine.encode(x.to(dev)).float(), latent_dtype)
@@ -323,7 +323,7 @@ def slicewise_encode(model2d, volume: torch.Tensor, target_latent_shape: tuple[i
     s = _check_slicewise(model2d, volume)
     b, c, nx, ny, nz = volume.shape
     slices = _pad_to(volume.permute(0, 4, 1, 2, 3).reshape(b * nz, c, nx, ny), s, 2)
-    dev = model2d.quant_conv.weight.device if hasattr(model2d, "quant_conv") else volume.device
+    dev = getattr(model2d, "device", volume.device)  # a MedVAE says where its weights are
     z = torch.cat([model2d.encode(chunk.to(dev)).mean.float().cpu() for chunk in slices.split(batch_size)])
     z = round_latent(z, latent_dtype)
     z = z.reshape(b, nz, *z.shape[1:]).permute(0, 2, 3, 4, 1)  # B×C×X/s×Y/s×Z
@@ -344,7 +344,7 @@ def slicewise_decode(model2d, z: torch.Tensor, volume_shape: tuple[int, int, int
     z = _resize(z.float(), (px // s, py // s, nz))
     b, c = z.shape[:2]
     flat = z.permute(0, 4, 1, 2, 3).reshape(b * nz, c, px // s, py // s)
-    dev = model2d.quant_conv.weight.device if hasattr(model2d, "quant_conv") else z.device
+    dev = getattr(model2d, "device", z.device)
     y = torch.cat([model2d.decode(chunk.to(dev), grayscale=True).float().cpu() for chunk in flat.split(batch_size)])
     y = y.reshape(b, nz, 1, px, py).permute(0, 2, 3, 4, 1)
     return y[:, :, :nx, :ny, :].contiguous()
