@@ -3,10 +3,12 @@
 Tensors: ``z`` (the posterior mean, ``C×…``, float16 or float32) and optionally ``stage2`` (2D stage-2
 features). Metadata (JSON under the ``medlatent`` key): format version, medlatent version, model name + weights
 SHA-256, f, C, the :class:`~medlatent.preprocessing.Preprocessing` record (original shape, affine, orientation,
-padding, intensity mapping), the latent's own affine, and two SHA-256 digests that detect damage and edits:
-``sha256`` over each tensor's name, dtype, shape and bytes, and ``metadata_sha256`` over the canonical JSON of
-all other metadata (which includes ``sha256``, so it covers everything decoding uses). The digests detect
-accidental damage and hand edits; they are not a signature against someone who recomputes them.
+padding, intensity mapping), the latent's own affine, what computed it (``inference``: backend and precision, e.g.
+``{"backend": "openvino", "precision": "bf16"}``; optional, absent from files written before it), and two SHA-256
+digests that detect damage and edits: ``sha256`` over each tensor's name, dtype, shape and bytes, and
+``metadata_sha256`` over the canonical JSON of all other metadata (which includes ``sha256``, so it covers
+everything decoding uses). The digests detect accidental damage and hand edits; they are not a signature against
+someone who recomputes them.
 No patient identifiers are stored: no names, IDs, dates or source paths — only geometry.
 
 Format version 1 (medlatent before the metadata digest) checked the tensor bytes only. Such files are still
@@ -56,6 +58,7 @@ class LatentFile:
     stage2: torch.Tensor | None = None
     medlatent_version: str = ""
     format_version: int = FORMAT_VERSION
+    inference: dict[str, str] | None = None  # {"backend": …, "precision": …}; None in files from before it
 
     @property
     def spatial_dims(self) -> int:
@@ -146,6 +149,13 @@ def _check_model(m: Any) -> dict[str, Any]:
     return m
 
 
+def _check_inference(v: Any) -> dict[str, str]:
+    if not isinstance(v, dict) or not {"backend", "precision"} <= set(v) or \
+            not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
+        raise ValueError(f"inference must map backend, precision (and other names) to strings, got {v!r}")
+    return v
+
+
 def _check_intensity(d: Any) -> None:
     if not isinstance(d, dict) or set(d) != {"kind", "lo", "hi", "clip"}:
         raise ValueError(f"intensity mapping must have exactly kind, lo, hi, clip; got {d!r}")
@@ -234,6 +244,8 @@ def _check_metadata(meta: Any) -> tuple[Preprocessing, dict[str, Any]]:
     if missing:
         raise ValueError(f"missing {', '.join(missing)}")
     model = _check_model(meta["model"])
+    if "inference" in meta:
+        _check_inference(meta["inference"])
     rec = _check_preprocessing(meta["preprocessing"], model)
     d = rec.spatial_dims
     stored = _matrix(meta["latent_affine"], d + 1, d + 1, "latent_affine")
@@ -286,6 +298,8 @@ def write_latent(path: str | Path, lf: LatentFile, dtype: torch.dtype = torch.fl
         "latent_affine": lf.preprocessing.latent_affine(int(lf.model["downsample_per_axis"])).tolist(),
         "sha256": _tensors_digest(tensors),
     }
+    if lf.inference is not None:  # covered by metadata_sha256 like the rest; readers before it ignore the key
+        meta["inference"] = lf.inference
     meta = json.loads(json.dumps(meta))  # the digest is over what a reader will parse (tuples → lists, …)
     try:
         rec, model = _check_metadata({**meta, "metadata_sha256": ""})
@@ -360,7 +374,8 @@ def read_latent(path: str | Path) -> LatentFile:
         logger.warning("%s: format version %d checks only the tensor bytes, so its metadata (intensity mapping, "
                        "geometry) are unverified; re-encode the source image for a fully checked file", path, version)
     return LatentFile(z=tensors["z"], stage2=tensors.get("stage2"), preprocessing=rec, model=model,
-                      medlatent_version=str(meta.get("medlatent_version", "")), format_version=version)
+                      medlatent_version=str(meta.get("medlatent_version", "")), format_version=version,
+                      inference=meta.get("inference"))
 
 
 def latent_from_bytes(data: bytes, where: str | Path, *, checked: bool = True) -> LatentFile:
@@ -387,7 +402,7 @@ def latent_from_bytes(data: bytes, where: str | Path, *, checked: bool = True) -
         return LatentFile(z=tensors["z"], stage2=tensors.get("stage2"),
                           preprocessing=Preprocessing.from_dict(meta["preprocessing"]), model=meta["model"],
                           medlatent_version=str(meta.get("medlatent_version", "")),
-                          format_version=meta["format_version"])
+                          format_version=meta["format_version"], inference=meta.get("inference"))
     meta, rec, model = _parse_metadata(where, raw)
     version = meta["format_version"]
     digest = _tensors_digest(tensors) if version >= 2 else _tensors_digest_v1(tensors)
@@ -398,4 +413,5 @@ def latent_from_bytes(data: bytes, where: str | Path, *, checked: bool = True) -
     except ValueError as e:
         raise LatentFileError(where, str(e)) from e
     return LatentFile(z=tensors["z"], stage2=tensors.get("stage2"), preprocessing=rec, model=model,
-                      medlatent_version=str(meta.get("medlatent_version", "")), format_version=version)
+                      medlatent_version=str(meta.get("medlatent_version", "")), format_version=version,
+                      inference=meta.get("inference"))

@@ -45,6 +45,12 @@ def model_record(model: MedVAE) -> dict:
     }
 
 
+def inference_record(model: MedVAE, precision: str) -> dict[str, str]:
+    """How a latent was computed: the backend (``torch``, or the runtime of the exported graphs of a
+    :class:`medlatent.deploy.GraphModel`) and the precision."""
+    return {"backend": getattr(model, "backend", "torch"), "precision": precision}
+
+
 def _autocast(model: MedVAE, precision: str):
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -111,7 +117,8 @@ def encode_prepared(model: MedVAE, items: list[Prepared], opts: EncodeOptions | 
             feats = model.stage2_features(z, check_finite=False) if want_stage2 else None  # the model's own z
         for j, i in enumerate(idx):
             out[i] = LatentFile(z=z[j].float().cpu(), stage2=None if feats is None else feats[j].float().cpu(),
-                                preprocessing=items[i].preprocessing, model=model_record(model))
+                                preprocessing=items[i].preprocessing, model=model_record(model),
+                                inference=inference_record(model, opts.precision))
     return out  # type: ignore[return-value]
 
 

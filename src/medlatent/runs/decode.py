@@ -13,7 +13,7 @@ from medlatent.latentfile import LatentFile, read_latent, read_latent_header
 from medlatent.model.autoencoder import MedVAE
 from medlatent.pipeline import decode_latent, model_record
 from medlatent.runs.common import RunListener, RunResult, find_inputs, record_skipped, run_batch
-from medlatent.runs.models import ModelLoadError, compile_model, load_model
+from medlatent.runs.models import ModelLoadError, check_run_options, compile_model, deployed, load_model
 
 DecodeOne = Callable[[LatentFile, Path], tuple[MedVAE, ImageData]]
 
@@ -51,7 +51,8 @@ def decode_files(latents: list[Path], output: Path, *, model: str | Path | None 
                  checkpoint: Path | None = None, fmt: str | None = None, template: Path | None = None,
                  keep_study: bool = False, device: str = "cpu", precision: str = "fp32", ignore_weights: bool = False,
                  resume: bool = True, tiles: TileSettings | None = None, compile: bool = False,
-                 provide: str | None = None, listener: RunListener | None = None) -> RunResult:
+                 provide: str | None = None, listener: RunListener | None = None,
+                 backend: str = "torch") -> RunResult:
     """Decode latent files into ``output/<name><suffix>``.
 
     Args:
@@ -62,18 +63,24 @@ def decode_files(latents: list[Path], output: Path, *, model: str | Path | None 
             attributes are copied; without it the files hold no identifiers.
         keep_study: ``fmt="dicom"``: keep the template's StudyInstanceUID.
         ignore_weights: decode even if the weights differ from the encoder's.
+        backend: ``torch``, ``onnxruntime`` or ``openvino`` (see :func:`medlatent.runs.encode.encode_files`).
 
     Raises:
         RunError: the output is unusable, the inputs hold no latent files, or the output stops taking writes.
     """
     listener = listener or RunListener()
+    check_run_options(backend, precision, device, compile, tiles.norm if tiles else "tile")
     found = find_inputs(latents, output, verb="decode")
     files = [(it.name, it.paths[0]) for it in found.items]
     decoders = DecoderCache(model, checkpoint, provide, listener)
+    ready: dict[int, MedVAE] = {}  # the cached decoders live for the run, so their ids stay theirs
 
     def decode_one(lf: LatentFile, path: Path) -> tuple[MedVAE, ImageData]:
         """The decoder used and the decoded image."""
-        net = compile_model(decoders.for_latent(lf).to(device), compile)
+        torch_net = compile_model(decoders.for_latent(lf).to(device), compile)
+        if id(torch_net) not in ready:  # deployed once per model: the weights digest reads every tensor
+            ready[id(torch_net)] = deployed(torch_net, backend, precision)
+        net = ready[id(torch_net)]
         return net, decode_latent(net, lf, source=path, precision=precision, strict_weights=not ignore_weights,
                                   tiles=tiles)
 

@@ -18,7 +18,7 @@ from medlatent.latentfile import SUFFIX, LatentFile, write_latent
 from medlatent.model.autoencoder import MedVAE
 from medlatent.pipeline import EncodeOptions, Prepared, encode_prepared, prepare
 from medlatent.runs.common import RunListener, RunResult, find_inputs, record_skipped, run_batch
-from medlatent.runs.models import ModelChoice
+from medlatent.runs.models import ModelChoice, check_run_options
 
 LATENT_DTYPES = ("float16", "float32")
 
@@ -64,7 +64,8 @@ def encode_files(inputs: list[Path], output: Path, *, model: str | Path | MedVAE
                  latent_dtype: str = "float16", stage2: bool | None = None, nifti: bool = False,
                  uneven: str = "refuse", resume: bool = True, prefetch: int = 2, batch: int | None = None,
                  compile: bool = False, shard: Shard | None = None, tiles: TileSettings | None = None,
-                 provide: str | None = None, listener: RunListener | None = None) -> RunResult:
+                 provide: str | None = None, listener: RunListener | None = None,
+                 backend: str = "torch") -> RunResult:
     """Encode images into ``output/<name>.latent.safetensors`` (the input tree mirrored).
 
     Args:
@@ -74,6 +75,8 @@ def encode_files(inputs: list[Path], output: Path, *, model: str | Path | MedVAE
         batch: equal-shaped images per forward pass (default: :func:`default_batch` of the device).
         shard: the part of the inputs this process takes (default: all).
         provide: how the caller can give weights the Hub cannot (ends a missing-download message).
+        backend: ``torch``, or ``onnxruntime``/``openvino`` running the exported graphs on the CPU
+            (:mod:`medlatent.deploy`); ``precision`` bf16 on CPU only where the CPU has native bf16.
 
     Raises:
         RunError: the output is unusable, the inputs hold nothing to encode (:class:`NothingToDo`), the model cannot
@@ -83,10 +86,11 @@ def encode_files(inputs: list[Path], output: Path, *, model: str | Path | MedVAE
         raise ValueError(f"latent_dtype must be float16 or float32, got {latent_dtype!r}")
     listener = listener or RunListener()
     part = shard or Shard()
-    found = find_inputs(inputs, output)
     dev = device_for(device)
+    check_run_options(backend, precision, dev, compile, tiles.norm if tiles else "tile")
+    found = find_inputs(inputs, output)
     models = ModelChoice(model, checkpoint, device=dev, compile=compile, provide=provide,
-                         on_load=listener.model_loaded)
+                         on_load=listener.model_loaded, backend=backend, precision=precision)
     batch = batch or default_batch(dev)
     opts = EncodeOptions(modality=modality, stage2=stage2, precision=precision, tiles=tiles, batch=batch)
     items = part.take(found.items)

@@ -50,6 +50,37 @@ def load_model(model: str | Path, checkpoint: str | Path | None = None, *, rando
     return net if device is None else net.to(device)
 
 
+def deployed(net: MedVAE, backend: str = "torch", precision: str = "fp32") -> MedVAE:
+    """``net`` as ``backend`` runs it (:func:`medlatent.deploy.for_backend`); torch: ``net`` itself.
+
+    Raises:
+        RunError: the backend cannot run ``precision`` on this machine, its package is missing, or the export fails.
+    """
+    if backend == "torch":
+        return net
+    from medlatent.deploy import for_backend
+    from medlatent.optional import OptionalDependencyError
+
+    try:
+        return for_backend(net, backend, precision)  # type: ignore[return-value]  # a GraphModel, used as one
+    except (ValueError, OptionalDependencyError) as e:
+        raise RunError(str(e)) from e
+
+
+def check_run_options(backend: str, precision: str, device: str, compile: bool = False, norm: str = "tile") -> None:
+    """Refuse, before any weights are loaded, a backend/precision/device/option mix this machine cannot run."""
+    from medlatent.deploy import PrecisionError, check_precision
+
+    try:
+        check_precision(precision, backend, device)
+    except PrecisionError as e:
+        raise RunError(str(e)) from e
+    if backend != "torch" and compile:
+        raise RunError(f"--compile applies to --backend torch only (--backend {backend} compiles its own graphs)")
+    if backend != "torch" and norm != "tile":
+        raise RunError(f"--norm {norm} needs --backend torch: the exported graphs compute GroupNorm per tile")
+
+
 def compile_model(net: MedVAE, enabled: bool = True) -> MedVAE:
     """``torch.compile`` the encoder and decoder in place (state-dict keys unchanged), once per model."""
     if enabled and not getattr(net, "_medlatent_compiled", False):
@@ -79,8 +110,10 @@ class ModelChoice:
 
     def __init__(self, model: str | Path | MedVAE | None, checkpoint: str | Path | None = None, *,
                  device: str = "cpu", compile: bool = False, provide: str | None = None,
-                 on_load: Callable[[str, str], None] | None = None) -> None:
+                 on_load: Callable[[str, str], None] | None = None, backend: str = "torch",
+                 precision: str = "fp32") -> None:
         self.device, self.compile, self.provide = device, compile, provide
+        self.backend, self.precision = backend, precision
         self.on_load = on_load or (lambda name, note: None)
         self._lock = threading.Lock()
         self._defaults: dict[int, MedVAE | RunError] = {}
@@ -92,6 +125,7 @@ class ModelChoice:
         elif model is not None:
             self.given = compile_model(load_model(model, checkpoint, provide=provide, device=device), compile)
         if self.given is not None:
+            self.given = deployed(self.given, backend, precision)
             self._announce(self.given, str(model if not isinstance(model, MedVAE) else ""), "given")
 
     def _announce(self, net: MedVAE, fallback: str, note: str) -> None:
@@ -118,7 +152,8 @@ class ModelChoice:
             return RunError(f"no bundled {dims}D default model: pass --model (e.g. {_example(dims)})")
         try:
             net = compile_model(load_model(name, provide=self.provide, device=self.device), self.compile)
-        except ModelLoadError as e:
+            net = deployed(net, self.backend, self.precision)
+        except RunError as e:
             return e
         self._announce(net, name, f"default for {dims}D inputs")
         return net

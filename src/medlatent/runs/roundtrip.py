@@ -21,7 +21,7 @@ from medlatent.pipeline import EncodeOptions, decode_latent
 from medlatent.report import comparison_png, roundtrip_metrics
 from medlatent.runs.common import RunListener, RunResult, find_inputs, record_skipped, run_batch
 from medlatent.runs.encode import Loaded, default_batch, encode_loaded, load_item
-from medlatent.runs.models import ModelChoice, RunError
+from medlatent.runs.models import ModelChoice, RunError, check_run_options
 
 METRICS, SUMMARY = "metrics.csv", "summary.json"
 
@@ -44,7 +44,7 @@ def roundtrip_files(inputs: list[Path], output: Path, *, model: str | Path | Med
                     precision: str = "fp32", uneven: str = "refuse", resume: bool = True, prefetch: int = 2,
                     batch: int | None = None, compile: bool = False, shard: Shard | None = None,
                     tiles: TileSettings | None = None, provide: str | None = None,
-                    listener: RunListener | None = None) -> RunResult:
+                    listener: RunListener | None = None, backend: str = "torch") -> RunResult:
     """Per input: ``<name>.latent.safetensors``, ``<name>.recon.png`` (2D) or ``.recon.nii.gz`` (3D),
     ``<name>.compare.png`` (original | reconstruction | difference); over the run ``metrics.csv`` and
     ``summary.json`` with PSNR, MS-SSIM and sizes of each written item (``metrics.rank<R>.csv`` and
@@ -57,10 +57,11 @@ def roundtrip_files(inputs: list[Path], output: Path, *, model: str | Path | Med
     """
     listener = listener or RunListener()
     part = shard or Shard()
-    found = find_inputs(inputs, output)
     dev = device_for(device)
+    check_run_options(backend, precision, dev, compile, tiles.norm if tiles else "tile")
+    found = find_inputs(inputs, output)
     models = ModelChoice(model, checkpoint, device=dev, compile=compile, provide=provide,
-                         on_load=listener.model_loaded)
+                         on_load=listener.model_loaded, backend=backend, precision=precision)
     batch = batch or default_batch(dev)
     opts = EncodeOptions(modality=modality, precision=precision, tiles=tiles, batch=batch)
     items = part.take(found.items)
