@@ -262,7 +262,7 @@ def test_latents_are_cached_between_runs(tmp_path):
     model = tiny_model(2)
     calls = []
     encode = model.encode
-    model.encode = lambda x: calls.append(x.shape[0]) or encode(x)
+    model.encode = lambda x, **kw: calls.append(x.shape[0]) or encode(x, **kw)
     cfg = CADConfig(size=16, classifier="tiny", epochs=1, seeds=(0,))
     first = run_cad(csv_path, default_methods(model, kinds=("latent",)), config=cfg, cache_dir=tmp_path / "cache")
     assert sum(calls) == 20
@@ -281,7 +281,7 @@ def test_latents_are_cached_between_runs(tmp_path):
     other = tiny_model(2, seed=1)
     other_calls = []
     enc2 = other.encode
-    other.encode = lambda x: other_calls.append(1) or enc2(x)
+    other.encode = lambda x, **kw: other_calls.append(1) or enc2(x, **kw)
     run_cad(csv_path, default_methods(other, kinds=("latent",)), config=cfg, cache_dir=tmp_path / "cache")
     assert len(other_calls) == 20
 

@@ -20,6 +20,7 @@ import torch
 from medlatent.io.atomic import atomic_write
 from medlatent.model.autoencoder import MedVAE
 from medlatent.model.config import MedVAEConfig
+from medlatent.model.lora import merged_weight
 from medlatent.registry import ModelInfo, get_model_info, list_models
 
 logger = logging.getLogger(__name__)
@@ -100,8 +101,7 @@ def merge_lora(sd: Mapping[str, torch.Tensor], scale: float = 1.0) -> StateDict:
                 f"LoRA adapter {base!r}: shapes do not chain (weight {tuple(weight.shape)}, "
                 f"down {tuple(down.shape)}, up {tuple(up.shape)})"
             )
-        delta = up.reshape(up.shape[0], r).double() @ down.reshape(r, -1).double()
-        out[f"{base}.weight"] = (weight.double() + scale * delta.reshape(weight.shape)).to(weight.dtype)
+        out[f"{base}.weight"] = merged_weight(weight, down, up, scale)
         bias = out.pop(f"{base}.{inner}.bias", None)
         if bias is not None:
             out[f"{base}.bias"] = bias

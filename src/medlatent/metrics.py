@@ -99,6 +99,15 @@ def _ssim_and_contrast(a: torch.Tensor, b: torch.Tensor, window: torch.Tensor, d
     return ssim_map.mean(), (upper / lower)[core].mean()
 
 
+def ms_ssim_window(smallest: int) -> int:
+    """The Gaussian window for images whose shortest side is ``smallest`` (≥ 3): the standard 11, or for sides below
+    11 the largest odd window that fits. Only the training loss shrinks it (it must give every crop a value); the
+    metric :func:`ms_ssim` keeps 11, as torchmetrics does, and is NaN for images too small for two scales."""
+    if smallest < 3:
+        raise ValueError(f"MS-SSIM needs images of at least 3×3 pixels, got a side of {smallest}")
+    return _WINDOW_SIZE if smallest >= _WINDOW_SIZE else (smallest - 1) // 2 * 2 + 1
+
+
 def ms_ssim_scales(smallest: int, kernel_size: int = 11) -> int:
     """How many MS-SSIM scales (≤ 5) an image whose shortest side is ``smallest`` supports.
 

@@ -12,6 +12,8 @@ from typing import Optional
 
 import typer
 
+from medlatent.console import fail
+
 MODEL_OPT = typer.Option(None, "--model", "-m", help="MedVAE registry name, model folder or checkpoint; repeat for "
                                                      "several (e.g. f=16 and f=64).")
 RANDOM_OPT = typer.Option(False, "--random-weights", help="Build the models from the registry without weights "
@@ -38,18 +40,13 @@ def _factors(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        _fail(f"--interp-f takes comma-separated integers such as 16,64; got {text!r}")
+        fail(f"--interp-f takes comma-separated integers such as 16,64; got {text!r}")
         return []
 DEVICE_OPT = typer.Option("cpu", "--device", "-d")
 LATENT_CHANNELS_OPT = typer.Option("mean", "--latent-channels", help="Latents with C > 1: 'mean' (one input channel, "
                                                                      "the paper's App. B.1) or 'all' (C channels).")
 CACHE_OPT = typer.Option(None, "--cache", help="Folder of prepared inputs and latents, reused across runs "
                                                "(default: OUTPUT/cache).")
-
-
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code=1)
 
 
 def _warn(result) -> None:
@@ -64,9 +61,9 @@ def _seeds(text: str) -> tuple[int, ...]:
     try:
         seeds = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
-        _fail(f"--seeds must be comma-separated integers, got {text!r}")
+        fail(f"--seeds must be comma-separated integers, got {text!r}")
     if not seeds:
-        _fail("--seeds is empty")
+        fail("--seeds is empty")
     return seeds
 
 
@@ -74,7 +71,7 @@ def _size(text: str) -> int | tuple[int, ...]:
     try:
         parts = tuple(int(p) for p in text.lower().split("x"))
     except ValueError:
-        _fail(f"--size must be N or HxW or DxHxW, got {text!r}")
+        fail(f"--size must be N or HxW or DxHxW, got {text!r}")
     return parts[0] if len(parts) == 1 else parts
 
 
@@ -86,7 +83,7 @@ def _models(names: Optional[list[str]], random_weights: bool, device: str) -> di
         try:
             model = load_model(name, None, random_weights=random_weights)
         except ModelLoadError as e:
-            _fail(str(e))
+            fail(str(e))
         label = model.weights_info.get("model") or Path(name).name
         out[label if label not in out else name] = model.to(device).eval()
     return out
@@ -100,7 +97,7 @@ def _naturals(folders: Optional[list[Path]], device: str) -> dict[str, object]:
         try:
             out[folder.name if folder.name not in out else str(folder)] = natural_image_autoencoder(folder, device)
         except NaturalModelError as e:
-            _fail(str(e))
+            fail(str(e))
     return out
 
 
@@ -153,7 +150,7 @@ def register(app: typer.Typer) -> None:
         two_d = _models(stitched_2d, random_weights, device)
         flat = [n for n, m in two_d.items() if m.spatial_dims != 2]
         if flat:
-            _fail(f"--stitched-2d {flat[0]} is a 3D model; give a 2D one (its slice latents are stitched)")
+            fail(f"--stitched-2d {flat[0]} is a 3D model; give a 2D one (its slice latents are stitched)")
         naturals = _naturals(natural, device)
         try:
             weights = str(pretrained_weights) if pretrained_weights else None
@@ -167,7 +164,7 @@ def register(app: typer.Typer) -> None:
                                       stitched=two_d, natural=naturals)
             result = run_cad(csv_path, methods, config=config, cache_dir=cache or output / "cache", task=task)
         except (CADDataError, ValueError, ImportError) as e:
-            _fail(str(e))
+            fail(str(e))
         paths = write_cad_table(result, output)
         typer.echo(paths["markdown"].read_text(encoding="utf-8"))
         _warn(result)
@@ -216,7 +213,7 @@ def register(app: typer.Typer) -> None:
                                   interp=interp, interp_f=factors, cache_dir=cache or output / "cache",
                                   latent_channels=latent_channels)
         except (CADDataError, ValueError, ImportError) as e:
-            _fail(str(e))
+            fail(str(e))
         typer.echo(res.files["markdown"].read_text(encoding="utf-8"))
         _warn(res.cad)
         typer.echo(f"wrote {res.dataset.csv_path} and {', '.join(str(p) for p in res.files.values())}")
@@ -243,14 +240,14 @@ def register(app: typer.Typer) -> None:
         from medlatent.evaluation.efficiency import compare_efficiency, write_efficiency
 
         if dims not in (2, 3):
-            _fail(f"--dims must be 2 or 3, got {dims}")
+            fail(f"--dims must be 2 or 3, got {dims}")
         name = classifier or PAPER_CLASSIFIER[dims]
         try:
             rows = compare_efficiency(name, dims, size, factor or None, batch_size=batch_size, device=device,
                                       repeats=repeats, warmup=warmup, limit=limit, max_memory_gb=max_memory,
                                       backward=backward)
         except (ValueError, ImportError) as e:
-            _fail(str(e))
+            fail(str(e))
         meta = {"classifier": name, "spatial_dims": dims, "device": device, "backward": backward,
                 "repeats": repeats, "warmup": warmup, "limit": limit, "max_memory_gb": max_memory}
         paths = write_efficiency(rows, output, meta=meta)

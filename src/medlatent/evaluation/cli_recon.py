@@ -12,12 +12,8 @@ from typing import Optional
 
 import typer
 
+from medlatent.console import fail
 from medlatent.registry import DEFAULT_MODEL
-
-
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code=1)
 
 
 def _report_failures(failures: list[tuple[str, str]], out: Path) -> None:
@@ -49,18 +45,18 @@ def _model_config(model: str, checkpoint: Optional[Path]):
         try:
             return MedVAEConfig.from_dict(json.loads((p / "config.json").read_text())["config"])
         except (OSError, ValueError, KeyError, TypeError) as e:
-            _fail(f"{p / 'config.json'}: not a medlatent model config ({e})")
+            fail(f"{p / 'config.json'}: not a medlatent model config ({e})")
     if checkpoint is None and not p.exists():
         try:
             return get_model_info(model).config
         except KeyError as e:
-            _fail(e.args[0])
+            fail(e.args[0])
     from medlatent.runs import ModelLoadError, load_model
 
     try:
         return load_model(model, checkpoint).config
     except ModelLoadError as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 def _parse_list(text: Optional[str]) -> Optional[tuple[str, ...]]:
@@ -76,10 +72,10 @@ def _parse_factors(text: str) -> tuple[float, ...]:
     try:
         factors = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
-        _fail(f"--interp-f takes comma-separated numbers such as 4,16; got {text!r}")
+        fail(f"--interp-f takes comma-separated numbers such as 4,16; got {text!r}")
     bad = [f for f in factors if not f > 1 or f != f or f == float("inf")]
     if bad:
-        _fail(f"--interp-f factors must be numbers > 1 (f = pixels per stored value); got {bad[0]:g}")
+        fail(f"--interp-f factors must be numbers > 1 (f = pixels per stored value); got {bad[0]:g}")
     return factors
 
 
@@ -89,7 +85,7 @@ def _parse_percentiles(text: Optional[str]) -> Optional[tuple[float, float]]:
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
-        _fail(f"--mri-percentiles must look like 0.5,99.5, got {text!r}")
+        fail(f"--mri-percentiles must look like 0.5,99.5, got {text!r}")
     return lo, hi
 
 
@@ -157,34 +153,34 @@ def register(app: typer.Typer) -> None:
         from medlatent.runs import ModelLoadError, load_model
 
         if latent_dtype not in ("float16", "float32"):
-            _fail(f"--latent-dtype must be float16 or float32, got {latent_dtype!r}")
+            fail(f"--latent-dtype must be float16 or float32, got {latent_dtype!r}")
         names = model or [DEFAULT_MODEL]
         if checkpoint is not None and len(names) > 1:
-            _fail("--checkpoint goes with a single --model; give each further model as a folder or checkpoint path")
+            fail("--checkpoint goes with a single --model; give each further model as a folder or checkpoint path")
         nets = []
         for name in names:
             try:
                 nets.append(load_model(name, checkpoint).to(device).eval())
             except ModelLoadError as e:
-                _fail(str(e))
+                fail(str(e))
         if len({n.spatial_dims for n in nets}) > 1:
-            _fail("the --model list mixes 2D and 3D models; compare one dimensionality per run")
+            fail("the --model list mixes 2D and 3D models; compare one dimensionality per run")
         extra = {}
         for folder in natural or []:
             try:
                 ae = natural_image_autoencoder(folder, device=device)
             except NaturalModelError as e:
-                _fail(str(e))
+                fail(str(e))
             extra[f"{'KL-VAE' if ae.kind == 'kl' else 'VQ-GAN'}:{folder.name}"] = natural_spec(ae)
         if model2d is not None:
             if nets[0].spatial_dims != 3:
-                _fail("--stitched-2d compares a 2D model slice by slice with a 3D --model; this model is 2D")
+                fail("--stitched-2d compares a 2D model slice by slice with a 3D --model; this model is 2D")
             try:
                 net2 = load_model(model2d, None).to(device).eval()
             except ModelLoadError as e:
-                _fail(str(e))
+                fail(str(e))
             if net2.spatial_dims != 2:
-                _fail(f"--stitched-2d {model2d!r} is a {net2.spatial_dims}D model; give a 2D one")
+                fail(f"--stitched-2d {model2d!r} is a {net2.spatial_dims}D model; give a 2D one")
             label = f"2D:{net2.weights_info.get('model') or model2d} slice-wise"
             reductions = {n.downsample_per_axis: n for n in nets}
             for n3 in reductions.values():
@@ -198,7 +194,7 @@ def register(app: typer.Typer) -> None:
         try:
             res = evaluate_reconstruction(inputs, nets, output, opts, extra_methods=extra, progress=_progress)
         except (EvaluationInputError, BaselineError, ValueError) as e:
-            _fail(str(e))
+            fail(str(e))
         k = len(res.summary["protocol"]["seeds"])
         for name, m in res.summary["methods"].items():
             typer.echo(f"{name:>28}  values {format_values_stored(m['values_stored']):>7}   "
@@ -231,7 +227,7 @@ def register(app: typer.Typer) -> None:
                                  C=cfg.embed_dim, model_name=Path(model).name if Path(model).exists() else model,
                                  compress=compress, uneven=uneven)
         except EvaluationInputError as e:
-            _fail(str(e))
+            fail(str(e))
         t = res.totals
         if t:
             typer.echo(f"{t['images']} image(s): {t['elements']} values, raw {t['raw_bytes']} B → latent "

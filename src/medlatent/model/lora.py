@@ -14,6 +14,14 @@ from torch import nn
 from medlatent.model.layers import AttnBlock, ResnetBlock, conv_nd
 
 
+def merged_weight(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``W + scale · up ∘ down``: an adapter folded into the weight it wraps, summed in float64 and returned in
+    ``weight``'s dtype. ``weight`` is ``out×in×k…``, ``down`` ``r×in×k…`` and ``up`` ``out×r×1…``."""
+    r = down.shape[0]
+    delta = up.reshape(up.shape[0], r).double() @ down.reshape(r, -1).double()
+    return (weight.double() + scale * delta.reshape(weight.shape)).to(weight.dtype)
+
+
 class LoRAConv(nn.Module):
     """A convolution plus a trainable low-rank update."""
 
@@ -40,12 +48,10 @@ class LoRAConv(nn.Module):
     def merged(self) -> nn.Module:
         """A plain conv whose weight includes the update."""
         w = self.conv.weight
-        r = self.lora_down.weight.shape[0]
-        delta = self.lora_up.weight.reshape(-1, r).double() @ self.lora_down.weight.reshape(r, -1).double()
         conv = conv_nd(w.ndim - 2, self.conv.in_channels, self.conv.out_channels, kernel_size=self.conv.kernel_size,
                        stride=self.conv.stride, padding=self.conv.padding, dilation=self.conv.dilation,
                        bias=self.conv.bias is not None).to(w)
-        conv.weight.copy_((w.double() + self.scale * delta.reshape(w.shape)).to(w.dtype))
+        conv.weight.copy_(merged_weight(w, self.lora_down.weight, self.lora_up.weight, self.scale))
         if self.conv.bias is not None:
             conv.bias.copy_(self.conv.bias)
         return conv

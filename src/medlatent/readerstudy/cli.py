@@ -8,12 +8,9 @@ from typing import Optional
 
 import typer
 
+from medlatent.console import fail
+
 app = typer.Typer(no_args_is_help=True, help="Blinded reader study: radiologists score original/reconstruction pairs.")
-
-
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code=1)
 
 
 def _slices(spec: str) -> list[int] | str:
@@ -22,7 +19,7 @@ def _slices(spec: str) -> list[int] | str:
     try:
         return [int(v) for v in spec.split(",") if v.strip()]
     except ValueError:
-        _fail(f"--slices must be 'middle' or comma-separated slice indices, got {spec!r}")
+        fail(f"--slices must be 'middle' or comma-separated slice indices, got {spec!r}")
     return spec
 
 
@@ -53,16 +50,16 @@ def create(
     try:
         if pairs is not None:
             if originals is not None or method:
-                _fail("give either --pairs CSV or --originals with --method, not both")
+                fail("give either --pairs CSV or --originals with --method, not both")
             specs = pairs_from_csv(pairs)
         elif originals is not None:
             specs = pairs_from_folders(originals, [MethodSource.parse(m) for m in method])
         else:
-            _fail("give --originals DIR with one --method NAME[:FACTOR]=DIR per method, or --pairs CSV")
+            fail("give --originals DIR with one --method NAME[:FACTOR]=DIR per method, or --pairs CSV")
         tokens = create_study(study, specs, readers.split(","), seed=seed, slices=_slices(slices), title=title,
                               allow_revision=not no_revision, match_range=match_range)
     except StudyError as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(f"created {study}: {len(specs)} pair file(s), {len(tokens)} reader(s); "
                f"links (also in {study / 'readers.csv'}):")
     for name, token in tokens:
@@ -84,7 +81,7 @@ def serve(
     try:
         web = create_app(study)
     except StudyError as e:
-        _fail(str(e))
+        fail(str(e))
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -114,9 +111,9 @@ def analyze(
     if compare:
         pair = tuple(v.strip() for v in compare.split(","))
         if len(pair) != 2 or not all(pair):
-            _fail(f"--compare takes two method names A,B, got {compare!r}")
+            fail(f"--compare takes two method names A,B, got {compare!r}")
     if ci not in ("bootstrap", "t"):
-        _fail(f"--ci must be bootstrap or t, got {ci!r}")
+        fail(f"--ci must be bootstrap or t, got {ci!r}")
     try:
         conn = open_study(study)
         records = answer_records(conn)
@@ -124,14 +121,14 @@ def analyze(
         open_readers = [r[0] for r in conn.execute("SELECT name FROM readers WHERE locked_at IS NULL ORDER BY name")]
         conn.close()
     except StudyError as e:
-        _fail(str(e))
+        fail(str(e))
     if not records:
-        _fail(f"{study}: no answers yet")
+        fail(f"{study}: no answers yet")
     out = output or Path(study) / "analysis"
     try:
         result = run_analysis(records, out, compare=pair, n_boot=n_boot, seed=seed, ci=ci)
     except AnalysisError as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(f"{len(records)} of {total} assigned pairs answered"
                + (f"; not finished: {', '.join(open_readers)}" if open_readers else "; every reader finished"))
     for row in result["summary"]:

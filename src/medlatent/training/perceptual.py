@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from medlatent.metrics import MS_SSIM_BETAS, ms_ssim_scales, ms_ssim_window
 from medlatent.optional import PRETRAINED_EXTRA, OptionalDependencyError, import_optional
 
 logger = logging.getLogger(__name__)
@@ -240,17 +241,10 @@ def _state_from_packages(model: LPIPS) -> dict[str, torch.Tensor]:
 
 
 def _msssim_plan(smallest: int) -> tuple[int, tuple[float, ...]]:
-    """Gaussian window size and scale weights for images whose smaller side is ``smallest`` pixels."""
-    if smallest < 3:
-        raise ValueError(f"MS-SSIM needs images of at least 3×3 pixels, got a side of {smallest}")
-    kernel = 11 if smallest >= 11 else (smallest - 1) // 2 * 2 + 1  # largest odd window that fits
-    betas = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
-    n = 5
-    # Each extra scale halves the image; the window must fit the coarsest one, and torchmetrics also
-    # requires side // (n - 1)² > kernel - 1. Drop the coarsest scales until both hold.
-    while n > 1 and (smallest // 2 ** (n - 1) < kernel or smallest // (n - 1) ** 2 <= kernel - 1):
-        n -= 1
-    used = betas[:n]
+    """Gaussian window size and scale weights for images whose smaller side is ``smallest`` pixels: as many of
+    the five standard scales as fit the window (:func:`medlatent.metrics.ms_ssim_scales`, the metric's rule)."""
+    kernel = ms_ssim_window(smallest)
+    used = MS_SSIM_BETAS[: ms_ssim_scales(smallest, kernel)]
     return kernel, tuple(b / sum(used) for b in used)  # renormalised so exponents still sum to 1
 
 

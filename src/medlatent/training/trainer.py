@@ -32,11 +32,11 @@ import torch.distributed as dist
 from torch import nn
 
 from medlatent.model import MedVAE
-from medlatent.model.lora import merge_lora_modules
 from medlatent.training.build import build_model
 from medlatent.training.checkpointing import checkpoint_dirs, load_checkpoint_state, prune, save_checkpoint
 from medlatent.training.config import TrainConfig, check_trackers
 from medlatent.training.data import EpochSampler, build_datasets, make_loader
+from medlatent.training.export import export_model
 from medlatent.training.previews import LOG_FILE, VAL_FILE, save_curves, save_previews
 
 SPLIT_FILE = "val_split.txt"  # how the validation images were chosen, and their paths
@@ -539,12 +539,9 @@ class Trainer:
         merged = self.cfg.train.export_merged if merged is None else merged
         if self.is_main:
             ctx = self.ema.swapped() if self.ema else contextlib.nullcontext()
-            with ctx:
-                model = copy.deepcopy(self.model).cpu().eval()
-            if merged:
-                merge_lora_modules(model)
-            model.requires_grad_(False)
-            model.save_pretrained(directory, name=self.cfg.export_name())
+            with ctx:  # a CPU snapshot of the weights to export (the averaged ones with EMA)
+                model = copy.deepcopy(self.model).cpu().eval().requires_grad_(False)
+            export_model(model, directory, merged=merged, name=self.cfg.export_name())
         self._barrier()
         return directory
 
