@@ -48,6 +48,13 @@ TILE_BATCH_OPT = typer.Option(1, "--tile-batch", min=1, help="Tiles per forward 
 NORM_OPT = typer.Option("tile", "--norm", help="GroupNorm statistics of tiled images: 'tile' (each tile its own; "
                                                "fastest) or 'image' / 'image:PASSES' (image-wide, from 4 or PASSES "
                                                "statistics passes over the tiles: much closer to untiled output).")
+BACKEND_OPT = typer.Option(None, "--backend", help="torch (default), onnxruntime or openvino: the latter two run the "
+                                                  "exported ONNX graphs on the CPU (pip install 'medlatent[deploy]'; "
+                                                  "exported once per weights into ~/.cache/medlatent or "
+                                                  "$MEDLATENT_CACHE).")
+PRECISION_OPT = typer.Option(None, "--precision", help="fp32 (default, matches the official outputs), bf16 or fp16 "
+                                                       "(GPU). bf16 on CPU only where /proc/cpuinfo lists avx512_bf16 "
+                                                       "or amx_bf16; onnxruntime runs fp32 only.")
 COMPILE_OPT = typer.Option(False, "--compile", help="torch.compile the encoder and decoder (compiled on first use "
                                                     "and per new tile shape; no gain measured on a 2-core CPU).")
 
@@ -214,6 +221,15 @@ def _run(console, run, *args, **kw):
         _fail(str(e))
 
 
+def _backend(console, backend: Optional[str], precision: Optional[str]) -> tuple[str, str]:
+    """The backend and precision of a run, shown with why they were chosen."""
+    from medlatent.deploy import resolve
+
+    backend, precision, why = resolve(backend, precision)
+    console.print(f"backend {backend} {precision} ({why})", highlight=False, markup=False)
+    return backend, precision
+
+
 def _list_inputs(console, failures, ignored, limit: int = 10) -> None:
     """Known non-image files (the first ``limit``; all are in the manifest), then failures with reasons."""
     if ignored:
@@ -269,7 +285,8 @@ def encode(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Official checkpoint file."),
     modality: str = typer.Option("auto", help="ct, mri, xray, other, or auto (from the file; 3D ≤-900 → CT)."),
     device: str = typer.Option("cpu", "--device", "-d"),
-    precision: str = typer.Option("fp32", help="fp32 (default, matches the official outputs), bf16 or fp16."),
+    precision: Optional[str] = PRECISION_OPT,
+    backend: Optional[str] = BACKEND_OPT,
     latent_dtype: str = typer.Option("float16", help="Storage dtype of z: float16 or float32."),
     stage2: Optional[bool] = typer.Option(None, "--stage2/--no-stage2", help="Store stage-2 features (2D default)."),
     nifti: bool = typer.Option(False, "--nifti", help="Also write z as NIfTI aligned with the source image."),
@@ -293,10 +310,11 @@ def encode(
     part = _shard(shard)
     tiles = _tiles(tile, overlap, max_memory, tile_batch, norm)  # options checked before any weights are fetched
     console = _console()
+    backend, precision = _backend(console, backend, precision)
     result = _run(console, encode_files, inputs, output, model=model, checkpoint=checkpoint, device=device,
                   modality=modality, precision=precision, latent_dtype=latent_dtype, stage2=stage2, nifti=nifti,
                   uneven=uneven, resume=resume, prefetch=prefetch, batch=batch, compile=compile_model, shard=part,
-                  tiles=tiles)
+                  tiles=tiles, backend=backend)
     _finish(console, result)
 
 
@@ -314,7 +332,8 @@ def decode(
                    "study attributes from; without it the files hold no identifiers."),
     keep_study: bool = typer.Option(False, help="--format dicom: keep the template's StudyInstanceUID."),
     device: str = typer.Option("cpu", "--device", "-d"),
-    precision: str = typer.Option("fp32"),
+    precision: Optional[str] = PRECISION_OPT,
+    backend: Optional[str] = BACKEND_OPT,
     ignore_weights: bool = typer.Option(False, help="Decode even if the weights differ from the encoder's."),
     resume: bool = typer.Option(True, "--resume/--overwrite"),
     tile: Optional[int] = TILE_OPT,
@@ -337,9 +356,10 @@ def decode(
     _check_dicom_options(dicom, template, keep_study)
     tiles = _tiles(tile, overlap, max_memory, tile_batch, norm)
     console = _console()
+    backend, precision = _backend(console, backend, precision)
     result = _run(console, decode_files, latents, output, model=model, checkpoint=checkpoint, fmt=fmt,
                   template=template, keep_study=keep_study, device=device, precision=precision,
-                  ignore_weights=ignore_weights, resume=resume, tiles=tiles, compile=compile_model)
+                  ignore_weights=ignore_weights, resume=resume, tiles=tiles, compile=compile_model, backend=backend)
     _finish(console, result)
 
 
@@ -378,6 +398,8 @@ def info(file: Path = typer.Argument(..., help="A latent file.")) -> None:
     typer.echo("original affine " + np_fmt(rec.original_affine))
     typer.echo("latent affine   " + np_fmt(lf.latent_affine.tolist()))
     typer.echo(f"medlatent       {lf.medlatent_version} (file format {lf.format_version})")
+    if lf.inference:
+        typer.echo(f"computed by     {lf.inference.get('backend')} {lf.inference.get('precision')}")
     typer.echo("checksum        " + ("tensors and metadata verified" if lf.metadata_verified else
                                      "tensors verified; metadata unverified (older format: re-encode to check)"))
 
@@ -394,7 +416,8 @@ def roundtrip(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c"),
     modality: str = typer.Option("auto"),
     device: str = typer.Option("cpu", "--device", "-d"),
-    precision: str = typer.Option("fp32"),
+    precision: Optional[str] = PRECISION_OPT,
+    backend: Optional[str] = BACKEND_OPT,
     uneven: str = typer.Option("refuse"),
     resume: bool = typer.Option(True, "--resume/--overwrite"),
     prefetch: int = PREFETCH_OPT,
@@ -413,9 +436,10 @@ def roundtrip(
     part = _shard(shard)
     tiles = _tiles(tile, overlap, max_memory, tile_batch, norm)  # options checked before any weights are fetched
     console = _console()
+    backend, precision = _backend(console, backend, precision)
     result = _run(console, roundtrip_files, inputs, output, model=model, checkpoint=checkpoint, device=device,
                   modality=modality, precision=precision, uneven=uneven, resume=resume, prefetch=prefetch,
-                  batch=batch, compile=compile_model, shard=part, tiles=tiles)
+                  batch=batch, compile=compile_model, shard=part, tiles=tiles, backend=backend)
     for r in result.rows:
         console.print(f"  {r['item']}: PSNR {r['psnr']:.2f} dB, MS-SSIM {r['ms_ssim']:.4f}, "
                       f"{r['pixels']} pixels → {r['latent_values']} latent values, "
