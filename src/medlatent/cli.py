@@ -280,7 +280,11 @@ SHARD_OPT = typer.Option(None, help="Process shard R/N of the inputs (default: t
 @app.command()
 def encode(
     inputs: list[Path] = typer.Argument(..., help="Image files and/or folders (walked recursively)."),
-    output: Path = typer.Option(..., "--output", "-o", help="Output folder (mirrors the input tree)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (mirrors the input tree)."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Instead of -o: a latent store (new, or one to add "
+                                                               "to; inputs it holds are skipped)."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="--store: items per new shard "
+                                                                               "(default 10000)."),
     model: Optional[str] = MODEL_OPT,
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Official checkpoint file."),
     modality: str = typer.Option("auto", help="ct, mri, xray, other, or auto (from the file; 3D ≤-900 → CT)."),
@@ -302,19 +306,30 @@ def encode(
     tile_batch: int = TILE_BATCH_OPT,
     norm: str = NORM_OPT,
 ) -> None:
-    """Encode images into latent files (``<name>.latent.safetensors``), one per input or DICOM series."""
-    from medlatent.runs import encode_files
+    """Encode images into latent files (``<name>.latent.safetensors``), one per input or DICOM series; with
+    --store, into a sharded latent store (as medlatent pack writes; a second run adds only what is missing)."""
+    from medlatent.runs import encode_files, encode_to_store
 
+    if (output is None) == (store is None):
+        _fail("give either --output (a folder of latent files) or --store (a latent store)")
+    if shard_size is not None and store is None:
+        _fail("--shard-size applies to --store")
     if latent_dtype not in ("float16", "float32"):
         _fail(f"--latent-dtype must be float16 or float32, got {latent_dtype!r}")
     part = _shard(shard)
     tiles = _tiles(tile, overlap, max_memory, tile_batch, norm)  # options checked before any weights are fetched
     console = _console()
     backend, precision = _backend(console, backend, precision)
-    result = _run(console, encode_files, inputs, output, model=model, checkpoint=checkpoint, device=device,
-                  modality=modality, precision=precision, latent_dtype=latent_dtype, stage2=stage2, nifti=nifti,
-                  uneven=uneven, resume=resume, prefetch=prefetch, batch=batch, compile=compile_model, shard=part,
-                  tiles=tiles, backend=backend)
+    kw = dict(model=model, checkpoint=checkpoint, device=device, modality=modality, precision=precision,
+              latent_dtype=latent_dtype, stage2=stage2, nifti=nifti, uneven=uneven, resume=resume, prefetch=prefetch,
+              batch=batch, compile=compile_model, shard=part, tiles=tiles, backend=backend)
+    if store is None:
+        _finish(console, _run(console, encode_files, inputs, output, **kw))
+        return
+    result = _run(console, encode_to_store, inputs, store, shard_size=shard_size, **kw)
+    held = f", {result.in_store} of them were in the store already" if result.in_store else ""
+    console.print(f"store {store}: {result.packed} latent(s) added in {len(result.shards)} new shard(s){held}",
+                  highlight=False, markup=False)
     _finish(console, result)
 
 

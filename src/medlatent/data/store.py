@@ -257,7 +257,8 @@ def _locked(store: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _check_target(store: Path) -> None:
+def check_target(store: Path) -> None:
+    """A folder ``pack`` can write: new, empty (dot files aside) or a store; :class:`StoreError` otherwise."""
     if store.exists() and not store.is_dir():
         raise StoreError(f"{store}: exists and is not a folder; choose a new folder or an existing store")
     if store.is_dir() and not is_store(store) and any(not p.name.startswith(".") for p in store.iterdir()):
@@ -408,7 +409,7 @@ def pack(latent_dir: str | Path, store: str | Path, labels_csv: str | Path | Non
     latent_dir, store = Path(latent_dir), Path(store)
     if shard_size < 1 or shard_bytes < 1:
         raise StoreError(f"shard size must be at least 1 item and 1 byte, got {shard_size} items, {shard_bytes} B")
-    _check_target(store)
+    check_target(store)
     items, columns, labels = _inputs(latent_dir, None if labels_csv is None else Path(labels_csv), label_columns)
     manifest = _read_manifest(store) if is_store(store) else _new_manifest(columns)
     if manifest["shards"] and manifest["label_columns"] != columns:

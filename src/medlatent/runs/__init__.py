@@ -7,9 +7,9 @@ it reports progress to a :class:`RunListener` and returns a :class:`RunResult`. 
 
 from medlatent.runs.common import NothingToDo, RunListener, RunResult
 from medlatent.runs.decode import decode_files
-from medlatent.runs.encode import encode_files
+from medlatent.runs.encode import StoreRunResult, encode_files, encode_to_store
 from medlatent.runs.models import ModelChoice, ModelLoadError, RunError, compile_model, load_model
 from medlatent.runs.roundtrip import roundtrip_files
 
-__all__ = ["ModelChoice", "ModelLoadError", "NothingToDo", "RunError", "RunListener", "RunResult", "compile_model",
-           "decode_files", "encode_files", "load_model", "roundtrip_files"]
+__all__ = ["ModelChoice", "ModelLoadError", "NothingToDo", "RunError", "RunListener", "RunResult", "StoreRunResult",
+           "compile_model", "decode_files", "encode_files", "encode_to_store", "load_model", "roundtrip_files"]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from medlatent.batch import Job
+from medlatent.batch import ItemResult, Job
 from medlatent.distributed import Shard, device_for, finish
 from medlatent.engine.tiled import TileSettings
 from medlatent.io.discover import InputItem, read_item
@@ -21,6 +23,7 @@ from medlatent.runs.common import RunListener, RunResult, find_inputs, record_sk
 from medlatent.runs.models import ModelChoice, check_run_options
 
 LATENT_DTYPES = ("float16", "float32")
+IN_STORE = "held by the store"  # reason of an input not encoded because its latent is in the store already
 
 
 @dataclass
@@ -65,7 +68,7 @@ def encode_files(inputs: list[Path], output: Path, *, model: str | Path | MedVAE
                  uneven: str = "refuse", resume: bool = True, prefetch: int = 2, batch: int | None = None,
                  compile: bool = False, shard: Shard | None = None, tiles: TileSettings | None = None,
                  provide: str | None = None, listener: RunListener | None = None,
-                 backend: str = "torch") -> RunResult:
+                 backend: str = "torch", skip_names: Collection[str] = ()) -> RunResult:
     """Encode images into ``output/<name>.latent.safetensors`` (the input tree mirrored).
 
     Args:
@@ -77,6 +80,7 @@ def encode_files(inputs: list[Path], output: Path, *, model: str | Path | MedVAE
         provide: how the caller can give weights the Hub cannot (ends a missing-download message).
         backend: ``torch``, or ``onnxruntime``/``openvino`` running the exported graphs on the CPU
             (:mod:`medlatent.deploy`); ``precision`` bf16 on CPU only where the CPU has native bf16.
+        skip_names: item names not to encode (those a latent store holds already, :func:`encode_to_store`).
 
     Raises:
         RunError: the output is unusable, the inputs hold nothing to encode (:class:`NothingToDo`), the model cannot
@@ -93,7 +97,8 @@ def encode_files(inputs: list[Path], output: Path, *, model: str | Path | MedVAE
                          on_load=listener.model_loaded, backend=backend, precision=precision)
     batch = batch or default_batch(dev)
     opts = EncodeOptions(modality=modality, stage2=stage2, precision=precision, tiles=tiles, batch=batch)
-    items = part.take(found.items)
+    taken = part.take(found.items)
+    items = [it for it in taken if it.name not in skip_names]
     skipped_inputs = part.take(found.failed + found.empty)
     ignored = part.take(found.ignored)
 
@@ -116,6 +121,88 @@ def encode_files(inputs: list[Path], output: Path, *, model: str | Path | MedVAE
     label = f"encoding (shard {part.rank + 1}/{part.world})" if part.active else "encoding"
     report = run_batch(listener, label, [make_job(it) for it in items], output, resume=resume, prefetch=prefetch,
                        manifest=part.manifest_name, batch=batch, compute=lambda loaded: encode_loaded(loaded, opts))
+    report.results += [ItemResult(it.name, "skipped", reason=IN_STORE) for it in taken if it.name in skip_names]
     record_skipped(output, skipped_inputs, part.manifest_name, ignored)
     failed_all = finish(part, output, len(report.failed) + len(skipped_inputs))
     return RunResult(output, report, skipped_inputs, ignored, failed_all)
+
+
+#: where ``encode_to_store`` writes latent files before packing them: a dot folder inside the store, which readers
+#: of the store and ``pack``'s "not a store" check ignore
+STAGING = ".encode"
+
+
+@dataclass
+class StoreRunResult(RunResult):
+    """An :func:`encode_to_store` run: the encode of the inputs the store lacked, and what was packed.
+
+    Attributes:
+        store: the store folder.
+        in_store: inputs of this process's shard the store held already (not encoded again).
+        packed: latents added to the store by this process (0 on ranks other than 0, which do not pack).
+        shards: shard files this process wrote.
+    """
+
+    store: Path | None = None
+    in_store: int = 0
+    packed: int = 0
+    shards: list[str] | None = None
+
+
+def encode_to_store(inputs: list[Path], store: Path, *, shard_size: int | None = None, resume: bool = True,
+                    nifti: bool = False, shard: Shard | None = None, **encode_kw: Any) -> StoreRunResult:
+    """Encode images straight into a latent store (:mod:`medlatent.data.store`), new or existing.
+
+    The latents are written as files into ``store/.encode`` (one per input, as :func:`encode_files` writes them,
+    so an interrupted run resumes per input), then packed into new shards and the packed files removed. Inputs
+    whose item name the store already holds are not encoded again, so running the same command again after an
+    interruption, or with more inputs, only adds what is missing. The store keeps no labels: give them at training
+    time (``LatentDataset(store, labels=CSV)`` with a ``name`` column).
+
+    Under torchrun every rank encodes its part into the staging folder and rank 0 packs after all have finished;
+    with ``--shard R/N`` runs outside torchrun, each run packs at its end only on rank 0, so run the command once
+    more after all shards have finished (it encodes nothing and packs what the other shards staged).
+
+    Args:
+        shard_size: items per new shard (default :data:`~medlatent.data.store.DEFAULT_SHARD_SIZE`).
+        encode_kw: as :func:`encode_files` (model, device, latent_dtype, ...).
+
+    Raises:
+        RunError: the store is unusable (not a store, damaged, being written by another pack), ``--overwrite``
+            or ``--nifti`` were asked for, or as :func:`encode_files`.
+    """
+    from medlatent.data.store import DEFAULT_SHARD_SIZE, LatentStore, StoreError, check_target, is_store, pack
+    from medlatent.io.discover import find_latents
+    from medlatent.latentfile import LatentFileError
+    from medlatent.runs.models import RunError
+
+    if not resume:
+        raise RunError(f"{store}: a store's items are never replaced (its shards do not change once written); "
+                       "encode into a new store instead of --overwrite")
+    if nifti:
+        raise RunError(f"{store}: --nifti writes files next to latent files; a store holds latent files only")
+    part = shard or Shard()
+    try:
+        check_target(store)
+        held = set(LatentStore(store).names) if is_store(store) else set()
+    except StoreError as e:
+        raise RunError(str(e)) from e
+    staging = store / STAGING
+    result = encode_files(inputs, staging, resume=True, shard=part, skip_names=held, **encode_kw)
+    out = StoreRunResult(**vars(result), store=store, shards=[])
+    out.in_store = sum(r.reason == IN_STORE for r in result.report.results)
+    if part.rank != 0 or not find_latents([staging]).items:
+        return out
+    try:
+        rep = pack(staging, store, shard_size=shard_size or DEFAULT_SHARD_SIZE)
+        packed = set(LatentStore(store).names)
+    except (StoreError, LatentFileError, OSError) as e:
+        raise RunError(f"{e} (the encoded latents stay in {staging}; run the command again to pack them)") from e
+    for it in find_latents([staging]).items:  # staged latents now in the store; a later shard's stay for the next run
+        if it.name in packed:
+            it.paths[0].unlink()
+    for d in sorted((p for p in staging.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(d.iterdir()):  # the mirrored input tree, emptied
+            d.rmdir()
+    out.packed, out.shards = rep.added, rep.shards
+    return out
