@@ -23,7 +23,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -111,7 +111,7 @@ def _metadata_digest(meta: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def _is_int(v: Any) -> bool:
+def _is_int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -393,7 +393,7 @@ def latent_from_bytes(data: bytes, where: str | Path, *, checked: bool = True) -
     try:
         n = int.from_bytes(data[:8], "little")
         header = json.loads(data[8:8 + n])
-        raw = (header.get("__metadata__") or {}).get("medlatent")
+        raw: Any = (header.get("__metadata__") or {}).get("medlatent")
         tensors = load(data)
     except Exception as e:  # truncated, foreign or corrupt bytes: whatever safetensors or json raise
         raise LatentFileError(where, f"damaged or not a safetensors file ({type(e).__name__}: {e})") from e

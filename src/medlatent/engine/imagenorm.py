@@ -50,8 +50,8 @@ class ImageNorm:
 
     def __init__(self, core_of: dict[Tile, Fractions]) -> None:
         self.core_of = core_of  # each tile's core (see core_fractions)
-        self.fixed: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}  # layer → (scale, shift) per channel
-        self.sums: dict[nn.Module, list] = {}  # layer → [Σx per channel, Σx² per channel, voxels summed]
+        self.fixed: dict[GroupNorm32, tuple[torch.Tensor, torch.Tensor]] = {}  # layer → (scale, shift) per channel
+        self.sums: dict[GroupNorm32, list] = {}  # layer → [Σx per channel, Σx² per channel, voxels summed]
         self.record = False
         self.cores: list[Fractions] = []  # of the tiles in the current batch
 
@@ -97,7 +97,8 @@ class ImageNorm:
         acc = self.sums.setdefault(gn, [0.0, 0.0, 0])
         for b, fr in enumerate(self.cores):
             box = tuple(slice(round(f0 * n), round(f1 * n)) for (f0, f1), n in zip(fr, spatial))
-            core = xf[(b, slice(None), *box)]
+            index: tuple[int | slice, ...] = (b, slice(None), *box)
+            core = xf[index]
             count = core[0].numel()
             if count == 0:
                 continue

@@ -160,7 +160,7 @@ class TiledAutoencoder:
         logger.debug("%d tiles of %d (overlap %d) over %s", len(tiles), tile, overlap, shape)
 
         def crop(batch: list[Tile]) -> torch.Tensor:
-            return torch.cat([x[(slice(None), slice(None), *t.slices())] for t in batch])
+            return torch.cat([x[(slice(None), slice(None)) + t.slices()] for t in batch])
 
         out_shape = tuple(int(round(n * ratio)) for n in shape)
         out_overlap = (int(round(overlap * ratio)),) * len(shape)

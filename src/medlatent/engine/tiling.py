@@ -73,6 +73,8 @@ def blend_weights(tile: Tile, full_shape: tuple[int, ...], overlap: tuple[int, .
         shape[ax] = length
         wa = wa.reshape(shape)
         w = wa if w is None else w * wa
+    if w is None:
+        raise ValueError("a tile needs at least one axis")
     return w
 
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -361,7 +362,7 @@ def _functional_group_geometry(ds, path: Path, frames: int
                                ) -> tuple[list[np.ndarray], np.ndarray, tuple[float, float]] | None:
     """Per-frame positions, orientation and pixel spacing of an enhanced multi-frame object, if present."""
     try:
-        shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+        shared: Any = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
         per_frame = ds.PerFrameFunctionalGroupsSequence
 
         def item(name: str, frame):
@@ -569,10 +570,10 @@ def _read_series(where: Path, uneven: str, files: list[Path] | None) -> ImageDat
         raise ImageReadError(where, "a DICOM series needs at least 2 slices to form a volume" + _skipped(bad))
     if not is_volume_series(series):
         raise ImageReadError(where, "slices lack ImagePositionPatient/ImageOrientationPatient; cannot stack them")
-    ori = series[0].orientation
-    if any(np.abs(f.orientation - ori).max() > 1e-3 for f in series):
+    ori = cast(np.ndarray, series[0].orientation)  # is_volume_series: every slice has position and orientation
+    if any(np.abs(cast(np.ndarray, f.orientation) - ori).max() > 1e-3 for f in series):
         raise ImageReadError(where, "slices have different orientations (e.g. a localizer mixed in)")
-    stack = SliceStack.along([f.position for f in series], ori)
+    stack = SliceStack.along([cast(np.ndarray, f.position) for f in series], ori)
     if stack.duplicates:
         raise ImageReadError(where, stack.duplicates)
     if uneven == "refuse" and stack.uneven():  # before reading any pixels

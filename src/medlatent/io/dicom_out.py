@@ -286,7 +286,7 @@ def _set_plane(ds, plane: Plane, thickness: float | None) -> None:
 
 def _finish(ds, sop_class: str, number: int):
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
     ds.SOPClassUID = sop_class
     if sop_class == _SOP_CLASS["ct"]:  # type 2 attributes of the CT Image module: present, empty
@@ -296,7 +296,7 @@ def _finish(ds, sop_class: str, number: int):
     ds.SOPInstanceUID = generate_uid()
     ds.InstanceNumber = number
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPClassUID = UID(sop_class)
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
@@ -326,7 +326,7 @@ def write_dicom(img: ImageData, path: str | Path, derivation: Derivation, *, tem
     if keep_study and template is None:
         raise DicomWriteError(path, "keeping the source study needs a template (the source DICOM)")
     header = read_template(template) if template is not None else None
-    if keep_study and not header.get("StudyInstanceUID"):
+    if keep_study and header is not None and not header.get("StudyInstanceUID"):
         raise DicomWriteError(template, "template has no StudyInstanceUID to keep")  # type: ignore[arg-type]
     ids = _series_ids(header, keep_study)
     if img.spatial_dims == 2:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,7 +228,7 @@ def _discover_one(root: Path, found: Discovery, exclude: Path | None) -> None:
         found.failed.append((root, "not a regular file or folder (a device, FIFO or socket)"))
 
 
-def discover_inputs(inputs: list[str | Path], exclude: str | Path | None = None) -> Discovery:
+def discover_inputs(inputs: Sequence[str | Path], exclude: str | Path | None = None) -> Discovery:
     """Items to encode from files and folders, with everything else accounted for (see the module docstring).
 
     Args:
@@ -242,7 +242,7 @@ def discover_inputs(inputs: list[str | Path], exclude: str | Path | None = None)
     return found
 
 
-def discover(inputs: list[str | Path]) -> tuple[list[InputItem], list[tuple[Path, str]]]:
+def discover(inputs: Sequence[str | Path]) -> tuple[list[InputItem], list[tuple[Path, str]]]:
     """Items to encode, and the files that failed with the reason (known non-image files are left out)."""
     found = discover_inputs(inputs)
     return found.items, found.failed

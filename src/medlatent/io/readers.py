@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -159,7 +160,7 @@ def _read_nifti(path: Path) -> ImageData:
     header = _unchecked_header(path)
     if header is not None:
         _check_header(path, header)
-    img = nib.load(str(path))
+    img: Any = nib.load(str(path))  # a NIfTI image (nibabel types it as any file-based image)
     shape = tuple(int(n) for n in img.shape)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
@@ -226,6 +227,8 @@ def _check_header(path: Path, header) -> None:
 
 def _check_scaling(path: Path, img, arr: np.ndarray) -> None:
     """scl_slope/scl_inter that push intensities beyond float32, named as the cause."""
+    slope: Any
+    inter: Any
     slope, inter = (getattr(img.dataobj, name, None) for name in ("slope", "inter"))
     if arr.dtype.kind != "f" or (slope, inter) in ((None, None), (1.0, 0.0)) or not np.isfinite(arr).all():
         return  # unscaled, or NaN/inf in the data itself (validate reports it)

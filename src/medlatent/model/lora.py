@@ -8,6 +8,8 @@ natural-image VAE (paper §3, stage 1); :func:`merge_lora_modules` folds them ba
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -53,7 +55,7 @@ class LoRAConv(nn.Module):
                        bias=self.conv.bias is not None).to(w)
         conv.weight.copy_(merged_weight(w, self.lora_down.weight, self.lora_up.weight, self.scale))
         if self.conv.bias is not None:
-            conv.bias.copy_(self.conv.bias)
+            cast(torch.Tensor, conv.bias).copy_(self.conv.bias)
         return conv
 
 
@@ -70,7 +72,7 @@ def inject_lora(model: nn.Module, rank: int = 4, dropout: float = 0.1) -> list[n
             if isinstance(child, (nn.Conv2d, nn.Conv3d)):
                 wrapped = LoRAConv(child, rank=rank, dropout=dropout)
                 setattr(block, name, wrapped)
-                params += [wrapped.lora_down.weight, wrapped.lora_up.weight]
+                params += [cast(nn.Parameter, wrapped.lora_down.weight), cast(nn.Parameter, wrapped.lora_up.weight)]
     return params
 
 

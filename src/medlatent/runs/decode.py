@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 from medlatent.batch import MANIFEST, Job
 from medlatent.engine.tiled import TileSettings
@@ -32,7 +33,7 @@ class DecoderCache:
         self._cache: dict[tuple, MedVAE | ModelLoadError] = {}
 
     def for_latent(self, lf: LatentFile) -> MedVAE:
-        name = self.model or lf.model.get("name")
+        name = cast("str | Path", self.model or lf.model.get("name"))  # a read latent names its model
         key = (name, self.checkpoint)
         if key not in self._cache:
             try:

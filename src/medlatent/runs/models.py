@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,12 +82,16 @@ def check_run_options(backend: str, precision: str, device: str, compile: bool =
         raise RunError(f"--norm {norm} needs --backend torch: the exported graphs compute GroupNorm per tile")
 
 
+#: the models compile_model has compiled (kept here rather than marked on the model; forgotten with the model)
+_COMPILED: weakref.WeakSet[MedVAE] = weakref.WeakSet()
+
+
 def compile_model(net: MedVAE, enabled: bool = True) -> MedVAE:
     """``torch.compile`` the encoder and decoder in place (state-dict keys unchanged), once per model."""
-    if enabled and not getattr(net, "_medlatent_compiled", False):
+    if enabled and net not in _COMPILED:
         net.encoder.compile()
         net.decoder.compile()
-        net._medlatent_compiled = True
+        _COMPILED.add(net)
     return net
 
 

@@ -7,6 +7,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from medlatent.batch import Job
 from medlatent.distributed import Shard, device_for, finish, launched_by_torchrun
@@ -99,7 +100,8 @@ def roundtrip_files(inputs: list[Path], output: Path, *, model: str | Path | Med
         return Job(item.name, outs, lambda: load_item(models, item, uneven, opts, keep_image=True), run)
 
     def compute(loaded: list[Loaded]) -> list[Encoded]:
-        return [Encoded(it.net, it.img, lf) for it, lf in zip(loaded, encode_loaded(loaded, opts), strict=True)]
+        return [Encoded(it.net, cast(ImageData, it.img), lf)  # load_item(keep_image=True): the image is kept
+                for it, lf in zip(loaded, encode_loaded(loaded, opts), strict=True)]
 
     label = f"roundtrip (shard {part.rank + 1}/{part.world})" if part.active else "roundtrip"
     report = run_batch(listener, label, [make_job(it) for it in items], output, resume=resume, prefetch=prefetch,
