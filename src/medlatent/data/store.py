@@ -6,6 +6,8 @@ Layout of a store folder::
                                  and of its index
     shard-000000.tar             the latent files, bytes unchanged, as ``NAME.latent.safetensors`` members
     shard-000000.index.json      per item: name, offset and size of its bytes in the tar, their SHA-256, labels
+                                 and where its tensors lie in them (dtype, shape, offset: reads without
+                                 parsing the metadata, :mod:`medlatent.data.stream`)
 
 A shard is a plain (POSIX pax) tar, so ``tar``, WebDataset or any streaming reader opens it; it is read front to
 back by :func:`unpack` and :func:`verify` (local disk, NFS or object storage alike) and by offset, one item per
@@ -27,18 +29,22 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import tarfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from medlatent.io.atomic import atomic_write, temporary_path
 from medlatent.latentfile import SUFFIX, LatentFile, LatentFileError, latent_from_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "medlatent-latent-store"
 FORMAT_VERSION = 1
@@ -67,6 +73,23 @@ def _file_sha256(path: Path) -> str:
         while chunk := fh.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+#: tensors of a latent file whose place in the item's bytes the index records (reads without parsing the metadata)
+TENSOR_NAMES = ("z", "stage2")
+_TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+def _tensor_layout(data: bytes | memoryview) -> dict[str, tuple[str, list[int], int]]:
+    """Per tensor of a latent file's bytes: safetensors dtype code, shape, and where its data start in the bytes.
+
+    A safetensors file is an 8-byte header length, the JSON header (dtype, shape and data offsets of each
+    tensor, relative to the end of the header), then the data.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(bytes(data[8:8 + n]))
+    return {name: (header[name]["dtype"], list(header[name]["shape"]), 8 + n + header[name]["data_offsets"][0])
+            for name in TENSOR_NAMES if name in header}
 
 
 def _shard_names(k: int) -> tuple[str, str]:
@@ -117,6 +140,7 @@ class _Index:
     sizes: list[int]
     sha256: list[str]
     labels: dict[str, list[str]]
+    tensors: dict[str, dict[str, list]] = field(default_factory=dict)  # see _tensor_layout; absent in older stores
 
 
 def _read_index(store: Path, entry: dict[str, Any], label_columns: list[str]) -> _Index:
@@ -128,10 +152,11 @@ def _read_index(store: Path, entry: dict[str, Any], label_columns: list[str]) ->
     if _sha256(data) != entry["index_sha256"]:
         raise StoreError(f"{path}: SHA-256 does not match {MANIFEST} (index damaged or edited)")
     d = json.loads(data)
-    idx = _Index(d["names"], d["offsets"], d["sizes"], d["sha256"], d.get("labels", {}))
+    idx = _Index(d["names"], d["offsets"], d["sizes"], d["sha256"], d.get("labels", {}), d.get("tensors", {}))
     n = entry["count"]
     if not (len(idx.names) == len(idx.offsets) == len(idx.sizes) == len(idx.sha256) == n) \
-            or sorted(idx.labels) != sorted(label_columns) or any(len(v) != n for v in idx.labels.values()):
+            or sorted(idx.labels) != sorted(label_columns) or any(len(v) != n for v in idx.labels.values()) \
+            or any(len(col) != n for t in idx.tensors.values() for col in t.values()):
         raise StoreError(f"{path}: does not list the {n} items {MANIFEST} says it holds, with their labels")
     return idx
 
@@ -157,6 +182,9 @@ class LatentStore:
         names: list[str] = []
         shard, offsets, sizes, digests = [], [], [], []
         self.labels: dict[str, list[str]] = {c: [] for c in self.label_columns}
+        # per tensor: (dtype code, shape) per item, interned (one object per distinct layout), and data start
+        kinds: dict[tuple, tuple[str, tuple[int, ...]] | None] = {}
+        layout: dict[str, tuple[list, list[int]]] = {t: ([], []) for t in TENSOR_NAMES}
         for k, entry in enumerate(m["shards"]):
             idx = _read_index(self.root, entry, self.label_columns)
             names += idx.names
@@ -166,6 +194,14 @@ class LatentStore:
             digests += idx.sha256
             for c in self.label_columns:
                 self.labels[c] += idx.labels[c]
+            for t, (kind, start) in layout.items():
+                col = idx.tensors.get(t)  # older stores: unknown (-1), found by parsing the header when read
+                n = len(idx.names)
+                for dt, sh in zip(col["dtype"], col["shape"]) if col else [(None, None)] * n:
+                    key = (dt, *sh) if dt is not None else None
+                    kind.append(kinds.setdefault(key, (dt, tuple(sh)) if dt is not None else None))
+                start += [-1 if v is None else v for v in col["start"]] if col else [-1] * n
+        self._layout = {t: (kind, np.asarray(start, dtype=np.int64)) for t, (kind, start) in layout.items()}
         self.names = names
         self._shard = np.concatenate(shard) if shard else np.zeros(0, dtype=np.int32)
         self._offset = np.asarray(offsets, dtype=np.int64)
@@ -210,6 +246,42 @@ class LatentStore:
             raise LatentFileError(self.where(j), "bytes do not match the SHA-256 in the store's index (shard "
                                                  "damaged or truncated); run verify on the store")
         return data
+
+    def _read_checked(self, j: int) -> bytearray:
+        """Item ``j``'s bytes in a writable buffer (tensors can view it without a copy), digest checked."""
+        size = int(self._size[j])
+        buf = bytearray(size)
+        got = os.preadv(self._fd(int(self._shard[j])), [buf], int(self._offset[j]))
+        if got != size or hashlib.sha256(buf).digest() != self._digest[j].tobytes():
+            raise LatentFileError(self.where(j), "bytes do not match the SHA-256 in the store's index (shard "
+                                                 "damaged or truncated); run verify on the store")
+        return buf
+
+    def layout(self, j: int, tensor: str = "z") -> tuple[str, tuple[int, ...], int] | None:
+        """Where ``tensor`` lies in item ``j``'s bytes: (safetensors dtype code, shape, byte offset), from the
+        index; ``None`` when the item has no such tensor, or the store was packed before indexes recorded it."""
+        kind, start = self._layout[tensor]
+        return None if kind[j] is None else (*kind[j], int(start[j]))  # type: ignore[return-value]
+
+    def read_tensor(self, j: int, tensor: str = "z") -> "torch.Tensor":
+        """Item ``j``'s ``z`` (or ``stage2``) as stored (e.g. float16 ``C×…``): one read, the SHA-256 check, and a
+        view of the bytes; no metadata parsed when the index records the tensor's place (stores packed since)."""
+        import torch
+
+        buf = self._read_checked(j)
+        where = self.layout(j, tensor)
+        if where is None:  # an older index: the header tells
+            try:
+                lay = _tensor_layout(buf)
+            except (ValueError, KeyError) as e:
+                raise LatentFileError(self.where(j), f"damaged safetensors header ({e})") from e
+            if tensor not in lay:
+                raise LatentFileError(self.where(j), f"holds no {tensor!r} tensor")
+            dt, shape, start = lay[tensor]
+        else:
+            dt, shape, start = where
+        dtype = getattr(torch, _TORCH_DTYPES[dt])
+        return torch.frombuffer(buf, dtype=dtype, count=math.prod(shape), offset=start).reshape(shape)
 
     def load(self, j: int) -> LatentFile:
         """Item ``j`` as a :class:`LatentFile` (its bytes checked against the index, see the module docstring)."""
@@ -343,6 +415,7 @@ def _write_shard(store: Path, k: int, chunk: list[_Todo], label_columns: list[st
     """Write shard ``k`` under a temporary name, flush it and rename it; then its index. Returns its entry."""
     tar_name, index_name = _shard_names(k)
     offsets = []
+    layouts: list[dict[str, tuple[str, list[int], int]]] = []
     tmp = temporary_path(store / tar_name)
     try:
         with open(tmp, "wb") as fh:
@@ -351,6 +424,7 @@ def _write_shard(store: Path, k: int, chunk: list[_Todo], label_columns: list[st
                     data = t.path.read_bytes()
                     if _sha256(data) != t.sha256:
                         raise StoreError(f"{t.path}: changed while being packed; run pack again")
+                    layouts.append(_tensor_layout(data))
                     tf.addfile(_tarinfo(t.name + SUFFIX, len(data)), io.BytesIO(data))
                     offsets.append(tf.offset - -(-len(data) // _BLOCK) * _BLOCK)  # data start: before its padding
             fh.flush()
@@ -360,7 +434,11 @@ def _write_shard(store: Path, k: int, chunk: list[_Todo], label_columns: list[st
     finally:
         tmp.unlink(missing_ok=True)
     index = {"names": [t.name for t in chunk], "offsets": offsets, "sizes": [t.size for t in chunk],
-             "sha256": [t.sha256 for t in chunk], "labels": {c: [t.labels[c] for t in chunk] for c in label_columns}}
+             "sha256": [t.sha256 for t in chunk], "labels": {c: [t.labels[c] for t in chunk] for c in label_columns},
+             "tensors": {name: {"dtype": [lay[name][0] if name in lay else None for lay in layouts],
+                                "shape": [lay[name][1] if name in lay else None for lay in layouts],
+                                "start": [lay[name][2] if name in lay else None for lay in layouts]}
+                         for name in TENSOR_NAMES}}
     data = _write_json(store / index_name, index)
     return {"tar": tar_name, "index": index_name, "count": len(chunk), "bytes": size, "sha256": digest,
             "index_sha256": _sha256(data)}
