@@ -1,7 +1,8 @@
 """Classical codecs a latent has to beat on bytes: ``xz -9e`` of the source file and JPEG 2000 of its pixels.
 
 * :func:`xz_bytes` — Python's ``lzma`` at preset ``9 | PRESET_EXTREME`` (what ``xz -9e`` does) of the file(s) as
-  they are on disk (gzip ones unpacked): the lossless size anyone gets without knowing the format.
+  they are on disk (gzip ones unpacked): the lossless size anyone gets without knowing the format (from
+  :mod:`medlatent.lossless`, re-exported here).
 * :func:`j2k_lossless` / :func:`j2k_at_bytes` — JPEG 2000 codestreams (``.j2k``, no JP2 wrapper) through the
   openjpeg library that medlatent already uses to read compressed DICOM (``pylibjpeg-openjpeg``, the
   ``formats`` extra): lossless (reversible 5/3 wavelet), and lossy (9/7 wavelet) at the largest size that fits
@@ -16,18 +17,14 @@ JPEG 2000 row (:class:`CodecUnavailable` says why).
 
 from __future__ import annotations
 
-import gzip
-import lzma
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from medlatent.evaluation.storage import stored_dtype
+from medlatent.lossless import XZ_PRESET, xz_bytes  # noqa: F401 - re-exported: the classical codecs in one place
 
-XZ_PRESET = 9 | lzma.PRESET_EXTREME
 #: compression ratios searched for a byte budget (1: almost lossless; the top reaches ~100 bytes per megapixel)
 RATIO_RANGE = (1.0, 1e5)
 #: the smallest plane side openjpeg's fixed 6 resolutions (5 wavelet levels) can code
@@ -36,18 +33,6 @@ MIN_SIDE = 32
 
 class CodecUnavailable(ValueError):
     """The codec cannot code this image (library missing, non-integer pixels); the message says which."""
-
-
-def xz_bytes(paths: Sequence[str | Path]) -> int:
-    """Bytes of ``xz -9e`` (``lzma`` preset ``9 | PRESET_EXTREME``, .xz container) of each file, summed. A gzip
-    file (``.nii.gz``) is unpacked first: xz of gzip output would only measure gzip."""
-    total = 0
-    for p in paths:
-        data = Path(p).read_bytes()
-        if data[:2] == b"\x1f\x8b":
-            data = gzip.decompress(data)
-        total += len(lzma.compress(data, preset=XZ_PRESET))
-    return total
 
 
 def _openjpeg():

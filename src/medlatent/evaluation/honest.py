@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medlatent.evaluation.baselines import CUBIC_SPLINE, per_axis_factor
+from medlatent.interpolation import EQUAL_VALUES_MODE, equal_values_factor
 from medlatent.metrics import ms_ssim, psnr
 
 if TYPE_CHECKING:
@@ -37,22 +37,10 @@ if TYPE_CHECKING:
     from medlatent.model.autoencoder import MedVAE
 
 #: interpolation of the baselines per dimensionality
-INTERP = {2: "bicubic", 3: CUBIC_SPLINE}
+INTERP = EQUAL_VALUES_MODE
 #: method keys of a row, in table order, with what a reader sees
 METHODS = {"model": "model (latent file)", "interp_same_f": "interpolation, same f",
            "interp_equal_values": "interpolation, equal values", "j2k_at_latent_bytes": "JPEG 2000 at latent bytes"}
-
-
-def equal_values_factor(f: float, C: int, spatial_dims: int) -> tuple[float, float] | None:  # noqa: N803
-    """``(f / C, per-axis factor)`` of the interpolation that keeps as many values as a ``C``-channel latent at
-    downsizing factor ``f`` (``s / C^(1/d)`` per axis for ``f = s^d``); ``None`` when ``f ≤ C`` (the latent
-    keeps as many values as the image or more, and no interpolation matches it)."""
-    if C < 1 or f <= 0:
-        raise ValueError(f"need C ≥ 1 and f > 0, got C={C}, f={f}")
-    g = f / C
-    if g <= 1:
-        return None
-    return g, per_axis_factor(g, spatial_dims)
 
 
 def _quality(truth: np.ndarray, other: np.ndarray, spatial_dims: int) -> dict[str, float]:

@@ -65,9 +65,9 @@ from medlatent.evaluation.baselines import (
     interpolation_methods,
     model_method,
     per_axis_factor,
-    resized_shape,
     slicewise_method,
 )
+from medlatent.interpolation import stored_values
 from medlatent.metrics import ms_ssim, psnr
 
 if TYPE_CHECKING:
@@ -550,13 +550,8 @@ def interpolation_spec(d: int, f: float, mode: str, in_channels: int, note: str)
     """Interpolation ``mode`` at any downsizing factor ``f`` of ``d``-D inputs with ``in_channels``, as a method
     whose values stored are those of the shrunk image (sizes rounded per axis for non-integer factors)."""
     fn, multiple = interpolation_at(d, f, mode)
-    r = per_axis_factor(f, d)
-    if multiple > 1:
-        stored = _shrunk_count(multiple)
-    else:
-        def stored(shape: tuple[int, ...]) -> int:
-            return shape[1] * math.prod(resized_shape(tuple(shape[2:]), r))
-    return MethodSpec(fn, f, None, note, multiple=multiple, in_channels=in_channels, stored=stored)
+    return MethodSpec(fn, f, None, note, multiple=multiple, in_channels=in_channels,
+                      stored=lambda shape: stored_values(shape, f, d))
 
 
 def build_methods(model: "MedVAE | Sequence[MedVAE]", options: ReconOptions,
