@@ -188,7 +188,7 @@ class CADConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["seeds"] = list(self.seeds)
-        d["size"] = self.size if isinstance(self.size, int) else list(self.size)
+        d["size"] = self.size if self.size is None or isinstance(self.size, int) else list(self.size)
         return d
 
 

@@ -102,7 +102,7 @@ def _naturals(folders: Optional[list[Path]], device: str) -> dict[str, object]:
 
 
 def register(app: typer.Typer) -> None:
-    """Add the ``cad``, ``finefeature`` and ``efficiency`` commands to ``app``."""
+    """Add the ``cad``, ``cad-latents``, ``finefeature`` and ``efficiency`` commands to ``app``."""
 
     @app.command("cad")
     def cad(
@@ -163,6 +163,46 @@ def register(app: typer.Typer) -> None:
             methods = default_methods(models or None, kinds=kinds, interp=interp, latent_channels=latent_channels,
                                       stitched=two_d, natural=naturals)
             result = run_cad(csv_path, methods, config=config, cache_dir=cache or output / "cache", task=task)
+        except (CADDataError, ValueError, ImportError) as e:
+            fail(str(e))
+        paths = write_cad_table(result, output)
+        typer.echo(paths["markdown"].read_text(encoding="utf-8"))
+        _warn(result)
+        typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+    @app.command("cad-latents")
+    def cad_latents(
+        latents: list[Path] = typer.Argument(..., help="A latent store and/or folders of latent files."),
+        output: Path = typer.Option(..., "--output", "-o", help="Folder for cad.md / cad.csv / cad.json."),
+        labels: Optional[Path] = typer.Option(None, "--labels", help="CSV with a name (or path) column and label, "
+                                                                     "split[, patient] (default: the store's)."),
+        classifier: Optional[str] = CLASSIFIER_OPT,
+        epochs: int = EPOCHS_OPT,
+        batch_size: Optional[int] = CAD_BATCH_OPT,
+        lr: float = LR_OPT,
+        weight_decay: float = WD_OPT,
+        seeds: str = SEEDS_OPT,
+        select: str = SELECT_OPT,
+        balanced: Optional[bool] = BALANCED_OPT,
+        device: str = DEVICE_OPT,
+        tensor: str = typer.Option("z", "--tensor", help="z, or stage2 (2D latents encoded with stage-2 features)."),
+        latent_channels: str = LATENT_CHANNELS_OPT,
+        task: Optional[str] = typer.Option(None, "--task", help="Task name in the table."),
+    ) -> None:
+        """Train a classifier on latents already encoded (a store from encode --store or pack, or latent files);
+        report test AUROC. Labels: label, split and optionally patient per latent.
+
+        Example: medlatent cad-latents latents.store -o cad-out --seeds 0,1,2
+        """
+        from medlatent.evaluation.cad import CADConfig, CADDataError, write_cad_table
+        from medlatent.evaluation.cad_latents import run_cad_latents
+
+        try:
+            config = CADConfig(classifier=classifier, epochs=epochs, batch_size=batch_size, lr=lr,
+                               weight_decay=weight_decay, seeds=_seeds(seeds), balanced=balanced, select=select,
+                               device=device)
+            result = run_cad_latents(latents, labels, config=config, task=task, tensor=tensor,
+                                     latent_channels=latent_channels)
         except (CADDataError, ValueError, ImportError) as e:
             fail(str(e))
         paths = write_cad_table(result, output)
