@@ -258,7 +258,7 @@ def test_given_model_wins_over_the_defaults(tmp_path, model_dirs):
     src = _mixed_folder(tmp_path)
     out = tmp_path / "out"
     res, text = run_cli("encode", src, "-o", out, "--model", model_dirs[3])
-    assert res.exit_code == 1 and "model tiny_3d" in text and "default" not in text.split("done:")[0], text
+    assert res.exit_code == 1 and "model tiny_3d" in text and "(default for" not in text.split("done:")[0], text
     rows = _manifest(out)
     assert rows["vol"]["status"] == "ok"
     assert rows["ct"]["status"] == "failed" and "2D image" in rows["ct"]["reason"]  # the 3D model's own refusal
