@@ -444,8 +444,13 @@ def roundtrip(
     max_memory: Optional[float] = MEMORY_OPT,
     tile_batch: int = TILE_BATCH_OPT,
     norm: str = NORM_OPT,
+    baselines: bool = typer.Option(
+        True, "--baselines/--no-baselines",
+        help="Measure interpolation at the latent's number of values (bicubic 2D, cubic-spline 3D) and xz -9e of "
+             "the source next to the model; --no-baselines skips both (xz -9e of a large file takes seconds)."),
 ) -> None:
-    """Encode and decode: writes the latent, the reconstruction, a comparison PNG and PSNR / MS-SSIM per file."""
+    """Encode and decode: writes the latent, the reconstruction, a comparison PNG and PSNR / MS-SSIM per file,
+    against interpolation at the latent's number of stored values and xz -9e of the source."""
     from medlatent.runs import roundtrip_files
 
     part = _shard(shard)
@@ -454,13 +459,35 @@ def roundtrip(
     backend, precision = _backend(console, backend, precision)
     result = _run(console, roundtrip_files, inputs, output, model=model, checkpoint=checkpoint, device=device,
                   modality=modality, precision=precision, uneven=uneven, resume=resume, prefetch=prefetch,
-                  batch=batch, compile=compile_model, shard=part, tiles=tiles, backend=backend)
+                  batch=batch, compile=compile_model, shard=part, tiles=tiles, backend=backend, baselines=baselines)
     for r in result.rows:
-        console.print(f"  {r['item']}: PSNR {r['psnr']:.2f} dB, MS-SSIM {r['ms_ssim']:.4f}, "
-                      f"{r['pixels']} pixels → {r['latent_values']} latent values, "
-                      f"file {r['source_file_bytes']} B → latent file {r['latent_file_bytes']} B "
-                      f"(÷{r['storage_ratio']:.1f})", highlight=False)
+        console.print(f"  {_roundtrip_line(r)}", highlight=False, markup=False)
     _finish(console, result)
+
+
+def _bytes(n: int) -> str:
+    """A byte count to read at a glance: ``812 B``, ``33.1 kB``, ``4.52 MB`` (powers of 1000)."""
+    for unit, size in (("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
+
+
+def _roundtrip_line(r: dict) -> str:
+    """One roundtrip row: the model's PSNR / MS-SSIM with interpolation's at equal values in brackets, values
+    and bytes stored, xz -9e of the source, and whether the model was trained on the image."""
+    if "interp_psnr" in r:
+        what = r["interp"].split(" ")[0] + (" at equal values" if r["interp_equal_values"] else " at the same f")
+        quality = (f"PSNR {r['psnr']:.2f} dB ({what} {r['interp_psnr']:.2f}), "
+                   f"MS-SSIM {r['ms_ssim']:.4f} ({r['interp_ms_ssim']:.4f})")
+    else:
+        quality = f"PSNR {r['psnr']:.2f} dB, MS-SSIM {r['ms_ssim']:.4f}"
+    file, latent = _bytes(r["source_file_bytes"]), _bytes(r["latent_file_bytes"])
+    sizes = f"file {file} → latent {latent} (÷{r['storage_ratio']:.1f}"
+    if "source_xz_bytes" in r:
+        sizes += f"; xz -9e {_bytes(r['source_xz_bytes'])}, ÷{r['xz_storage_ratio']:.1f}"
+    mark = " [training image]" if r.get("in_training_set") else ""
+    return f"{r['item']}: {quality}, {r['pixels']} px → {r['latent_values']} values, {sizes}){mark}"
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})

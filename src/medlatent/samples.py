@@ -9,11 +9,15 @@ about 950×525) while the README's main job stays within minutes on a 2-core CPU
 stays DICOM, with its modality and rescale).
 
 Every source that is not written is reported with the reason (:attr:`Gathered.skipped`, and ``manifest.jsonl``
-in the output folder), never dropped silently.
+in the output folder), never dropped silently. Each written sample's line in ``manifest.jsonl`` names its source:
+the pip distribution (``package``), the file's path inside site-packages (``origin``) and the SHA-256 of the source
+file (``sha256``) and of the sample as written (``file_sha256``), so that ``medlatent roundtrip`` can tell which
+samples a model was trained on (:func:`recorded_source`, :mod:`medlatent.provenance`).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -35,11 +39,23 @@ MAX_SIZE_3D = 128  # default size of a volume, voxels per axis
 
 
 @dataclass
+class Source:
+    """Where a sample comes from: the pip distribution that ships it, the file's path inside site-packages
+    (``data_store/data/RG1_UNCR.dcm``; the full path when it is in no ``sys.path`` folder) and its SHA-256."""
+
+    package: str
+    origin: str
+    sha256: str
+
+
+@dataclass
 class Sample:
     name: str
     path: Path
     dims: int
     note: str
+    source: Source | None = None
+    file_sha256: str = ""
 
 
 @dataclass
@@ -205,8 +221,69 @@ def _sources() -> list[tuple[str, int, Callable[[], Path]]]:
     ]
 
 
+def _site_root(path: Path) -> Path | None:
+    """The ``sys.path`` folder (site-packages) that holds ``path``: the deepest one, so that a package folder on
+    the path does not hide the site-packages above it."""
+    import sys
+
+    roots = [Path(p).resolve() for p in sys.path if p and Path(p).is_dir()]
+    holding = [r for r in roots if path.is_relative_to(r) and path != r]
+    return max(holding, key=lambda r: len(r.parts)) if holding else None
+
+
+@functools.cache
+def _distributions() -> dict[str, list[str]]:
+    """Top-level import name → the distributions that install it (one scan of the installed packages)."""
+    return dict(importlib.metadata.packages_distributions())
+
+
+def source_of(path: Path) -> Source:
+    """The distribution, site-packages path and SHA-256 of a source file."""
+    from medlatent.checkpoints import sha256_file
+
+    path = path.resolve()
+    root = _site_root(path)
+    origin = path.relative_to(root).as_posix() if root else str(path)
+    top = origin.split("/", 1)[0] if root else ""
+    dists = _distributions().get(top, []) if top else []
+    return Source(dists[0] if dists else (top or "unknown"), origin, sha256_file(path))
+
+
+def recorded_source(path: Path) -> Source | None:
+    """The source a ``medlatent samples`` manifest records for the sample file ``path``: found in the
+    ``manifest.jsonl`` of the nearest folder above it that names it; ``None`` when no manifest does, or when the
+    file is no longer the one written (its SHA-256 differs from the recorded one)."""
+    from medlatent.checkpoints import sha256_file
+
+    path = path.resolve()
+    for folder in path.parents:
+        manifest = folder / MANIFEST
+        if not manifest.is_file():
+            continue
+        name = path.relative_to(folder).as_posix()
+        try:
+            lines = manifest.read_text().splitlines()
+        except (OSError, UnicodeDecodeError):
+            continue
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(rec, dict) or rec.get("item") != name or rec.get("status") != "ok":
+                continue
+            if not all(isinstance(rec.get(k), str) for k in ("package", "origin", "sha256", "file_sha256")):
+                continue  # a run's own manifest, or one written before sources were recorded
+            if rec["file_sha256"] != sha256_file(path):
+                return None
+            return Source(rec["package"], rec["origin"], rec["sha256"])
+    return None
+
+
 def _write_manifest(out_dir: Path, result: Gathered) -> None:
-    lines = [{"item": s.name, "status": "ok", "dims": s.dims, "source": s.note} for s in result.written]
+    lines = [{"item": s.name, "status": "ok", "dims": s.dims, "source": s.note,
+              **({"package": s.source.package, "origin": s.source.origin, "sha256": s.source.sha256,
+                  "file_sha256": s.file_sha256} if s.source else {})} for s in result.written]
     lines += [{"item": s.name, "status": "failed" if s.failed else "skipped", "reason": s.reason}
               for s in result.skipped]
     with atomic_write(out_dir / MANIFEST) as tmp:
@@ -235,7 +312,10 @@ def gather(out_dir: str | Path, max_size_2d: int = MAX_SIZE_2D, max_size_3d: int
         except Exception as e:  # pydicom and nibabel raise many types for a damaged or unsupported file
             result.skipped.append(Skipped(name, f"cannot copy {src}: {type(e).__name__}: {e}", failed=True))
             continue
-        result.written.append(Sample(name, out_dir / name, dims, note))
+        from medlatent.checkpoints import sha256_file
+
+        result.written.append(Sample(name, out_dir / name, dims, note, source_of(src),
+                                     sha256_file(out_dir / name)))
     for s in result.skipped:
         logger.info("sample %s skipped: %s", s.name, s.reason)
     if result.written:
