@@ -5,12 +5,14 @@ into a store, then reads both ways:
 
 - ``bytes``: one process reads every item's bytes (files: open/read/close; store: one ``pread`` + SHA-256
   per item; store stream: each shard front to back with ``tarfile``, as from object storage);
-- ``epoch``: a ``DataLoader`` over :class:`~medlatent.data.LatentDataset` (shuffled, ``--workers`` workers,
-  ``--batch-size``), each run in a fresh process whose peak RSS (its own and its workers') is reported.
+- ``epoch``: a ``DataLoader`` (shuffled, ``--workers`` workers, ``--batch-size``), each run in a fresh process
+  whose peak RSS (its own and its workers') is reported, over: :class:`~medlatent.data.LatentDataset` of the files
+  and of the store (items with ``meta``); the store with ``meta=False`` (z + label, one read + view per item); and
+  :class:`~medlatent.data.LatentStream` (whole batches per worker, read window by window).
 
 Example (the numbers in bench/RESULTS.md)::
 
-    python bench/bench_latent_store.py --count 20000 --out bench/results/latent_store_20000.json
+    python bench/bench_latent_store.py --count 40000 --out bench/results/latent_store_stream_40000.json
 """
 
 from __future__ import annotations
@@ -84,30 +86,36 @@ def bytes_stream(store: Path) -> float:
     return n / (time.perf_counter() - t)
 
 
-def epoch(root: str, workers: int, batch_size: int) -> dict:
+MODES = ("dataset", "nometa", "stream")
+
+
+def epoch(root: str, workers: int, batch_size: int, mode: str = "dataset") -> dict:
     """One shuffled epoch through a DataLoader; run in its own process (``--epoch``) for a clean peak RSS."""
     from torch.utils.data import DataLoader
 
-    from medlatent.data import LatentDataset
+    from medlatent.data import LatentDataset, LatentStream
 
     t0 = time.perf_counter()
-    ds = LatentDataset(root)
+    ds = LatentStream(root, batch_size, seed=0) if mode == "stream" else LatentDataset(root, meta=mode != "nometa")
     t1 = time.perf_counter()
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
-                        generator=torch.Generator().manual_seed(0), persistent_workers=False)
+    if mode == "stream":  # the stream batches (and shuffles) itself
+        loader = DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False)
+    else:
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
+                            generator=torch.Generator().manual_seed(0), persistent_workers=False)
     n = 0
     for b in loader:
         n += b["z"].shape[0]
     t2 = time.perf_counter()
-    assert n == len(ds)
+    assert n == (len(ds.store) if mode == "stream" else len(ds))
     return {"items": n, "index_s": t1 - t0, "epoch_s": t2 - t1, "items_per_s": n / (t2 - t1),
             "peak_rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
-def run_epoch(root: Path, args) -> dict:
+def run_epoch(root: Path, args, mode: str = "dataset") -> dict:
     cmd = [sys.executable, __file__, "--epoch", str(root), "--workers", str(args.workers),
-           "--batch-size", str(args.batch_size)]
+           "--batch-size", str(args.batch_size), "--mode", mode]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -123,9 +131,10 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="where to create the data (default: a temp folder)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the results")
     ap.add_argument("--epoch", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="dataset", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.epoch:
-        print(json.dumps(epoch(args.epoch, args.workers, args.batch_size)))
+        print(json.dumps(epoch(args.epoch, args.workers, args.batch_size, args.mode)))
         return
 
     from medlatent.data.store import pack, unpack
@@ -154,14 +163,24 @@ def main() -> None:
                                 ("read_bytes_store_stream", bytes_stream, "store")):
             res[name] = max(fn(work / where) for _ in range(args.repeats))
             print(f"{name}: {res[name]:,.0f} items/s", flush=True)
-        for name in ("files", "store"):
-            runs = [run_epoch(work / name, args) for _ in range(args.repeats)]
-            res[f"epoch_{name}"] = best = max(runs, key=lambda r: r["items_per_s"])
+        layouts = (("files", "files", "dataset"), ("store", "store", "dataset"), ("store_nometa", "store", "nometa"),
+                   ("store_stream", "store", "stream"))
+        # the layouts take turns in each round, so a change of the background load hits them alike
+        runs: dict[str, list[dict]] = {name: [] for name, _, _ in layouts}
+        for _ in range(args.repeats):
+            for name, where, mode in layouts:
+                runs[name].append(run_epoch(work / where, args, mode))
+        for name, _, _ in layouts:
+            res[f"epoch_{name}"] = best = max(runs[name], key=lambda r: r["items_per_s"])
             print(f"epoch_{name}: {best['items_per_s']:,.0f} items/s (index {best['index_s']:.1f} s, peak RSS main "
                   f"{best['peak_rss_main_mb']:.0f} MB, worker {best['peak_rss_worker_mb']:.0f} MB)", flush=True)
-        res["ratio_epoch"] = res["epoch_store"]["items_per_s"] / res["epoch_files"]["items_per_s"]
+        files = res["epoch_files"]["items_per_s"]
+        for name, _, _ in layouts[1:]:
+            res[f"ratio_epoch_{name}"] = res[f"epoch_{name}"]["items_per_s"] / files
+        res["ratio_epoch"] = res["ratio_epoch_store"]
         res["ratio_bytes"] = res["read_bytes_store"] / res["read_bytes_files"]
-        print(f"store / files: epoch {res['ratio_epoch']:.1f}×, bytes {res['ratio_bytes']:.1f}×")
+        print(f"store / files: epoch {res['ratio_epoch']:.1f}× (meta=False {res['ratio_epoch_store_nometa']:.1f}×, "
+              f"stream {res['ratio_epoch_store_stream']:.1f}×), bytes {res['ratio_bytes']:.1f}×")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.out:
