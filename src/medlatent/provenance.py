@@ -52,13 +52,13 @@ def read_training_data(model_dir: str | Path) -> TrainingData | None:
     if not isinstance(entries, list):
         raise TrainingDataError(f"{path}: expected a JSON list of training files, got {type(entries).__name__}")
     files: dict[str, str] = {}
-    for i, e in enumerate(entries):
-        ok = (isinstance(e, dict) and all(isinstance(e.get(k), str) for k in ("package", "origin", "sha256"))
-              and _SHA256.fullmatch(e["sha256"].lower()))
+    for i, entry in enumerate(entries):
+        ok = (isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("package", "origin", "sha256"))
+              and _SHA256.fullmatch(entry["sha256"].lower()))
         if not ok:
             raise TrainingDataError(f"{path}: entry {i} is not {{\"package\": str, \"origin\": str, "
-                                    f"\"sha256\": 64 hex digits}}: {json.dumps(e)[:120]}")
-        files[e["sha256"].lower()] = f"{e['package']}:{e['origin']}"
+                                    f"\"sha256\": 64 hex digits}}: {json.dumps(entry)[:120]}")
+        files[entry["sha256"].lower()] = f"{entry['package']}:{entry['origin']}"
     return TrainingData(path, files)
 
 
