@@ -322,6 +322,19 @@ def gather(out: Path) -> Path:
     return out / "manifest.csv"
 
 
+def training_data(splits: tuple[str, ...] = ("train",), dims: tuple[int, ...] = (2, 3)) -> list[dict]:
+    """``[{"package", "origin", "sha256"}]`` of the source files in ``splits`` (the bundled models'
+    ``training_data.json``, by which ``roundtrip`` marks inputs a model was trained on). ``sha256`` is of the file
+    as the package installs it."""
+    sp = site_packages()
+    rows = []
+    for f in json.loads(SPLIT_FILE.read_text())["files"]:
+        if f["split"] in splits and f["dims"] in dims:
+            rows.append({"package": f["package"], "origin": f["origin"],
+                         "sha256": hashlib.sha256((sp / f["origin"]).read_bytes()).hexdigest()})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -330,7 +343,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--force", action="store_true", help="rewrite the split file (only before any training)")
     g = sub.add_parser("gather")
     g.add_argument("--out", type=Path, default=Path("data/default_model"))
+    t = sub.add_parser("training-data", help="write a bundled model's training_data.json (its training files)")
+    t.add_argument("out", type=Path)
+    t.add_argument("--dims", type=int, nargs="+", default=[2, 3], help="only sources of these dimensionalities")
     args = ap.parse_args(argv)
+    if args.cmd == "training-data":
+        rows = training_data(dims=tuple(args.dims))
+        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"{args.out}: {len(rows)} training files")
+        return 0
     scratch = Path("data/_inventory")
     if args.cmd == "inventory":
         kept, skipped = inventory(scratch)

@@ -134,19 +134,37 @@ for _info in (
     register_model(_info)
 
 
-# medlatent's own default: a narrow f=16, C=4 member trained on public images (see its MODEL_CARD.md).
-DEFAULT_MODEL = "medlatent_small_4_4_2d"
+# medlatent's own bundled members, trained on public images from pip packages (see each MODEL_CARD.md).
+# The 2D default: f=16, C=1 (one stored value per 4×4 block, as many as bicubic interpolation at f=16), fully
+# convolutional (no mid-block attention), so whole images and tiles agree and the cost grows linearly with size.
+DEFAULT_MODEL = "medlatent_small_4_1_2d"
+_SMALL = dict(in_channels=1, out_channels=1, ch=32, ch_mult=_F4, num_res_blocks=1, stage2_head=False, norm_groups=8)
 register_model(ModelInfo(
     name=DEFAULT_MODEL,
-    config=MedVAEConfig(spatial_dims=2, in_channels=1, out_channels=1, ch=32, ch_mult=_F4, num_res_blocks=1,
-                        z_channels=4, embed_dim=4, stage2_head=False, norm_groups=8),
+    config=MedVAEConfig(spatial_dims=2, z_channels=1, embed_dim=1, mid_attention=False, **_SMALL),
+    hub_config="", hub_checkpoint="", modalities=_2D_MODALITIES, bundled=True, repo_id="",
+    description="2D, f=16 (H/4×W/4), C=1, 2.6 M parameters; bundled 2D default (public images, see its card)",
+))
+# The earlier default: f=16 with C=4 (4× the values of bicubic at f=16; it loses to bicubic at equal values).
+register_model(ModelInfo(
+    name="medlatent_small_4_4_2d",
+    config=MedVAEConfig(spatial_dims=2, z_channels=4, embed_dim=4, **_SMALL),
     hub_config="", hub_checkpoint="", modalities=_2D_MODALITIES, bundled=True, repo_id="", max_tile=256,
-    description="2D, f=16 (H/4×W/4), C=4, 2.7 M parameters; bundled default trained by medlatent on public images",
+    description="2D, f=16 (H/4×W/4), C=4, 2.7 M parameters; the earlier bundled default (public images)",
 ))
 
-# The model a run uses when none is given, by the input's dimensionality (2D images, 3D volumes). 3D has no
-# bundled default yet: such inputs need an explicit model.
-DEFAULT_MODELS: dict[int, str | None] = {2: DEFAULT_MODEL, 3: None}
+# The 3D default: f=64, C=1 (÷4 per axis), the 2D default inflated to 3D with its linear path re-fitted on 3D
+# patches; fp16 weights (15 MB).
+DEFAULT_3D_MODEL = "medlatent_small_4_1_3d"
+register_model(ModelInfo(
+    name=DEFAULT_3D_MODEL,
+    config=MedVAEConfig(spatial_dims=3, z_channels=1, embed_dim=1, mid_attention=False, **_SMALL),
+    hub_config="", hub_checkpoint="", modalities=("mri",), bundled=True, repo_id="",
+    description="3D, f=64 (÷4 per axis), C=1, 7.6 M parameters; bundled 3D default (public volumes, see its card)",
+))
+
+# The model a run uses when none is given, by the input's dimensionality (2D images, 3D volumes).
+DEFAULT_MODELS: dict[int, str | None] = {2: DEFAULT_MODEL, 3: DEFAULT_3D_MODEL}
 
 
 def default_model(spatial_dims: int) -> str | None:
