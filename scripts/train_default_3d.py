@@ -4,8 +4,11 @@ its 3D members: inflate the 2D model to 3D, then train on random 3D patches with
     python scripts/default_model_data.py gather --out data/default_model     # the 2D default's files (once)
     python scripts/train_default_3d.py split         # writes scripts/default_model_split_3d.json (once)
     python scripts/train_default_3d.py manifest      # data/default_model/manifest_3d.csv (+ test_manifest_3d.csv)
-    python scripts/train_default_3d.py train --from src/medlatent/weights/medlatent_small_4_1_2d
-    python scripts/train_default_3d.py test  --model runs/medlatent_small_4_1_3d/final   # ONCE, at the end
+    python scripts/train_default_3d.py codec --from scripts/default_model_resume/medlatent_small_4_1_2d \
+        --patches 12 --sweeps 5      # what the shipped weights are: inflated, linear path re-fitted on 3D patches
+    python scripts/train_default_3d.py train --from src/medlatent/weights/medlatent_small_4_1_2d   # the paper's
+        # stage 2 (gradient training on 3D patches; not used for the shipped weights, see the model card)
+    python scripts/evaluate_default_model.py data/default_model/test_manifest_3d.csv --model DIR -o OUT   # ONCE
 
 Which volumes (rule fixed before any 3D training, from the 2D split of ``scripts/default_model_split.json``):
 the 2D default was trained on slices of every volume of its training split, so those volumes train the 3D model

@@ -1,4 +1,5 @@
-"""Reproduce medlatent's shipped default model `medlatent_small_4_4_2d` (2D, f=16, C=4).
+"""Reproduce medlatent's bundled 2D models: `medlatent_small_4_4_2d` (2D, f=16, C=4; the earlier default) and the
+2D default `medlatent_small_4_1_2d` (2D, f=16, C=1; `c1-*` commands and `ship-pack`, below).
 
     python scripts/train_default_model.py gather   --out data/default      # real public images, offline
     python scripts/train_default_model.py train    --data data/default --run runs/medlatent_small_4_4_2d
