@@ -172,13 +172,21 @@ def _manifest(out: Path) -> dict[str, dict]:
 
 
 def test_default_models_by_dimensionality():
-    from medlatent.registry import DEFAULT_MODEL, DEFAULT_MODELS, default_model
+    from medlatent.registry import DEFAULT_3D_MODEL, DEFAULT_MODEL, DEFAULT_MODELS, default_model
 
     assert default_model(2) == DEFAULT_MODEL == DEFAULT_MODELS[2]
-    assert default_model(3) is None and default_model(4) is None
+    assert default_model(3) == DEFAULT_3D_MODEL == DEFAULT_MODELS[3] and default_model(4) is None
 
 
-def test_encode_without_model_uses_the_2d_default_and_fails_3d_inputs_by_name(tmp_path):
+@pytest.fixture
+def no_3d_default(monkeypatch):
+    """A registry without a 3D default (as before one was bundled; also what a trimmed install looks like)."""
+    from medlatent import registry
+
+    monkeypatch.setitem(registry.DEFAULT_MODELS, 3, None)
+
+
+def test_encode_without_model_uses_the_2d_default_and_fails_3d_inputs_by_name(tmp_path, no_3d_default):
     from medlatent.latentfile import read_latent_header
     from medlatent.registry import DEFAULT_MODEL
 
@@ -195,7 +203,7 @@ def test_encode_without_model_uses_the_2d_default_and_fails_3d_inputs_by_name(tm
     assert sorted(p.name for p in out.iterdir()) == ["ct.latent.safetensors", "manifest.jsonl"]
 
 
-def test_only_3d_inputs_load_no_model_at_all(tmp_path, monkeypatch):
+def test_only_3d_inputs_load_no_model_at_all(tmp_path, monkeypatch, no_3d_default):
     import medlatent.runs.models as models
 
     loads = []

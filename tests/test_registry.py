@@ -17,11 +17,15 @@ EXPECTED = {  # name: (spatial_dims, per-axis reduction, C, image channels, f)
 
 
 def test_registry_holds_the_official_family_and_the_bundled_default():
-    from medlatent.registry import DEFAULT_MODEL
+    from medlatent.registry import DEFAULT_3D_MODEL, DEFAULT_MODEL
 
-    assert list_models() == sorted([*EXPECTED, DEFAULT_MODEL])
+    bundled = [DEFAULT_MODEL, DEFAULT_3D_MODEL, "medlatent_small_4_4_2d"]
+    assert list_models() == sorted([*EXPECTED, *bundled])
+    assert all(get_model_info(n).bundled for n in bundled) and not any(get_model_info(n).bundled for n in EXPECTED)
     info = get_model_info(DEFAULT_MODEL)
-    assert info.bundled and (info.f, info.C, info.spatial_dims) == (16, 4, 2)
+    assert (info.f, info.C, info.spatial_dims) == (16, 1, 2)
+    info = get_model_info(DEFAULT_3D_MODEL)
+    assert (info.f, info.C, info.spatial_dims) == (64, 1, 3)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

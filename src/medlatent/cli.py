@@ -178,13 +178,17 @@ class _Progress:
     """Shows a run (a ``medlatent.runs.RunListener``): models as they load, a rich progress bar over the items,
     failures as they happen, above the bar."""
 
-    def __init__(self, console) -> None:
+    def __init__(self, console, after_load: str | None = None) -> None:
         self.console = console
         self.progress = None
+        self.after_load = after_load  # shown once, with the first model (a run that loads none says nothing more)
 
     def model_loaded(self, name: str, note: str) -> None:
         self.console.print(f"model {name}" + ("" if note == "given" else f" ({note})"), highlight=False,
                            markup=False)
+        if self.after_load:
+            self.console.print(self.after_load, highlight=False, markup=False)
+            self.after_load = None
 
     def started(self, label: str, total: int) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -207,13 +211,13 @@ class _Progress:
             self.progress.stop()
 
 
-def _run(console, run, *args, **kw):
+def _run(console, run, *args, after_load: str | None = None, **kw):
     """A library run (``medlatent.runs``) shown on ``console``; what it cannot do ends the command in one line,
-    after the inputs it found nothing in are listed."""
+    after the inputs it found nothing in are listed. ``after_load``: a line shown once a model has loaded."""
     from medlatent.runs import NothingToDo, RunError
 
     try:
-        return run(*args, listener=_Progress(console), provide=PROVIDE_BY_OPTIONS, **kw)
+        return run(*args, listener=_Progress(console, after_load), provide=PROVIDE_BY_OPTIONS, **kw)
     except NothingToDo as e:
         _list_inputs(console, e.failed, e.ignored)
         _fail(str(e))
@@ -221,13 +225,13 @@ def _run(console, run, *args, **kw):
         _fail(str(e))
 
 
-def _backend(console, backend: Optional[str], precision: Optional[str]) -> tuple[str, str]:
-    """The backend and precision of a run, shown with why they were chosen."""
+def _backend(backend: Optional[str], precision: Optional[str]) -> tuple[str, str, str]:
+    """The backend and precision of a run, and the line saying why they were chosen (shown once a model has
+    loaded, so that a run that fails before, e.g. offline, still says one line)."""
     from medlatent.deploy import resolve
 
     backend, precision, why = resolve(backend, precision)
-    console.print(f"backend {backend} {precision} ({why})", highlight=False, markup=False)
-    return backend, precision
+    return backend, precision, f"backend {backend} {precision} ({why})"
 
 
 def _list_inputs(console, failures, ignored, limit: int = 10) -> None:
@@ -319,14 +323,14 @@ def encode(
     part = _shard(shard)
     tiles = _tiles(tile, overlap, max_memory, tile_batch, norm)  # options checked before any weights are fetched
     console = _console()
-    backend, precision = _backend(console, backend, precision)
+    backend, precision, backend_line = _backend(backend, precision)
     kw = dict(model=model, checkpoint=checkpoint, device=device, modality=modality, precision=precision,
               latent_dtype=latent_dtype, stage2=stage2, nifti=nifti, uneven=uneven, resume=resume, prefetch=prefetch,
               batch=batch, compile=compile_model, shard=part, tiles=tiles, backend=backend)
     if store is None:
-        _finish(console, _run(console, encode_files, inputs, output, **kw))
+        _finish(console, _run(console, encode_files, inputs, output, after_load=backend_line, **kw))
         return
-    result = _run(console, encode_to_store, inputs, store, shard_size=shard_size, **kw)
+    result = _run(console, encode_to_store, inputs, store, shard_size=shard_size, after_load=backend_line, **kw)
     held = f", {result.in_store} of them were in the store already" if result.in_store else ""
     console.print(f"store {store}: {result.packed} latent(s) added in {len(result.shards)} new shard(s){held}",
                   highlight=False, markup=False)
@@ -371,8 +375,9 @@ def decode(
     _check_dicom_options(dicom, template, keep_study)
     tiles = _tiles(tile, overlap, max_memory, tile_batch, norm)
     console = _console()
-    backend, precision = _backend(console, backend, precision)
-    result = _run(console, decode_files, latents, output, model=model, checkpoint=checkpoint, fmt=fmt,
+    backend, precision, backend_line = _backend(backend, precision)
+    result = _run(console, decode_files, latents, output, after_load=backend_line, model=model, checkpoint=checkpoint,
+                  fmt=fmt,
                   template=template, keep_study=keep_study, device=device, precision=precision,
                   ignore_weights=ignore_weights, resume=resume, tiles=tiles, compile=compile_model, backend=backend)
     _finish(console, result)
@@ -456,8 +461,9 @@ def roundtrip(
     part = _shard(shard)
     tiles = _tiles(tile, overlap, max_memory, tile_batch, norm)  # options checked before any weights are fetched
     console = _console()
-    backend, precision = _backend(console, backend, precision)
-    result = _run(console, roundtrip_files, inputs, output, model=model, checkpoint=checkpoint, device=device,
+    backend, precision, backend_line = _backend(backend, precision)
+    result = _run(console, roundtrip_files, inputs, output, after_load=backend_line, model=model, checkpoint=checkpoint,
+                  device=device,
                   modality=modality, precision=precision, uneven=uneven, resume=resume, prefetch=prefetch,
                   batch=batch, compile=compile_model, shard=part, tiles=tiles, backend=backend, baselines=baselines)
     for r in result.rows:

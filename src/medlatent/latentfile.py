@@ -78,10 +78,13 @@ class LatentFile:
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """The elements of ``t`` in C order as raw bytes, whatever its strides.
 
-    ``.contiguous()`` alone is not enough before ``.view(torch.uint8)``: a tensor with size-1 axes counts as
-    contiguous while its last stride may still differ from 1 (a 1×1 latent of a channels-last model).
+    ``.contiguous()`` and ``.reshape(-1)`` are not enough before ``.view(torch.uint8)``: a tensor with size-1 axes
+    counts as contiguous while its last stride may still differ from 1 (a 1×1 latent of a channels-last model),
+    and reshaping a one-element tensor keeps that stride; a copy into a fresh flat tensor has stride 1.
     """
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    flat = torch.empty(t.numel(), dtype=t.dtype)
+    flat.copy_(t.detach().cpu().reshape(-1))
+    return flat.view(torch.uint8).numpy().tobytes()
 
 
 def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:

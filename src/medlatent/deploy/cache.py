@@ -15,8 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-import torch
-
+from medlatent.latentfile import tensor_bytes
 from medlatent.model.autoencoder import MedVAE
 
 logger = logging.getLogger(__name__)
@@ -45,7 +44,7 @@ def weights_digest(model: MedVAE) -> str:
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(tensor_bytes(t))
     return h.hexdigest()
 
 

@@ -59,6 +59,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, Weighte
 
 from medlatent.evaluation.baselines import NaturalImageAutoencoder
 from medlatent.evaluation.classifiers import EVAL_EXTRA, PAPER_CLASSIFIER, build_classifier, check_classifier
+from medlatent.latentfile import tensor_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -476,7 +477,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode() + b"\0")
-        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        h.update(tensor_bytes(v))
     return h.hexdigest()
 
 

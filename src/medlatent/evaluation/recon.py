@@ -68,6 +68,7 @@ from medlatent.evaluation.baselines import (
     slicewise_method,
 )
 from medlatent.interpolation import stored_values
+from medlatent.latentfile import tensor_bytes
 from medlatent.metrics import ms_ssim, psnr
 
 if TYPE_CHECKING:
@@ -392,7 +393,7 @@ def weights_sha256(model: "MedVAE") -> str:
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode() + b"\0")
-        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(tensor_bytes(v))
     return h.hexdigest()
 
 
@@ -586,6 +587,8 @@ def build_methods(model: "MedVAE | Sequence[MedVAE]", options: ReconOptions,
                 fn, m.f, None, how, multiple=s,
                 in_channels=m.config.in_channels, stored=_shrunk_count(s))
     mode = options.interp or default_interp(d)
+    if options.interp:  # refused when unknown even if no row uses it (a C=1 model has no equal-values row)
+        interpolation_at(d, 2.0, mode)
     wanted: list[tuple[float, str]] = []
     if options.equal_values:
         # f / C ≤ 1: the latent keeps as many values as the image or more, and no interpolation matches it
