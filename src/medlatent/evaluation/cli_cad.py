@@ -49,6 +49,16 @@ CACHE_OPT = typer.Option(None, "--cache", help="Folder of prepared inputs and la
                                                "(default: OUTPUT/cache).")
 
 
+def _report(result, output: Path) -> None:
+    """Write the CAD tables to ``output`` and print the Markdown table, the warnings and the files written."""
+    from medlatent.evaluation.cad import write_cad_table
+
+    paths = write_cad_table(result, output)
+    typer.echo(paths["markdown"].read_text(encoding="utf-8"))
+    _warn(result)
+    typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
 def _warn(result) -> None:
     """The report's warnings, on the console too (stderr), so nobody reads a meaningless AUROC unwarned."""
     from medlatent.evaluation.cad import cad_warnings
@@ -144,7 +154,7 @@ def register(app: typer.Typer) -> None:
                                     "repeatable."),
     ) -> None:
         """Train a classifier on images, MedVAE latents and interpolated images; report test AUROC (Table 1)."""
-        from medlatent.evaluation.cad import CADConfig, CADDataError, default_methods, run_cad, write_cad_table
+        from medlatent.evaluation.cad import CADConfig, CADDataError, default_methods, run_cad
 
         models = _models(model, random_weights, device)
         two_d = _models(stitched_2d, random_weights, device)
@@ -165,10 +175,7 @@ def register(app: typer.Typer) -> None:
             result = run_cad(csv_path, methods, config=config, cache_dir=cache or output / "cache", task=task)
         except (CADDataError, ValueError, ImportError) as e:
             fail(str(e))
-        paths = write_cad_table(result, output)
-        typer.echo(paths["markdown"].read_text(encoding="utf-8"))
-        _warn(result)
-        typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
+        _report(result, output)
 
     @app.command("cad-latents")
     def cad_latents(
@@ -194,7 +201,7 @@ def register(app: typer.Typer) -> None:
 
         Example: medlatent cad-latents latents.store -o cad-out --seeds 0,1,2
         """
-        from medlatent.evaluation.cad import CADConfig, CADDataError, write_cad_table
+        from medlatent.evaluation.cad import CADConfig, CADDataError
         from medlatent.evaluation.cad_latents import run_cad_latents
 
         try:
@@ -205,10 +212,7 @@ def register(app: typer.Typer) -> None:
                                      latent_channels=latent_channels)
         except (CADDataError, ValueError, ImportError) as e:
             fail(str(e))
-        paths = write_cad_table(result, output)
-        typer.echo(paths["markdown"].read_text(encoding="utf-8"))
-        _warn(result)
-        typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
+        _report(result, output)
 
     @app.command("finefeature")
     def finefeature(

@@ -41,6 +41,22 @@ def default_batch(device: str) -> int:
     return 1 if torch.device(device).type == "cpu" else 8
 
 
+def start_run(inputs: list[Path], output: Path, *, model: Any, checkpoint: Any, device: str, compile: bool,
+              provide: Any, listener: RunListener | None, shard: Shard | None, backend: str, precision: str,
+              tiles: TileSettings | None, batch: int | None
+              ) -> tuple[RunListener, Shard, str, Any, ModelChoice, int]:
+    """What an image run (encode, roundtrip) sets up before its first item: the listener, the shard, the device,
+    the options checked, the inputs found (the output checked first), the model choice and the batch size."""
+    listener = listener or RunListener()
+    part = shard or Shard()
+    dev = device_for(device)
+    check_run_options(backend, precision, dev, compile, tiles.norm if tiles else "tile")
+    found = find_inputs(inputs, output)
+    models = ModelChoice(model, checkpoint, device=dev, compile=compile, provide=provide,
+                         on_load=listener.model_loaded, backend=backend, precision=precision)
+    return listener, part, dev, found, models, batch or default_batch(dev)
+
+
 def load_item(models: ModelChoice, item: InputItem, uneven: str, opts: EncodeOptions,
               keep_image: bool = False) -> Loaded:
     """Read ``item``, choose its model and preprocess for it (no model call: runs in a loader thread)."""
@@ -88,14 +104,9 @@ def encode_files(inputs: list[Path], output: Path, *, model: str | Path | MedVAE
     """
     if latent_dtype not in LATENT_DTYPES:
         raise ValueError(f"latent_dtype must be float16 or float32, got {latent_dtype!r}")
-    listener = listener or RunListener()
-    part = shard or Shard()
-    dev = device_for(device)
-    check_run_options(backend, precision, dev, compile, tiles.norm if tiles else "tile")
-    found = find_inputs(inputs, output)
-    models = ModelChoice(model, checkpoint, device=dev, compile=compile, provide=provide,
-                         on_load=listener.model_loaded, backend=backend, precision=precision)
-    batch = batch or default_batch(dev)
+    listener, part, dev, found, models, batch = start_run(
+        inputs, output, model=model, checkpoint=checkpoint, device=device, compile=compile, provide=provide,
+        listener=listener, shard=shard, backend=backend, precision=precision, tiles=tiles, batch=batch)
     opts = EncodeOptions(modality=modality, stage2=stage2, precision=precision, tiles=tiles, batch=batch)
     taken = part.take(found.items)
     items = [it for it in taken if it.name not in skip_names]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import cast
 
 from medlatent.batch import Job
-from medlatent.distributed import Shard, device_for, finish, launched_by_torchrun
+from medlatent.distributed import Shard, finish, launched_by_torchrun
 from medlatent.engine.tiled import TileSettings
 from medlatent.interpolation import equal_values_baseline
 from medlatent.io.atomic import OutputError, write_text
@@ -24,9 +24,9 @@ from medlatent.model.autoencoder import MedVAE
 from medlatent.pipeline import EncodeOptions, decode_latent
 from medlatent.provenance import TrainingData, in_training_set, model_folder, read_training_data
 from medlatent.report import comparison_png, roundtrip_metrics
-from medlatent.runs.common import RunListener, RunResult, find_inputs, record_skipped, run_batch
-from medlatent.runs.encode import Loaded, default_batch, encode_loaded, load_item
-from medlatent.runs.models import ModelChoice, RunError, check_run_options
+from medlatent.runs.common import RunListener, RunResult, record_skipped, run_batch
+from medlatent.runs.encode import Loaded, encode_loaded, load_item, start_run
+from medlatent.runs.models import RunError
 
 METRICS, SUMMARY = "metrics.csv", "summary.json"
 
@@ -84,14 +84,9 @@ def roundtrip_files(inputs: list[Path], output: Path, *, model: str | Path | Med
     Raises:
         RunError: as :func:`medlatent.runs.encode.encode_files`, and when the metric tables cannot be written.
     """
-    listener = listener or RunListener()
-    part = shard or Shard()
-    dev = device_for(device)
-    check_run_options(backend, precision, dev, compile, tiles.norm if tiles else "tile")
-    found = find_inputs(inputs, output)
-    models = ModelChoice(model, checkpoint, device=dev, compile=compile, provide=provide,
-                         on_load=listener.model_loaded, backend=backend, precision=precision)
-    batch = batch or default_batch(dev)
+    listener, part, dev, found, models, batch = start_run(
+        inputs, output, model=model, checkpoint=checkpoint, device=device, compile=compile, provide=provide,
+        listener=listener, shard=shard, backend=backend, precision=precision, tiles=tiles, batch=batch)
     opts = EncodeOptions(modality=modality, precision=precision, tiles=tiles, batch=batch)
     items = part.take(found.items)
     skipped_inputs = part.take(found.failed + found.empty)
