@@ -4,7 +4,8 @@ Layout of one checkpoint directory ``checkpoints/step_0001000``::
 
     model.safetensors        the autoencoder as trained (LoRA adapters kept as adapters)
     config.json              the architecture (MedVAEConfig) — the folder also loads with ``MedVAE.from_pretrained``
-    state.pt                 optimisers, discriminator, EMA, counters (tensors and plain values only)
+    state.pt                 optimisers, discriminator (when the GAN is on), EMA, counters (tensors and plain
+                             values only)
     rng_<rank>.pt            Python / NumPy / torch (CPU and CUDA) generator states of each process
 
 Everything is read back with ``torch.load(weights_only=True)``: no pickled code. A checkpoint is written to a

@@ -18,6 +18,7 @@ import yaml
 from medlatent.training.data import DataConfig
 from medlatent.training.losses import LossConfig
 from medlatent.training.options import option
+from medlatent.training.schedule import SCHEDULES
 
 STAGES = ("stage1", "stage2", "stage2_3d")
 #: ``train.log_with`` values and the module each needs
@@ -72,6 +73,11 @@ class OptimSection:
     warmup_steps: int = option(
         0, "Linear learning-rate warm-up over the first steps (0: none, as the official recipe). Worth it when "
            "fine-tuning a good starting point: Adam's first steps move every weight by the full learning rate.")
+    schedule: str = option(
+        "constant", "Learning rate after the warm-up: `constant`, or `cosine`, half a cosine from the peak at the "
+                    "end of the warm-up to `min_lr_ratio` × the peak at `train.max_steps`.")
+    min_lr_ratio: float = option(0.0, "`schedule: cosine`: the final learning rate as a fraction of the peak "
+                                      "(0 decays to zero).")
     weight_decay: float = option(0.0, "Adam weight decay.")
     grad_clip: float | None = option(None, "Clip the gradient norm to this value (null: no clipping).")
 
@@ -151,11 +157,16 @@ class TrainConfig:
             raise ConfigError(f"model.lora_rank must be ≥ 0, got {self.model.lora_rank}")
         if not isinstance(self.model.lora_train_quant, bool):
             raise ConfigError(f"model.lora_train_quant must be true or false, got {self.model.lora_train_quant!r}")
-        if self.model.lora_rank and self.loss.adaptive_disc_weight and t.stage != "stage2":
+        if self.model.lora_rank and self.loss.adaptive_disc_weight and self.loss.adversarial and t.stage != "stage2":
             raise ConfigError("the adaptive GAN weight needs the decoder's last layer to train, which LoRA freezes; "
                               "set loss.adaptive_disc_weight=false (the official LoRA recipe: weight 1.0)")
         if self.optim.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps must be ≥ 0, got {self.optim.warmup_steps}")
+        if self.optim.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {self.optim.schedule!r}")
+        ratio = self.optim.min_lr_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must be a number in [0, 1], got {ratio!r}")
         if self.optim.base_lr <= 0:
             raise ConfigError(f"optim.base_lr must be > 0, got {self.optim.base_lr}")
         if self.model.init == "pretrained" and not self.model.name:

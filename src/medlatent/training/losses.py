@@ -33,6 +33,8 @@ PERCEPTUAL_CHOICES = ("lpips", "ms_ssim", "none")
 #: ``alternate``: once the GAN is on, even steps train the autoencoder and odd steps the discriminator (the
 #: official loop); ``every_batch``: both optimisers step on every batch
 DISC_SCHEDULES = ("alternate", "every_batch")
+#: the old way of switching the GAN off was a ``disc_start`` no run reaches; from this value on it means off (null)
+DISC_START_OFF = 10**9
 
 
 @dataclass
@@ -53,8 +55,10 @@ class LossConfig:
                 "only).")
     kl_weight: float = option(1e-6, "KL penalty weight (paper and official: 1e-6).")
     disc_weight: float = option(0.5, "Scale of the adaptive adversarial weight (official 0.5).")
-    disc_start: int = option(3125, "Step from which the PatchGAN terms are on (official experiments: 3125); a "
-                                   "huge value switches the GAN off.")
+    disc_start: int | None = option(
+        3125, "Step from which the PatchGAN terms are on (official experiments: 3125); null switches the GAN off: "
+              "no discriminator, no discriminator optimiser, nothing of it in checkpoints (values ≥ 1e9, the old "
+              "spelling of off, mean the same).")
     disc_layers: int = option(3, "Stride-2 layers of the PatchGAN (official 3, which needs sides ≥ 24; 1 suits "
                                  "tiny crops).")
     adaptive_disc_weight: bool = option(
@@ -79,10 +83,16 @@ class LossConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
             setattr(self, name, float(value))
+        if self.disc_start is not None and not isinstance(self.disc_start, bool) \
+                and isinstance(self.disc_start, int) and self.disc_start >= DISC_START_OFF:
+            self.disc_start = None
         for name, low in (("disc_start", 0), ("disc_layers", 1)):
             value = getattr(self, name)
+            if name == "disc_start" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
+                off = " or null (GAN off)" if name == "disc_start" else ""
+                raise ValueError(f"{name} must be an integer ≥ {low}{off}, got {value!r}")
         if self.disc_schedule not in DISC_SCHEDULES:
             raise ValueError(f"disc_schedule must be one of {', '.join(DISC_SCHEDULES)}, got {self.disc_schedule!r}")
         for name in ("adaptive_disc_weight", "learn_logvar"):
@@ -92,6 +102,11 @@ class LossConfig:
             raise ValueError(f"lpips_weights must be 'auto' or a file path, got {self.lpips_weights!r}")
         if not isinstance(self.clip_model, str) or not self.clip_model:
             raise ValueError(f"clip_model must be an open_clip model name, got {self.clip_model!r}")
+
+    @property
+    def adversarial(self) -> bool:
+        """Whether the run has a GAN at all (``disc_start`` is not null)."""
+        return self.disc_start is not None
 
 
 def build_perceptual(cfg: LossConfig) -> nn.Module | None:
@@ -146,12 +161,13 @@ class Stage1Loss(nn.Module):
         if cfg.clip_weight > 0 and clip is None:
             clip = load_biomedclip(cfg.clip_model)
         self.clip = clip
-        self.discriminator = PatchDiscriminator(in_channels, n_layers=cfg.disc_layers)
+        # GAN off: no critic at all, so nothing of it is optimised or saved
+        self.discriminator = PatchDiscriminator(in_channels, n_layers=cfg.disc_layers) if cfg.adversarial else None
         self.logvar = nn.Parameter(torch.zeros(()), requires_grad=cfg.learn_logvar)
 
     def discriminator_active(self, step: int) -> bool:
-        """Whether the adversarial terms are on at ``step`` (``step ≥ disc_start``)."""
-        return step >= self.cfg.disc_start
+        """Whether the adversarial terms are on at ``step`` (``step ≥ disc_start``; never with the GAN off)."""
+        return self.cfg.disc_start is not None and step >= self.cfg.disc_start
 
     def trains_generator(self, step: int) -> bool:
         """Whether ``step`` takes an autoencoder step (always, except odd steps of ``alternate`` with the GAN on)."""

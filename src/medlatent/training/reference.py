@@ -20,7 +20,7 @@ LOG_COLUMNS = {
     "step": "optimiser step of the row (1-based; one row every `train.log_every` steps, and at the last step)",
     "epoch": "passes over the training images completed before this step",
     "seconds": "training seconds since the run started, continued across resumes",
-    "lr": "learning rate (after warm-up), mean over the interval",
+    "lr": "learning rate (warm-up, then `optim.schedule`), mean over the interval",
     "total": "the loss the autoencoder minimises: nll + kl_weight × kl + d_weight × g (+ clip term)",
     "nll": "reconstruction negative log-likelihood: sum of `rec` per pixel / exp(logvar) + logvar, per image",
     "rec": "mean per-pixel |x − x̂| + perceptual_weight × perceptual, in model units ([-1, 1] images)",

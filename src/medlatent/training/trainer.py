@@ -1,7 +1,8 @@
 """The training loop for all stages, on Hugging Face Accelerate (one CPU/GPU, DDP over GPUs and nodes).
 
 One optimiser step consumes ``grad_accum`` micro-batches of ``batch_size`` per process. Stage 1 and stage 2-3D
-then take a discriminator step (after ``loss.disc_start``) on the same batches, or, with
+then take a discriminator step (after ``loss.disc_start``; never with ``disc_start: null``, which builds no
+discriminator) on the same batches, or, with
 ``loss.disc_schedule: alternate`` (the official loop), odd steps train only the discriminator. The autoencoder
 runs under DDP (``accelerator.prepare``); the discriminator's gradients are averaged across processes by hand, because
 it is called several times per step (real, fake, and once per slice axis in 3D), which DDP does not allow.
@@ -38,6 +39,7 @@ from medlatent.training.config import TrainConfig, check_trackers
 from medlatent.training.data import EpochSampler, build_datasets, make_loader
 from medlatent.training.export import export_model
 from medlatent.training.previews import LOG_FILE, VAL_FILE, save_curves, save_previews
+from medlatent.training.schedule import learning_rate
 
 SPLIT_FILE = "val_split.txt"  # how the validation images were chosen, and their paths
 
@@ -167,7 +169,9 @@ class Trainer:
             self.disc = self.loss.discriminator
             if loss_cfg.learn_logvar:
                 self.opt.add_param_group({"params": [self.loss.logvar]})
-            self.opt_d = torch.optim.Adam(list(self.disc.parameters()), lr=self.lr, betas=tuple(cfg.optim.betas))
+            if self.disc is not None:  # GAN off (disc_start: null): no discriminator and no optimiser for it
+                self.opt_d = torch.optim.Adam(list(self.disc.parameters()), lr=self.lr,
+                                              betas=tuple(cfg.optim.betas))
             step_module = _Stage1Step(self.model, t.sample_posterior)
         torch.manual_seed(t.seed + 1000 * self.rank)  # after every module is built: same weights on all ranks
         self.step_module, self.opt = self.acc.prepare(step_module, self.opt)
@@ -253,7 +257,8 @@ class Trainer:
         last = self.model.last_layer_weight()
         last = last if last.requires_grad and self.cfg.loss.adaptive_disc_weight else None
         pairs = []
-        self.disc.requires_grad_(False)  # the generator pass needs gradients through D, not into it
+        if self.disc is not None:
+            self.disc.requires_grad_(False)  # the generator pass needs gradients through D, not into it
         for i, x in enumerate(micro):
             sync = contextlib.nullcontext() if i == n - 1 else self.acc.no_sync(self.step_module)
             with sync:
@@ -263,7 +268,8 @@ class Trainer:
                 self.acc.backward(loss / n)
             pairs.append((x, out.reconstruction.detach()))
             _accumulate(logs, g_logs, n)
-        self.disc.requires_grad_(True)
+        if self.disc is not None:
+            self.disc.requires_grad_(True)
         self._clip_and_step(self.opt, self.params)
         if self.ema:
             self.ema.update()
@@ -385,13 +391,15 @@ class Trainer:
         raise TrainingInterrupted(self._stop_signal or signal.SIGINT, self.progress.step, d)
 
     def _set_lr(self, step: int) -> float:
-        """The learning rate of optimiser step ``step`` (1-based): ``optim.warmup_steps`` of linear warm-up.
+        """The learning rate of optimiser step ``step`` (1-based): ``optim.warmup_steps`` of linear warm-up, then
+        ``optim.schedule`` over ``train.max_steps`` (:func:`medlatent.training.schedule.learning_rate`).
 
         Set before every step, so the configuration decides it: resuming with a new ``optim.base_lr`` (e.g. to
         decay it for the last steps) takes effect; with an unchanged config the run continues as it was.
         """
-        warm = self.cfg.optim.warmup_steps
-        lr = self.lr * min(1.0, step / warm) if warm else self.lr
+        o = self.cfg.optim
+        lr = learning_rate(step, self.lr, warmup_steps=o.warmup_steps, schedule=o.schedule,
+                           max_steps=self.cfg.train.max_steps, min_lr_ratio=o.min_lr_ratio)
         for opt in filter(None, (self.opt, self.opt_d)):
             for group in opt.optimizer.param_groups:
                 group["lr"] = lr
@@ -489,6 +497,7 @@ class Trainer:
         }
         if self.opt_d is not None:
             state["opt_d"] = self.opt_d.optimizer.state_dict()
+        if self.loss is not None:  # the learned log-variance, and the discriminator when the GAN is on
             state["loss"] = {k: v.detach().clone() for k, v in self.loss.state_dict().items()
                              if k.startswith(("discriminator.", "logvar"))}
         if self.ema:
@@ -521,10 +530,18 @@ class Trainer:
     def _resume(self, directory: Path) -> None:
         state = load_checkpoint_state(directory, self.model, self.rank, self.world)
         self.opt.optimizer.load_state_dict(state["opt"])
-        if self.opt_d is not None and "opt_d" in state:
+        saved = dict(state.get("loss", {}))  # the learned log-variance and, if the GAN was on, the discriminator
+        had_disc = any(k.startswith("discriminator.") for k in saved)
+        if self.disc is None and had_disc:  # GAN switched off since: the saved critic is not needed
+            saved = {k: v for k, v in saved.items() if not k.startswith("discriminator.")}
+            self._note(f"{directory}: its discriminator is not used (loss.disc_start: null switches the GAN off)")
+        elif self.disc is not None and not had_disc and self.loss is not None:
+            self._note(f"{directory}: saved without a discriminator (GAN off); it starts from its initial weights "
+                       f"and becomes active at step {self.cfg.loss.disc_start}")
+        if self.opt_d is not None and "opt_d" in state and had_disc:
             self.opt_d.optimizer.load_state_dict(state["opt_d"])
-        if "loss" in state:  # the discriminator and the learned log-variance (stage 1)
-            self.loss.load_state_dict({**self.loss.state_dict(), **state["loss"]})
+        if saved and self.loss is not None:
+            self.loss.load_state_dict({**self.loss.state_dict(), **saved})
         if self.ema and "ema" in state:
             self.ema.shadow = [s.to(self.acc.device) for s in state["ema"]]
         self.progress = Progress(state["step"], state["epoch"], state["batch_in_epoch"])
@@ -532,6 +549,10 @@ class Trainer:
         if self.is_main:
             self._truncate_log(self.progress.step)
             print(f"resumed from {directory} at step {self.progress.step}")
+
+    def _note(self, text: str) -> None:
+        if self.is_main:
+            print(text, flush=True)
 
     def export(self, directory: str | Path | None = None, merged: bool | None = None) -> Path:
         """Save the trained model for inference (medlatent format; LoRA merged unless ``merged=False``)."""
