@@ -73,11 +73,6 @@ def test_disc_start_null_and_the_old_huge_value_mean_off(tmp_path: Path):
     # every preset that had the GAN off still has it off, now spelled null
     for name in ("medlatent_small_4_1_2d-stage1", "medlatent_small_4_4_2d-stage1", "medlatent_small_4_1_3d-stage2_3d"):
         assert load_config(name, [f"data.train={tmp_path}"]).loss.disc_start is None, name
-    # LoRA with the adaptive weight is only refused when there is a GAN to weigh
-    lora = [f"data.train={tmp_path}", "model.lora_rank=4", "loss.adaptive_disc_weight=true"]
-    with pytest.raises(ConfigError, match="adaptive"):
-        load_config(None, lora)
-    assert load_config(None, lora + ["loss.disc_start=null"]).model.lora_rank == 4
 
 
 # ------------------------------------------------------------------------------------------ trainer

@@ -157,7 +157,7 @@ class TrainConfig:
             raise ConfigError(f"model.lora_rank must be ≥ 0, got {self.model.lora_rank}")
         if not isinstance(self.model.lora_train_quant, bool):
             raise ConfigError(f"model.lora_train_quant must be true or false, got {self.model.lora_train_quant!r}")
-        if self.model.lora_rank and self.loss.adaptive_disc_weight and self.loss.adversarial and t.stage != "stage2":
+        if self.model.lora_rank and self.loss.adaptive_disc_weight and t.stage != "stage2":
             raise ConfigError("the adaptive GAN weight needs the decoder's last layer to train, which LoRA freezes; "
                               "set loss.adaptive_disc_weight=false (the official LoRA recipe: weight 1.0)")
         if self.optim.warmup_steps < 0:
