@@ -3,8 +3,8 @@
     python scripts/reader_study_demo.py --out /tmp/rs-demo [--screenshots docs/images]
 
 1. Gathers the 2D sample images (`medlatent samples`) as originals.
-2. Reconstructs them with two methods at f=16, in the originals' units: the bundled default model
-   (posterior mean stored as float16, decoded) and bicubic shrink-and-enlarge.
+2. Reconstructs them with two methods at f=16, in the originals' units: the bundled 2D default model (C=1, the
+   posterior mean stored as float16, decoded) and bicubic shrink-and-enlarge, which stores as many values.
 3. Creates a study with three readers.
 4. Fills in **simulated** answers, so the analysis has something to show. Each simulated reader's score is the
    pair's PSNR mapped onto −2..2 ((PSNR − 30 dB) / 4), plus a reader bias and Gaussian noise. These are not
@@ -31,13 +31,14 @@ from medlatent.io.image import ImageData
 from medlatent.io.readers import read_image
 from medlatent.io.writers import write_image
 from medlatent.preprocessing import preprocess, restore
+from medlatent.registry import DEFAULT_MODEL
 from medlatent.samples import gather
 
 
 @torch.inference_mode()
 def reconstruct(originals: Path, out: Path) -> dict[str, Path]:
     """``{method: folder}`` of NIfTI reconstructions named like the originals, in the originals' units."""
-    model = MedVAE.from_pretrained("medlatent_small_4_4_2d").eval()
+    model = MedVAE.from_pretrained(DEFAULT_MODEL).eval()
     s = model.downsample_per_axis
     folders = {"medlatent": out / "medlatent", "bicubic": out / "bicubic"}
     for f in sorted(originals.iterdir()):
@@ -99,7 +100,8 @@ def screenshot(study: Path, token: str, path: Path) -> None:
                 "--disable-component-update", "--disable-sync"])
             pg = browser.new_page(viewport={"width": 1400, "height": 860})
             pg.goto(f"http://127.0.0.1:8791/r/{token}")
-            pg.wait_for_function("document.querySelector('#left').dataset.zoom !== undefined")
+            # a CSS selector, not a JS predicate: the page's Content-Security-Policy forbids eval
+            pg.wait_for_selector("#left[data-zoom]", state="attached")
             box = pg.get_by_test_id("left").bounding_box()
             pg.mouse.move(box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.4)
             pg.mouse.wheel(0, -300)  # zoomed in: both sides follow
@@ -128,11 +130,11 @@ def main() -> None:
     for f in originals.iterdir():
         if "ultrasound" in f.name:  # colour ultrasound: not what the paper's readers scored
             f.unlink()
-    print(f"{len(samples)} samples")
+    print(f"{len(samples.written)} samples")
     folders = reconstruct(originals, args.out / "recon")
     specs = pairs_from_folders(originals, [MethodSource(m, d, "16") for m, d in folders.items()])
     tokens = dict(create_study(args.out / "study", specs, ["reader1", "reader2", "reader3"],
-                               title="Demo: medlatent default model vs bicubic (f=16)"))
+                               title="Demo: medlatent default model vs bicubic at equal values (f=16, C=1)"))
     if args.screenshots:  # before the simulated answers: the first reader's first pair
         args.screenshots.mkdir(parents=True, exist_ok=True)
         screenshot(args.out / "study", tokens["reader1"], args.screenshots / "reader-study.png")
