@@ -58,7 +58,8 @@ def main() -> None:
     print(json.dumps({"model": DEFAULT_MODEL, "size": args.size, "precision": args.precision,
                       "threads": torch.get_num_threads(), "encode_s": round(t1 - t0, 2),
                       "decode_s": round(t2 - t1, 2), "total_s": round(t2 - t0, 2), "gflop": round(total / 1e9, 1),
-                      "gflop_per_s": round(total / 1e9 / (t2 - t0), 1), "peak_rss_gib": round(rss, 2), "psnr_db": round(float(quality), 3),
+                      "gflop_per_s": round(total / 1e9 / (t2 - t0), 1), "peak_rss_gib": round(rss, 2),
+                      "psnr_db": round(float(quality), 3),
                       "tile": engine.tile_and_overlap("encode")}, indent=1))
     assert y.shape == x.shape
 
