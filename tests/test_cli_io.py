@@ -85,11 +85,14 @@ def test_resume_after_killed_run(tmp_path, model_dirs):
     cmd = [sys.executable, "-m", "medlatent.cli", "encode", str(src), "-o", str(out), "--model", str(model_dirs[2])]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 900  # a bound for a loaded machine, not a timing: the loop ends at the first output
-    while time.time() < deadline and not list(out.glob("*.latent.safetensors")):
+    def finished() -> set[str]:  # not the writer's temporaries (.tmp-PID-NAME), which the kill may leave behind
+        return {p.name for p in out.glob("*.latent.safetensors") if not p.name.startswith(".tmp-")}
+
+    while time.time() < deadline and not finished():
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = {p.name for p in out.glob("*.latent.safetensors")}
+    done_before = finished()
     assert 0 < len(done_before) < n, "the run should have been killed part-way"
     from medlatent.latentfile import read_latent
 
