@@ -24,8 +24,6 @@ KNOWN_CYCLES: set[frozenset[str]] = {
     # MedVAE.from_pretrained / save_pretrained call into checkpoints, which builds MedVAE and stamps the package's
     # __version__ (from the package root, which imports the model)
     frozenset({"medlatent", "medlatent.checkpoints", "medlatent.model", "medlatent.model.autoencoder"}),
-    # LatentDataset reads stores as well as folders; packing a store reads labels with the dataset's reader
-    frozenset({"medlatent.data.latents", "medlatent.data.store"}),
     # building a model can initialise its codec from data; that initialisation uses build's zero_init_residual
     frozenset({"medlatent.training.build", "medlatent.training.codec_init"}),
 }

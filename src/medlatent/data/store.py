@@ -340,7 +340,7 @@ def check_target(store: Path) -> None:
 def _inputs(latent_dir: Path, labels_csv: Path | None,
             label_columns: Sequence[str] | None) -> tuple[list[tuple[str, Path]], list[str], dict[str, dict[str, str]]]:
     """The latent files under ``latent_dir`` (dataset order) and their labels as written, keyed by name."""
-    from medlatent.data.latents import LatentDataError, read_label_rows
+    from medlatent.data.labels import LatentDataError, read_label_rows
     from medlatent.io.discover import find_latents
 
     if not latent_dir.is_dir():

@@ -33,7 +33,7 @@ def numeric_labels(store: LatentStore, label_columns: Sequence[str] | None = Non
     """The store's packed labels as numbers, as :class:`~medlatent.data.LatentDataset` gives them: numeric columns
     stay numbers, others become class indices (sorted names). Returns (columns, classes, ``N×k`` float64 or
     ``None`` without labels)."""
-    from medlatent.data.latents import labels_from_rows
+    from medlatent.data.labels import labels_from_rows
 
     columns = list(label_columns or store.label_columns)
     missing = [c for c in columns if c not in store.label_columns]
