@@ -84,3 +84,10 @@ def test_linear_resample_inflation_interpolates_the_new_axis():
                     for j in range(3):  # output plane j: the mean of input planes 2j, 2j+1
                         mix = 0.5 * slices[2 * j] + 0.5 * slices[2 * j + 1]
                         torch.testing.assert_close(y3[..., j], m2(mix).detach(), atol=1e-4, rtol=0)
+
+
+def test_an_unknown_inflation_resampling_is_refused_with_the_config():
+    from medlatent.training.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="model.inflate_resample must be one of centre, linear, got 'cubic'"):
+        load_config("medlatent_small_4_1_3d-stage2_3d", ["data.train=x", "model.inflate_resample=cubic"])

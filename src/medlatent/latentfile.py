@@ -364,18 +364,26 @@ def read_latent(path: str | Path) -> LatentFile:
     """
     path = Path(path)
     raw, tensors = _open(path, load_tensors=True)
-    meta, rec, model = _parse_metadata(path, raw)
+    lf = _verified(path, raw, tensors)
+    if lf.format_version < 2:
+        logger.warning("%s: format version %d checks only the tensor bytes, so its metadata (intensity mapping, "
+                       "geometry) are unverified; re-encode the source image for a fully checked file", path,
+                       lf.format_version)
+    return lf
+
+
+def _verified(where: str | Path, raw: Any, tensors: dict[str, torch.Tensor]) -> LatentFile:
+    """The latent file of parsed metadata ``raw`` and ``tensors``, after every check: metadata, the tensors'
+    checksum, their structure and shapes (one rule for files and for bytes from a store)."""
+    meta, rec, model = _parse_metadata(where, raw)
     version = meta["format_version"]
     digest = _tensors_digest(tensors) if version >= 2 else _tensors_digest_v1(tensors)
     if meta["sha256"] != digest:
-        raise LatentFileError(path, "tensor data do not match the stored checksum (file damaged)")
+        raise LatentFileError(where, "tensor data do not match the stored checksum (file damaged)")
     try:
         _check_tensors(tensors, rec, model)
     except ValueError as e:
-        raise LatentFileError(path, str(e)) from e
-    if version < 2:
-        logger.warning("%s: format version %d checks only the tensor bytes, so its metadata (intensity mapping, "
-                       "geometry) are unverified; re-encode the source image for a fully checked file", path, version)
+        raise LatentFileError(where, str(e)) from e
     return LatentFile(z=tensors["z"], stage2=tensors.get("stage2"), preprocessing=rec, model=model,
                       medlatent_version=str(meta.get("medlatent_version", "")), format_version=version,
                       inference=meta.get("inference"))
@@ -406,15 +414,4 @@ def latent_from_bytes(data: bytes, where: str | Path, *, checked: bool = True) -
                           preprocessing=Preprocessing.from_dict(meta["preprocessing"]), model=meta["model"],
                           medlatent_version=str(meta.get("medlatent_version", "")),
                           format_version=meta["format_version"], inference=meta.get("inference"))
-    meta, rec, model = _parse_metadata(where, raw)
-    version = meta["format_version"]
-    digest = _tensors_digest(tensors) if version >= 2 else _tensors_digest_v1(tensors)
-    if meta["sha256"] != digest:
-        raise LatentFileError(where, "tensor data do not match the stored checksum (file damaged)")
-    try:
-        _check_tensors(tensors, rec, model)
-    except ValueError as e:
-        raise LatentFileError(where, str(e)) from e
-    return LatentFile(z=tensors["z"], stage2=tensors.get("stage2"), preprocessing=rec, model=model,
-                      medlatent_version=str(meta.get("medlatent_version", "")), format_version=version,
-                      inference=meta.get("inference"))
+    return _verified(where, raw, tensors)

@@ -17,7 +17,7 @@ from medlatent.checkpoints import (
 from medlatent.model import MedVAE, MedVAEConfig
 from medlatent.model.lora import inject_lora
 from medlatent.registry import get_model_info
-from medlatent.training.config import ConfigError, TrainConfig
+from medlatent.training.config import INFLATE_RESAMPLE, ConfigError, TrainConfig
 
 
 def architecture(cfg: TrainConfig) -> MedVAEConfig:
@@ -60,8 +60,8 @@ def _load(source: str) -> MedVAE:
 def inflate(model2d: MedVAE, arch: MedVAEConfig, resample: str = "centre") -> MedVAE:
     """A 3D model whose kernels are the 2D kernels in the centre slice (zeros elsewhere); with ``resample="linear"``
     the down/upsampling kernels are spread along the new axis instead (:data:`LINEAR_RESAMPLE_TAPS`)."""
-    if resample not in ("centre", "linear"):
-        raise ConfigError(f"model.inflate_resample must be 'centre' or 'linear', got {resample!r}")
+    if resample not in INFLATE_RESAMPLE:  # checked with the config too; this is a library entry point
+        raise ValueError(f"resample must be one of {', '.join(INFLATE_RESAMPLE)}, got {resample!r}")
     sd = strip_training_keys(model2d.state_dict())
     model = MedVAE(arch)
     taps = LINEAR_RESAMPLE_TAPS if resample == "linear" else None

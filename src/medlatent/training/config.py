@@ -20,6 +20,9 @@ from medlatent.training.losses import LossConfig
 from medlatent.training.options import option
 from medlatent.training.schedule import SCHEDULES
 
+#: model.inflate_resample values (see medlatent.training.build.inflate)
+INFLATE_RESAMPLE = ("centre", "linear")
+
 STAGES = ("stage1", "stage2", "stage2_3d")
 #: ``train.log_with`` values and the module each needs
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -162,6 +165,9 @@ class TrainConfig:
                               "set loss.adaptive_disc_weight=false (the official LoRA recipe: weight 1.0)")
         if self.optim.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps must be ≥ 0, got {self.optim.warmup_steps}")
+        if self.model.inflate_resample not in INFLATE_RESAMPLE:
+            raise ConfigError(f"model.inflate_resample must be one of {', '.join(INFLATE_RESAMPLE)}, got "
+                              f"{self.model.inflate_resample!r}")
         if self.optim.schedule not in SCHEDULES:
             raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {self.optim.schedule!r}")
         ratio = self.optim.min_lr_ratio
