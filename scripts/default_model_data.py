@@ -326,12 +326,13 @@ def training_data(splits: tuple[str, ...] = ("train",), dims: tuple[int, ...] = 
     """``[{"package", "origin", "sha256"}]`` of the source files in ``splits`` (the bundled models'
     ``training_data.json``, by which ``roundtrip`` marks inputs a model was trained on). ``sha256`` is of the file
     as the package installs it."""
+    from medlatent.checkpoints import sha256_file
+
     sp = site_packages()
     rows = []
     for f in json.loads(SPLIT_FILE.read_text())["files"]:
         if f["split"] in splits and f["dims"] in dims:
-            rows.append({"package": f["package"], "origin": f["origin"],
-                         "sha256": hashlib.sha256((sp / f["origin"]).read_bytes()).hexdigest()})
+            rows.append({"package": f["package"], "origin": f["origin"], "sha256": sha256_file(sp / f["origin"])})
     return rows
 
 
