@@ -1,8 +1,13 @@
 """medlatent: the MedVAE family of medical-image autoencoders (Varma et al., MIDL 2025)."""
 
-__version__ = "0.1.0"
+from medlatent import checkpoints as _checkpoints
+from medlatent._version import __version__
+from medlatent.model import DiagonalGaussian, MedVAE, MedVAEConfig
+from medlatent.model.autoencoder import set_weight_files
+from medlatent.registry import ModelInfo, get_model_info, list_models
 
-from medlatent.model import DiagonalGaussian, MedVAE, MedVAEConfig  # noqa: E402
-from medlatent.registry import ModelInfo, get_model_info, list_models  # noqa: E402
+# The model layer imports nothing above it; MedVAE.from_pretrained / save_pretrained read and write weight files
+# through the checkpoints layer, installed here, which every import of a medlatent module runs first.
+set_weight_files(_checkpoints)
 
 __all__ = ["DiagonalGaussian", "MedVAE", "MedVAEConfig", "ModelInfo", "__version__", "get_model_info", "list_models"]

@@ -17,6 +17,7 @@ from typing import Mapping
 
 import torch
 
+from medlatent._version import __version__
 from medlatent.io.atomic import atomic_write
 from medlatent.model.autoencoder import MedVAE
 from medlatent.model.config import MedVAEConfig
@@ -301,8 +302,6 @@ def load_state_dict_strict(model: MedVAE, sd: Mapping[str, torch.Tensor], source
 def save_pretrained(model: MedVAE, directory: str | Path, name: str | None = None) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed)."""
     from safetensors.torch import save_file
-
-    from medlatent import __version__
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

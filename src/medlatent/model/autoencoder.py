@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -362,9 +362,7 @@ class MedVAE(nn.Module):
         map_location: "str | torch.device" = "cpu",
     ) -> "MedVAE":
         """Load a model with trained weights. See :func:`medlatent.checkpoints.load_pretrained`."""
-        from medlatent.checkpoints import load_pretrained
-
-        return load_pretrained(
+        return _installed_weight_files().load_pretrained(
             name_or_dir,
             checkpoint,
             revision=revision,
@@ -375,6 +373,41 @@ class MedVAE(nn.Module):
 
     def save_pretrained(self, directory: "str | Path", name: str | None = None) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (see :func:`medlatent.checkpoints.save_pretrained`)."""
-        from medlatent.checkpoints import save_pretrained
+        return _installed_weight_files().save_pretrained(self, directory, name=name)
 
-        return save_pretrained(self, directory, name=name)
+
+# ---------------------------------------------------------------------------------------------- weight files
+class WeightFiles(Protocol):
+    """What reads and writes a model's weight files: the :mod:`medlatent.checkpoints` module, one layer above the
+    model. The model imports nothing above itself, so :meth:`MedVAE.from_pretrained` and
+    :meth:`MedVAE.save_pretrained` call whatever :func:`set_weight_files` installed; the package root installs
+    ``medlatent.checkpoints`` when it is imported, which is before any of its modules is."""
+
+    def load_pretrained(
+        self,
+        name_or_dir: str | Path,
+        checkpoint: str | Path | None = None,
+        *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool | None = None,
+        map_location: str | torch.device = "cpu",
+    ) -> MedVAE: ...
+
+    def save_pretrained(self, model: MedVAE, directory: str | Path, name: str | None = None) -> Path: ...
+
+
+_weight_files: WeightFiles | None = None
+
+
+def set_weight_files(weight_files: WeightFiles) -> None:
+    """Install the weight-file layer behind :meth:`MedVAE.from_pretrained` / :meth:`MedVAE.save_pretrained`."""
+    global _weight_files
+    _weight_files = weight_files
+
+
+def _installed_weight_files() -> WeightFiles:
+    if _weight_files is None:  # only while the package root is still being imported
+        raise RuntimeError("MedVAE.from_pretrained/save_pretrained need medlatent.checkpoints, which importing "
+                           "medlatent installs (medlatent.model.autoencoder.set_weight_files)")
+    return _weight_files

@@ -10,7 +10,8 @@ factor as a string, ``""`` when unknown) and one int score in −2..2 per questi
 * ``icc_2_1`` / ``agreement``: inter-reader agreement, ICC(2,1) of Shrout & Fleiss (1979).
 * ``bar_chart`` / ``analyze``: the figure, CSV / JSON tables and a Markdown report.
 
-Only numpy and the standard library are imported here; matplotlib is imported lazily by ``bar_chart``.
+Only numpy and the standard library are imported here; matplotlib is imported lazily by ``bar_chart``, scipy by
+``t_quantile``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from medlatent.evaluation.report import markdown_table
+from medlatent.optional import import_optional
 from medlatent.readerstudy.questions import QUESTIONS, SCORES, SHORT
 
 CORE = ("reader", "case", "method", "factor")
@@ -110,57 +112,12 @@ def _check_level(level: float, n_boot: int) -> None:
 # ---------------------------------------------------------------------------------- Student t quantile
 
 
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz; Numerical Recipes §6.4)."""
-    tiny, eps = 1e-300, 1e-15
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 100_000):
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < eps:
-            return h
-    raise ArithmeticError(f"incomplete beta continued fraction did not converge (a={a}, b={b}, x={x})")
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta function I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    # the fraction converges fast only below the mean (a+1)/(a+b+2); use the symmetry I_x(a,b) = 1 − I_{1−x}(b,a)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    """Student t distribution function, via P(|T| > t) = I_{df/(df+t²)}(df/2, 1/2)."""
-    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t > 0 else tail
-
-
 def t_quantile(p: float, df: float) -> float:
-    """Student t quantile t(p, df), by bisection on the exact distribution function (no scipy)."""
+    """Student t quantile t(p, df) (``scipy.stats.t``, from the ``app`` extra; imported only for ``--ci t``)."""
     if not 0 < p < 1 or not df > 0:
         raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        lo, hi = hi, 2.0 * hi
-    while hi - lo > 1e-12 * hi:
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-    return 0.5 * (lo + hi)
+    stats = import_optional("scipy.stats", "the reader study's t-interval", "pip install 'medlatent[app]'")
+    return float(stats.t.ppf(p, df))
 
 
 # ------------------------------------------------------------------------------------- interval methods

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torch import nn
 
 from medlatent.checkpoints import (
@@ -16,6 +15,7 @@ from medlatent.checkpoints import (
 )
 from medlatent.model import MedVAE, MedVAEConfig
 from medlatent.model.lora import inject_lora
+from medlatent.model.residual_init import zero_init_residual
 from medlatent.registry import get_model_info
 from medlatent.training.config import INFLATE_RESAMPLE, ConfigError, TrainConfig
 
@@ -67,19 +67,6 @@ def inflate(model2d: MedVAE, arch: MedVAEConfig, resample: str = "centre") -> Me
     taps = LINEAR_RESAMPLE_TAPS if resample == "linear" else None
     load_state_dict_strict(model, inflate_2d_to_3d(sd, resample_taps=taps), "inflated 2D model")
     return model
-
-
-@torch.no_grad()
-def zero_init_residual(model: MedVAE) -> None:
-    """Zero the last conv of every residual branch, so each block starts as the identity (SkipInit/Fixup)."""
-    from medlatent.model.layers import AttnBlock, ResnetBlock
-
-    for block in model.modules():
-        last = block.conv2 if isinstance(block, ResnetBlock) else block.proj_out if isinstance(block, AttnBlock) \
-            else None
-        if last is not None:
-            last.weight.zero_()
-            last.bias.zero_()
 
 
 def _quant_params(model: MedVAE) -> list[nn.Parameter]:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medlatent.model.autoencoder import MedVAE
+from medlatent.model.residual_init import zero_init_residual
 
 logger = logging.getLogger(__name__)
 
@@ -328,8 +329,6 @@ def init_as_codec(model: MedVAE, path: LinearPath, logvar: float = -14.0) -> Med
     Weights off the main path keep their random initialisation; residual branches and attention blocks start as
     the identity. ``logvar`` is the posterior's initial log-variance (small: training samples the posterior).
     """
-    from medlatent.training.build import zero_init_residual
-
     cfg = model.config
     m, levels = path.maps, len(cfg.ch_mult) - 1
     if (cfg.spatial_dims, levels, cfg.z_channels, cfg.embed_dim) != (path.spatial_dims, len(path.down),
