@@ -143,7 +143,7 @@ def _task(folder: Path, n: int = 24, size: int = 32) -> Path:
 @pytest.mark.parametrize("mode,channels", [("mean", 1), ("all", 4)])
 def test_cad_on_a_c4_latent_in_both_channel_modes(tmp_path, app, monkeypatch, mode, channels):
     pytest.importorskip("torchmetrics")
-    import medlatent.evaluation.cad as cad
+    import medlatent.evaluation.cad_train as cad
 
     built: list[int] = []
     real = cad.build_classifier

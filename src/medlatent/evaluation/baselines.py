@@ -234,6 +234,11 @@ class NaturalImageAutoencoder:
     spatial_dims = 2
 
     @property
+    def family(self) -> str:
+        """The paper's name of its kind, as rows are labelled: ``KL-VAE`` or ``VQ-GAN``."""
+        return "KL-VAE" if self.kind == "kl" else "VQ-GAN"
+
+    @property
     def downsample_per_axis(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 

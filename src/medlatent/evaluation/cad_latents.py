@@ -17,17 +17,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from medlatent.evaluation.cad import (
-    LATENT_CHANNELS,
-    SPLITS,
-    CADConfig,
-    CADDataError,
-    CADResult,
-    MethodResult,
-    _label_order,
-    _resolved,
-    train_classifier,
-)
+from medlatent.evaluation.cad_config import LATENT_CHANNELS, CADConfig, resolved_settings
+from medlatent.evaluation.cad_manifest import SPLITS, CADDataError, label_order
+from medlatent.evaluation.cad_results import CADResult, MethodResult
+from medlatent.evaluation.cad_train import train_classifier
 from medlatent.evaluation.classifiers import check_classifier
 
 
@@ -77,7 +70,7 @@ def latent_task(source: str | Path | Sequence[str | Path], labels: str | Path | 
         raise CADDataError(f"{source}: the latents differ in shape ({e}); a CAD run needs one latent size") from e
     rows = torch.cat(ys).tolist()
     values = [{c: _value(ds, c, v) for c, v in zip(columns, r)} for r in rows]
-    names = _label_order([v["label"] for v in values])
+    names = label_order([v["label"] for v in values])
     bad = next((i for i, v in enumerate(values) if v["split"].lower() not in SPLITS), None)
     if bad is not None:
         raise CADDataError(f"{where}: {ds.paths[bad]}: split must be one of {', '.join(SPLITS)}, got "
@@ -132,5 +125,6 @@ def run_cad_latents(source: str | Path | Sequence[str | Path], labels: str | Pat
     name = task or (Path(labels).stem if labels else Path(source if isinstance(source, (str, Path))
                                                           else source[0]).name)
     metric = "AUROC" if len(names) == 2 else "macro AUROC (one-vs-rest)"
-    resolved = {**_resolved(config, dims), "size": list(inputs.shape[2:]), "source": str(source)}  # latents as read
+    # the size of the latents as read
+    resolved = {**resolved_settings(config, dims), "size": list(inputs.shape[2:]), "source": str(source)}
     return CADResult(name, metric, names, counts, classifier, resolved, [row])

@@ -171,7 +171,7 @@ def register(app: typer.Typer) -> None:
                 ae = natural_image_autoencoder(folder, device=device)
             except NaturalModelError as e:
                 fail(str(e))
-            extra[f"{'KL-VAE' if ae.kind == 'kl' else 'VQ-GAN'}:{folder.name}"] = natural_spec(ae)
+            extra[f"{ae.family}:{folder.name}"] = natural_spec(ae)
         if model2d is not None:
             if nets[0].spatial_dims != 3:
                 fail("--stitched-2d compares a 2D model slice by slice with a 3D --model; this model is 2D")

@@ -195,7 +195,8 @@ def write_honest_report(out_dir: str | Path, rows: Sequence[Mapping[str, Any]],
     """Write ``results.json`` (models, every row, the summary and ``extra``) and ``report.md`` to ``out_dir``."""
     import json
 
-    from medlatent.evaluation.recon import _json_clean, weights_sha256
+    from medlatent.evaluation.digests import weights_sha256
+    from medlatent.evaluation.recon_report import json_clean
     from medlatent.evaluation.report import write_report
 
     out = Path(out_dir)
@@ -203,7 +204,7 @@ def write_honest_report(out_dir: str | Path, rows: Sequence[Mapping[str, Any]],
     described = {n: {"weights_sha256": weights_sha256(m), "f": m.f, "C": m.C, "spatial_dims": m.spatial_dims,
                      "downsample_per_axis": m.downsample_per_axis} for n, m in models.items()}
     files = {"json": out / "results.json"}
-    files["json"].write_text(json.dumps(_json_clean({"models": described, "images": list(rows), "summary": summary,
+    files["json"].write_text(json.dumps(json_clean({"models": described, "images": list(rows), "summary": summary,
                                                      **(extra or {})}), indent=1) + "\n")
     notes = [
         "Models: " + "; ".join(f"`{n}` (SHA-256 {d['weights_sha256'][:12]}): {d['spatial_dims']}D, f = {d['f']} "
