@@ -74,8 +74,24 @@ def test_tiled_inference_is_close_and_seamless(dims, size, tile, overlap):
 
 
 def test_border_mask_marks_blend_centres():
-    m = border_mask((64,), 32, 8)  # tiles start at 0, 16, 32: blend centres at 24 and 40
-    assert m.nonzero().flatten().tolist() == [23, 24, 39, 40]
+    # three tiles of at most 32 are needed; balanced, they are 27 long and start at 0, 18, 37: centres 22 and 41
+    m = border_mask((64,), 32, 8)
+    assert m.nonzero().flatten().tolist() == [21, 22, 40, 41]
+
+
+@pytest.mark.parametrize("size,tile,ov,mult", [(2048, 512, 36, 4), (100, 32, 8, 1), (64, 32, 8, 1), (257, 100, 30, 1),
+                                               (130, 64, 16, 8), (64, 64, 8, 4), (30, 64, 8, 2)])
+def test_balanced_tiles_keep_the_count_and_the_overlap_with_fewer_pixels(size, tile, ov, mult):
+    from medlatent.engine.tiling import balanced_tile
+
+    t = balanced_tile(size, tile, ov, mult)
+    assert t <= min(tile, size) and (t == size or t % mult == 0)
+    fixed, balanced = tile_starts(size, min(tile, size), ov, mult), tile_starts(size, t, ov, mult)
+    assert len(balanced) == len(fixed)  # as many forward passes as before, each on at most as many pixels
+    assert balanced[0] == 0 and balanced[-1] + t == size
+    assert all(a + t - b >= ov for a, b in zip(balanced, balanced[1:]))
+    if size == 2048:
+        assert t == 440  # 5 × 440² instead of 5 × 512² per row: 26 % fewer pixels in all
 
 
 def test_bfloat16_autocast_on_cpu_stays_close_to_float32():

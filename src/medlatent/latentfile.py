@@ -281,7 +281,7 @@ def write_latent(path: str | Path, lf: LatentFile, dtype: torch.dtype = torch.fl
     """
     from safetensors.torch import save
 
-    from medlatent import __version__
+    from medlatent._version import __version__
 
     path = Path(path)
     if dtype not in STORAGE_DTYPES:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from medlatent.engine.tiling import tile_starts
+from medlatent.engine.tiling import balanced_tile, tile_starts
 from medlatent.metrics import psnr
 
 
@@ -16,9 +16,10 @@ def border_mask(shape: tuple[int, ...], tile: int, overlap: int, scale: int = 1,
     in_shape = tuple(n // scale for n in shape)
     mask = torch.zeros(shape, dtype=torch.bool)
     for ax, n in enumerate(in_shape):
-        starts = tile_starts(n, min(tile, n), overlap)
+        t = balanced_tile(n, tile, overlap)
+        starts = tile_starts(n, t, overlap)
         for prev, nxt in zip(starts, starts[1:]):
-            centre = int(round((nxt + prev + min(tile, n)) / 2 * scale))
+            centre = int(round((nxt + prev + t) / 2 * scale))
             idx = [slice(None)] * len(shape)
             idx[ax] = slice(max(0, centre - width), min(shape[ax], centre + width))
             mask[tuple(idx)] = True

@@ -29,6 +29,23 @@ def tile_starts(size: int, tile: int, overlap: int, multiple: int = 1) -> list[i
     return starts
 
 
+def balanced_tile(size: int, tile: int, overlap: int, multiple: int = 1) -> int:
+    """The smallest tile (a multiple of ``multiple``, at most ``tile``) that covers ``size`` with as few tiles as
+    ``tile`` needs.
+
+    A fixed tile that does not divide the axis makes the tiles overlap far more than ``overlap`` (2048 px in tiles
+    of 512 with 36 px overlap: five tiles cover 2560 px); shrinking them to the balanced size (440 px) computes
+    the same number of tiles on 14 % fewer pixels per axis, without changing the memory bound.
+    """
+    if tile >= size:
+        return size
+    if overlap >= tile:
+        raise ValueError(f"overlap {overlap} must be smaller than the tile {tile}")
+    n = math.ceil((size - overlap) / (tile - overlap))
+    need = math.ceil((size + (n - 1) * overlap) / n)
+    return min(tile, max(overlap + 1, math.ceil(need / multiple) * multiple))
+
+
 @dataclass(frozen=True)
 class Tile:
     """One tile: ``starts``/``sizes`` per axis."""
@@ -42,10 +59,11 @@ class Tile:
 
 def plan_tiles(shape: tuple[int, ...], tile: tuple[int, ...], overlap: tuple[int, ...],
                multiple: int = 1) -> list[Tile]:
-    """All tiles over ``shape`` (row-major order)."""
+    """All tiles over ``shape`` (row-major order); along each axis as few as ``tile`` allows, each shrunk to
+    the balanced size (:func:`balanced_tile`)."""
     tiles = [Tile((), ())]
     for n, t, o in zip(shape, tile, overlap):
-        t = min(t, n)
+        t = balanced_tile(n, t, o, multiple)
         tiles = [Tile(tl.starts + (a,), tl.sizes + (t,)) for tl in tiles for a in tile_starts(n, t, o, multiple)]
     return tiles
 

@@ -115,7 +115,7 @@ def decode_files(latents: list[Path], output: Path, *, model: str | Path | None 
 def _dicom_job(name: str, path: Path, output: Path, template: Path | None, keep_study: bool,
                decode_one: DecodeOne) -> Job:
     """A job that decodes one latent into a derived DICOM file (2D) or series folder (3D)."""
-    from medlatent import __version__
+    from medlatent._version import __version__
     from medlatent.io.dicom_out import Derivation, dicom_output_path, find_template, write_dicom
 
     try:
