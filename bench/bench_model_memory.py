@@ -12,6 +12,9 @@ Usage (the interpreter needs torch, and the official ``medvae`` package for the 
     python bench/bench_model_memory.py --models medvae_4_1_3d medvae_8_1_3d --sizes 64 --repeats 3 \
         --out bench/results/model_memory_3d_64.json
 
+``--impls`` takes ``official``, ``medlatent`` (fp32) and ``medlatent-bf16`` (bf16 autocast, as ``--precision bf16``;
+only on CPUs with native bf16, see ``medlatent.deploy.cpu``).
+
 ``--sizes`` is the edge of a square image or cubic volume. Up to 160 voxels per axis, the official 3D
 inference (MONAI's sliding window with 160-voxel windows) is a single window, i.e. the model call timed here.
 
@@ -70,12 +73,23 @@ def _official_model(name: str, ckpt: str):
     return model.eval(), lambda x: model.encode(x).sample(), model.decode
 
 
-def _medlatent_model(name: str, ckpt: str):
+def _medlatent_model(name: str, ckpt: str, bf16: bool = False):
     sys.path.insert(0, str(ROOT / "src"))
+    import torch
+
     from medlatent import MedVAE
 
     model = MedVAE.from_pretrained(name, checkpoint=ckpt)
-    return model, lambda x: model.encode(x).mean, model.decode
+    if not bf16:
+        return model, lambda x: model.encode(x).mean, model.decode
+
+    def autocast(fn):  # `--precision bf16`: autocast, GroupNorm statistics in float32, result back in float32
+        def run(t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(t).float()
+        return run
+
+    return model, autocast(lambda x: model.encode(x).mean), autocast(model.decode)
 
 
 def worker(impl: str, name: str, size: int, op: str, ckpt: str, repeats: int) -> None:
@@ -83,7 +97,10 @@ def worker(impl: str, name: str, size: int, op: str, ckpt: str, repeats: int) ->
 
     import torch
 
-    model, enc, dec = (_official_model if impl == "official" else _medlatent_model)(name, ckpt)
+    if impl == "official":
+        model, enc, dec = _official_model(name, ckpt)
+    else:
+        model, enc, dec = _medlatent_model(name, ckpt, bf16=impl == "medlatent-bf16")
     cfg_s = 2 ** (len(model.encoder.down) - 1)
     c = model.quant_conv.out_channels // 2
     g = torch.Generator().manual_seed(0)
