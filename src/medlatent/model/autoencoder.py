@@ -11,6 +11,7 @@ are ``channel_proj(channel_ds(z) + z)``, the projected latent the paper used for
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
@@ -383,18 +384,9 @@ class WeightFiles(Protocol):
     :meth:`MedVAE.save_pretrained` call whatever :func:`set_weight_files` installed; the package root installs
     ``medlatent.checkpoints`` when it is imported, which is before any of its modules is."""
 
-    def load_pretrained(
-        self,
-        name_or_dir: str | Path,
-        checkpoint: str | Path | None = None,
-        *,
-        revision: str | None = None,
-        cache_dir: str | Path | None = None,
-        local_files_only: bool | None = None,
-        map_location: str | torch.device = "cpu",
-    ) -> MedVAE: ...
-
-    def save_pretrained(self, model: MedVAE, directory: str | Path, name: str | None = None) -> Path: ...
+    # the signatures are those of medlatent.checkpoints.load_pretrained / save_pretrained (model first)
+    load_pretrained: Callable[..., MedVAE]
+    save_pretrained: Callable[..., Path]
 
 
 _weight_files: WeightFiles | None = None
