@@ -2,6 +2,10 @@
 
 One file describes a run (``medlatent train CONFIG.yaml data.train=/my/csv train.max_steps=2000``). The
 presets under ``medlatent/training/presets`` are complete, commented examples for every member and stage.
+
+Each field's annotation is its rule, and pydantic checks every section when it is built
+(:mod:`medlatent.training.options`); :meth:`TrainConfig.validate` adds only what spans sections or what a run
+needs that ``--show`` does not (``data.train``).
 """
 
 from __future__ import annotations
@@ -11,25 +15,40 @@ import difflib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
+from annotated_types import Interval
+from pydantic import AfterValidator, BeforeValidator, NonNegativeInt, PositiveFloat, PositiveInt
 
-from medlatent.training.data import DataConfig
+from medlatent.training.data import DataConfig, DataError
 from medlatent.training.losses import LossConfig
-from medlatent.training.options import option
+from medlatent.training.options import check_fields, check_keys, coerce, option
 from medlatent.training.schedule import SCHEDULES
 
 #: model.inflate_resample values (see medlatent.training.build.inflate)
-INFLATE_RESAMPLE = ("centre", "linear")
-
-STAGES = ("stage1", "stage2", "stage2_3d")
+InflateResample = Literal["centre", "linear"]
+INFLATE_RESAMPLE: tuple[str, ...] = get_args(InflateResample)
+Stage = Literal["stage1", "stage2", "stage2_3d"]
+STAGES: tuple[str, ...] = get_args(Stage)
+Schedule = Literal[SCHEDULES]  # type: ignore[valid-type]  # the names medlatent.training.schedule implements
 #: ``train.log_with`` values and the module each needs
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
 class ConfigError(ValueError):
     """A training configuration that cannot run; the message names the key and what to do."""
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value  # train.log_with=tensorboard, without brackets
+
+
+def _known_trackers(names: list[str]) -> list[str]:
+    unknown = [x for x in names if x not in TRACKERS]
+    if unknown:
+        raise ValueError(f"has an unknown tracker {unknown[0]!r} (supported: {', '.join(TRACKERS)})")
+    return names
 
 
 @dataclass
@@ -46,13 +65,14 @@ class ModelSection:
                   "training refines); `pretrained` (the released or bundled weights of `name`); a path to a "
                   "medlatent model folder (e.g. a run's `final/`) or a checkpoint file; or `natural:PATH`, a "
                   "natural-image KL-VAE (LDM or diffusers) adapted with LoRA.")
-    lora_rank: int = option(0, "> 0 trains only rank-r LoRA adapters on the ResnetBlock/attention convs (official: 4).")
+    lora_rank: NonNegativeInt = option(
+        0, "> 0 trains only rank-r LoRA adapters on the ResnetBlock/attention convs (official: 4).")
     lora_train_quant: bool = option(
         True, "With LoRA (`lora_rank > 0` or `init: natural:PATH`), also train the 1×1 `quant_conv` and "
               "`post_quant_conv` in full, as the official fine-tuning does; false freezes them with the rest.")
     inflate_from: str | None = option(
         None, "stage2_3d only: the 2D model (name or path) whose kernels are inflated to 3D.")
-    inflate_resample: str = option(
+    inflate_resample: InflateResample = option(
         "centre", "stage2_3d: how the 2D down/upsampling kernels are inflated. `centre`: in the centre slice, as "
                   "every other kernel (the paper; the new axis starts as keep-every-other-slice and repeat); "
                   "`linear`: spread along the new axis (the downsampling averages each pair of planes, the upsampling "
@@ -64,58 +84,64 @@ class ModelSection:
         None, "Name of the trained model, written to `final/config.json` and shown in latent files and reports. "
               "null: the name of `train.output_dir`.")
 
+    def __post_init__(self) -> None:
+        check_fields(self, "model", ConfigError)
+
 
 @dataclass
 class OptimSection:
     """Adam settings. The official recipe scales ``base_lr`` by batch size × gradient accumulation."""
 
-    base_lr: float = option(4.5e-6, "Learning rate per sample; multiplied by batch_size × grad_accum when "
-                                    "`scale_lr` is true (the official rule).")
+    base_lr: PositiveFloat = option(4.5e-6, "Learning rate per sample; multiplied by batch_size × grad_accum when "
+                                            "`scale_lr` is true (the official rule).")
     scale_lr: bool = option(True, "Scale `base_lr` by batch_size × grad_accum.")
     betas: tuple[float, float] = option((0.5, 0.9), "Adam betas (official: [0.5, 0.9]).")
-    warmup_steps: int = option(
+    warmup_steps: NonNegativeInt = option(
         0, "Linear learning-rate warm-up over the first steps (0: none, as the official recipe). Worth it when "
            "fine-tuning a good starting point: Adam's first steps move every weight by the full learning rate.")
-    schedule: str = option(
+    schedule: Schedule = option(
         "constant", "Learning rate after the warm-up: `constant`, or `cosine`, half a cosine from the peak at the "
                     "end of the warm-up to `min_lr_ratio` × the peak at `train.max_steps`.")
-    min_lr_ratio: float = option(0.0, "`schedule: cosine`: the final learning rate as a fraction of the peak "
-                                      "(0 decays to zero).")
+    min_lr_ratio: Annotated[float, Interval(ge=0.0, le=1.0)] = option(
+        0.0, "`schedule: cosine`: the final learning rate as a fraction of the peak (0 decays to zero).")
     weight_decay: float = option(0.0, "Adam weight decay.")
     grad_clip: float | None = option(None, "Clip the gradient norm to this value (null: no clipping).")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "optim", ConfigError)
 
 
 @dataclass
 class LoopSection:
     """The loop: stage, length, batch, precision, checkpoints and logging."""
 
-    stage: str = option("stage1", "`stage1` (autoencoder), `stage2` (2D stage-2 head) or `stage2_3d` "
-                                  "(3D autoencoder inflated from 2D).")
+    stage: Stage = option("stage1", "`stage1` (autoencoder), `stage2` (2D stage-2 head) or `stage2_3d` "
+                                    "(3D autoencoder inflated from 2D).")
     output_dir: str = option("runs/medlatent", "Run folder: config, logs, checkpoints, previews and `final/`. "
                                                "Re-running with the same folder resumes.")
-    max_steps: int = option(10000, "Optimiser steps to train (a resumed run counts the steps already done).")
+    max_steps: PositiveInt = option(10000, "Optimiser steps to train (a resumed run counts the steps already done).")
     max_minutes: float | None = option(
         None, "Wall-clock budget: the run ends at the first step past it, with a checkpoint and the export, as if "
               "`max_steps` had been reached (null: no budget).")
-    batch_size: int = option(4, "Samples per process per micro-batch; the effective batch is "
-                                "batch_size × grad_accum × processes.")
-    grad_accum: int = option(1, "Micro-batches per optimiser step.")
-    mixed_precision: str = option("no", "`no`, `bf16` or `fp16` (autocast).")
+    batch_size: PositiveInt = option(4, "Samples per process per micro-batch; the effective batch is "
+                                        "batch_size × grad_accum × processes.")
+    grad_accum: PositiveInt = option(1, "Micro-batches per optimiser step.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option("no", "`no`, `bf16` or `fp16` (autocast).")
     seed: int = option(0, "Seed of the weights, data order, augmentation and the validation split.")
     sample_posterior: bool = option(True, "Decode a sample of the posterior during training (official); false "
                                           "decodes the mean.")
-    ema_decay: float | None = option(
+    ema_decay: Annotated[float, Interval(gt=0.0, lt=1.0)] | None = option(
         None, "Keep an exponential moving average of the weights with this decay (e.g. 0.999); validation and the "
               "export use it (null: off).")
-    log_every: int = option(20, "Write one `log.csv` row (and tracker values) every this many steps, each value "
-                                "averaged over those steps.")
-    val_every: int = option(500, "Validate every this many steps (and at the last step).")
+    log_every: PositiveInt = option(20, "Write one `log.csv` row (and tracker values) every this many steps, each "
+                                        "value averaged over those steps.")
+    val_every: PositiveInt = option(500, "Validate every this many steps (and at the last step).")
     val_max_images: int = option(32, "Validate on at most this many validation images (whole images).")
     previews: int = option(4, "Validation images shown in `previews/step_*.png` (input | reconstruction | "
                               "4×difference).")
-    ckpt_every: int = option(500, "Save a checkpoint every this many steps (and at the last step, and on "
-                                  "SIGINT/SIGTERM).")
-    keep_checkpoints: int = option(
+    ckpt_every: PositiveInt = option(500, "Save a checkpoint every this many steps (and at the last step, and "
+                                          "on SIGINT/SIGTERM).")
+    keep_checkpoints: NonNegativeInt = option(
         2, "Checkpoints kept in `checkpoints/` (the newest; each holds the model and the optimiser state). "
            "Raise it to keep more, 0 keeps all.")
     resume: str | None = option(
@@ -123,11 +149,14 @@ class LoopSection:
                 "folder; or null to start over.")
     export_merged: bool = option(True, "Fold LoRA adapters into the convs of `final/` (false keeps them in the "
                                        "official adapter layout).")
-    log_with: list[str] = option(
+    log_with: Annotated[list[str], BeforeValidator(_as_list), AfterValidator(_known_trackers)] = option(
         help="Experiment trackers besides `log.csv`: `tensorboard` (writes `tensorboard/` in the run folder; "
              "pip install 'medlatent[tensorboard]') and/or `wandb` (pip install wandb). A tracker that is not "
              "installed stops the run at its start.", factory=list)
     cpu: bool = option(False, "Train on the CPU even when a GPU is present.")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "train", ConfigError)
 
 
 @dataclass
@@ -139,52 +168,21 @@ class TrainConfig:
     train: LoopSection = field(default_factory=LoopSection)
 
     def validate(self) -> "TrainConfig":
-        t = self.train
-        if t.stage not in STAGES:
-            raise ConfigError(f"train.stage must be one of {', '.join(STAGES)}, got {t.stage!r}")
+        """Check what a run needs beyond each section's own rules (checked when the sections were built)."""
+        t, m = self.train, self.model
         if not self.data.train:
             raise ConfigError(
                 "data.train is not set: give a folder of images or a CSV manifest (columns path[, split, modality]), "
                 "e.g. `medlatent train CONFIG.yaml data.train=/data/train.csv`"
             )
-        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "val_every", "ckpt_every"):
-            if getattr(t, key) < 1:
-                raise ConfigError(f"train.{key} must be ≥ 1, got {getattr(t, key)}")
-        if t.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {t.mixed_precision!r}")
-        if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
-            raise ConfigError(f"train.ema_decay must be in (0, 1) or null, got {t.ema_decay}")
-        if t.stage == "stage2_3d" and not self.model.inflate_from and self.model.init == "random":
+        if t.stage == "stage2_3d" and not m.inflate_from and m.init == "random":
             raise ConfigError("stage2_3d needs model.inflate_from (the 2D stage-1 model to inflate) or model.init")
-        if self.model.lora_rank < 0:
-            raise ConfigError(f"model.lora_rank must be ≥ 0, got {self.model.lora_rank}")
-        if not isinstance(self.model.lora_train_quant, bool):
-            raise ConfigError(f"model.lora_train_quant must be true or false, got {self.model.lora_train_quant!r}")
-        if self.model.lora_rank and self.loss.adaptive_disc_weight and t.stage != "stage2":
+        if m.lora_rank and self.loss.adaptive_disc_weight and t.stage != "stage2":
             raise ConfigError("the adaptive GAN weight needs the decoder's last layer to train, which LoRA freezes; "
                               "set loss.adaptive_disc_weight=false (the official LoRA recipe: weight 1.0)")
-        if self.optim.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps must be ≥ 0, got {self.optim.warmup_steps}")
-        if self.model.inflate_resample not in INFLATE_RESAMPLE:
-            raise ConfigError(f"model.inflate_resample must be one of {', '.join(INFLATE_RESAMPLE)}, got "
-                              f"{self.model.inflate_resample!r}")
-        if self.optim.schedule not in SCHEDULES:
-            raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {self.optim.schedule!r}")
-        ratio = self.optim.min_lr_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
-            raise ConfigError(f"optim.min_lr_ratio must be a number in [0, 1], got {ratio!r}")
-        if self.optim.base_lr <= 0:
-            raise ConfigError(f"optim.base_lr must be > 0, got {self.optim.base_lr}")
-        if self.model.init == "pretrained" and not self.model.name:
+        if m.init == "pretrained" and not m.name:
             raise ConfigError("model.init=pretrained needs model.name, the registry member whose weights to start "
                               "from (`medlatent models`); or give model.init=PATH to a model folder or checkpoint")
-        if t.keep_checkpoints < 0:
-            raise ConfigError(f"train.keep_checkpoints must be ≥ 0 (0 keeps all), got {t.keep_checkpoints}")
-        if isinstance(t.log_with, str):  # train.log_with=tensorboard, without brackets
-            t.log_with = [t.log_with]
-        unknown = [x for x in t.log_with if x not in TRACKERS]
-        if unknown:
-            raise ConfigError(f"train.log_with: unknown tracker {unknown[0]!r}; supported: {', '.join(TRACKERS)}")
         return self
 
     def export_name(self) -> str:
@@ -220,59 +218,37 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-_SECTIONS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_SECTIONS = {"model": ModelSection, "data": DataConfig, "loss": LossConfig, "optim": OptimSection,
+             "train": LoopSection}
+#: fields without a default: empty until :meth:`TrainConfig.validate` requires them (``--show`` prints them so)
+_UNSET = {"data": {"train": ""}}
 
 
-def _as_float(v: Any, key: str) -> Any:
-    """YAML 1.1 reads ``2e-4`` (no dot) as a string: accept it as the number it means."""
-    if not isinstance(v, str):
-        return v
+def _section(cls: type, values: Any, where: str) -> Any:
+    """One section from plain values: unknown keys refused, values converted and checked by pydantic."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping of keys (e.g. {where}: {{...}}), got {values!r}")
+    check_keys(cls, values, where, ConfigError)
+    values = {**_UNSET.get(where, {}), **values}
+    # converted here for every section: the loss section checks its values itself, but reads YAML's 1e-6 as text
+    values = coerce(cls, values, where, ConfigError)
     try:
-        return float(v)
-    except ValueError:
-        raise ConfigError(f"{key} must be a number, got {v!r}") from None
-
-
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in values if k not in known]
-    if unknown:
-        k = unknown[0]
-        close = difflib.get_close_matches(k, known, n=2)
-        hint = f" (did you mean {' or '.join(f'{where}.{c}' for c in close)}?)" if close else ""
-        raise ConfigError(f"unknown key {where}.{k}{hint}; known: {', '.join(known)}")
-    kwargs = {}
-    for k, v in values.items():
-        kind = str(known[k].type)
-        if kind.startswith("tuple[float") and v is not None and not isinstance(v, str):
-            v = tuple(_as_float(x, f"{where}.{k}") for x in v)
-        elif kind.startswith("float") and isinstance(v, str):
-            v = _as_float(v, f"{where}.{k}")
-        kwargs[k] = v
-    try:
-        return cls(**kwargs)
+        return cls(**values)
+    except DataError as e:
+        raise ConfigError(str(e)) from None  # names data.key already
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from e
 
 
 def from_dict(d: dict[str, Any]) -> TrainConfig:
-    """Build and validate a :class:`TrainConfig` from nested plain values."""
+    """A :class:`TrainConfig` from nested plain values, each section checked (not :meth:`TrainConfig.validate`)."""
     d = dict(d or {})
     unknown = [k for k in d if k not in _SECTIONS]
     if unknown:
         close = difflib.get_close_matches(unknown[0], _SECTIONS, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise ConfigError(f"unknown section {unknown[0]!r}{hint}; sections: {', '.join(_SECTIONS)}")
-    defaults = TrainConfig().to_dict()
-    sections = {}
-    for name in _SECTIONS:
-        merged = {**defaults[name], **(d.get(name) or {})}
-        cls = {"model": ModelSection, "data": DataConfig, "loss": LossConfig,
-               "optim": OptimSection, "train": LoopSection}[name]
-        if name == "data" and not merged.get("train"):
-            merged["train"] = ""
-        sections[name] = _build(cls, merged, name)
-    return TrainConfig(**sections)
+    return TrainConfig(**{name: _section(cls, d.get(name) or {}, name) for name, cls in _SECTIONS.items()})
 
 
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

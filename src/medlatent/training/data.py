@@ -26,27 +26,30 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import difflib
 import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 import torch
+from annotated_types import Ge, Interval
+from pydantic import AfterValidator, BeforeValidator, NonNegativeInt
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medlatent.io.image import ImageReadError
 from medlatent.io.tables import read_csv_rows
 from medlatent.preprocessing import PreprocessingError, preprocess
-from medlatent.training.options import option
+from medlatent.training.options import check_fields, check_keys, option
 
 logger = logging.getLogger(__name__)
 
-MODES = ("random_crop", "resize", "random_resized_crop", "multiscale")
-MODALITIES = ("auto", "ct", "mri", "xray", "other")
+Mode = Literal["random_crop", "resize", "random_resized_crop", "multiscale"]
+Modality = Literal["auto", "ct", "mri", "xray", "other"]
+MODES: tuple[str, ...] = get_args(Mode)
+MODALITIES: tuple[str, ...] = get_args(Modality)
 SPLITS = ("train", "val", "test")
 # random_resized_crop: the default range of the square crop's side, as a fraction of the image's short side
 RESIZED_CROP_SIDE = (0.5, 1.0)
@@ -62,79 +65,6 @@ class DataError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ config
-@dataclass
-class DataConfig:
-    """Where the training images are and how they are cut into training samples (the ``data`` section)."""
-
-    train: str = option(
-        help="REQUIRED. A folder (walked recursively; DICOM series become volumes) or a CSV manifest with columns "
-             "`path` (relative to the CSV's folder), optional `split` (train/val/test) and `modality` "
-             "(ct/mri/xray/other). A CSV with a `split` column trains on its `train` rows.")
-    val: str | None = option(
-        "auto", "Validation images: `auto` (a CSV's `val` rows when it has a split column, else a seeded "
-                "`val_fraction` of the training files, held out from training and listed in `val_split.txt`); a "
-                "folder or CSV (its `val` rows when it has a split column); or `none` (also null) for no "
-                "validation.")
-    val_fraction: float = option(
-        0.1, "With `val: auto` and no split column: the fraction of training files held out for validation (at "
-             "least one file when there are two or more; 0 holds none out).")
-    spatial_dims: int = option(2, "2 or 3 (the model's).")
-    in_channels: int = option(1, "The model's input channels (1 or 3); RGB files are averaged for 1, gray "
-                                 "repeated for 3.")
-    size: int = option(256, "Crop side (2D) or cubic patch side (3D; 64 in the paper); a multiple of the model's "
-                            "reduction.")
-    mode: str = option("random_crop", "2D only: `random_crop` (native resolution), `resize` (whole image to "
-                                      "size×size, as the official 2D fine-tuning), `random_resized_crop` or "
-                                      "`multiscale` (native-resolution crops to the downscaled whole image). 3D "
-                                      "always uses random patches.")
-    crop_side: tuple[float, float] = option(
-        RESIZED_CROP_SIDE, "`random_resized_crop` only: range of the crop's side as a fraction of the image's "
-                           "short side (uniform).")
-    flips: bool = option(True, "Random flips (2D: horizontal and vertical; 3D: each axis), training only.")
-    invert: float = option(0.0, "Probability of inverting a training sample's intensities (x → −x).")
-    modality: str = option("auto", "`auto` (from the file) or ct/mri/xray/other for every image without a CSV "
-                                   "modality.")
-    mri_percentiles: tuple[float, float] | None = option(
-        None, "Clip 3D MRI to these percentiles before min–max, as at inference (null: plain min–max).")
-    slices_from_volumes: bool = option(True, "2D only: 3D files give random 2D slices (else a 3D file is an "
-                                             "error).")
-    cache: bool = option(True, "Keep each preprocessed image in memory (per loader worker); 4 bytes per "
-                               "pixel/voxel per worker.")
-    num_workers: int = option(2, "Data loader processes (0: load in the training process).")
-    pad_value: float = option(-1.0, "Value of the padding around images smaller than the crop (-1: the bottom "
-                                    "of the range).")
-
-    def __post_init__(self) -> None:
-        # ``train`` may be empty here (a config being assembled); build_datasets refuses an empty one
-        self.train = str(self.train) if self.train is not None else ""
-        self.val = normalise_val(self.val)
-        if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) \
-                or not 0.0 <= self.val_fraction < 1.0:
-            raise DataError(f"val_fraction must be a number in [0, 1), got {self.val_fraction!r}")
-        self.val_fraction = float(self.val_fraction)
-        if self.mri_percentiles is not None:
-            self.mri_percentiles = tuple(float(v) for v in self.mri_percentiles)  # type: ignore[assignment]
-        self.crop_side = check_crop_side(self.crop_side)
-        check_options(spatial_dims=self.spatial_dims, in_channels=self.in_channels, size=self.size,
-                      mode=self.mode, modality=self.modality, mri_percentiles=self.mri_percentiles,
-                      pad_value=self.pad_value)
-        if not isinstance(self.num_workers, int) or self.num_workers < 0:
-            raise DataError(f"num_workers must be an integer ≥ 0, got {self.num_workers!r}")
-        if not 0.0 <= float(self.invert) <= 1.0:
-            raise DataError(f"invert is a probability in [0, 1], got {self.invert!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DataConfig:
-        """Build from plain values (JSON/YAML); an unknown key is an error that names the closest valid key."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        for k in d:
-            if k not in known:
-                close = difflib.get_close_matches(k, known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise DataError(f"unknown data option {k!r}{hint}; options: {', '.join(known)}")
-        return cls(**d)
-
-
 def normalise_val(value: Any) -> str | None:
     """``data.val`` as ``"auto"``, a source path, or None for no validation (``none``, null or empty)."""
     if value is None:
@@ -145,38 +75,80 @@ def normalise_val(value: Any) -> str | None:
     return "auto" if text.lower() == "auto" else text
 
 
-def check_crop_side(value: Any) -> tuple[float, float]:
-    """``(low, high)`` with ``0 < low ≤ high ≤ 1``, or a :class:`DataError` saying what is wrong."""
-    try:
-        low, high = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise DataError(f"crop_side must be two fractions [low, high], got {value!r}") from None
-    if not 0.0 < low <= high <= 1.0:
-        raise DataError(f"crop_side must satisfy 0 < low ≤ high ≤ 1, got [{low}, {high}]")
-    return low, high
+def _source(value: Any) -> str:
+    return "" if value is None else str(value)  # a Path, or unset (build_datasets refuses an empty one)
 
 
-def check_options(*, spatial_dims: int, in_channels: int, size: int, mode: str, modality: str,
-                  mri_percentiles: tuple[float, float] | None, pad_value: float) -> None:
-    """Validate the sample options shared by :class:`DataConfig` and :class:`ImageDataset`."""
-    if spatial_dims not in (2, 3):
-        raise DataError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
-    if in_channels not in (1, 3):
-        raise DataError(f"in_channels must be 1 or 3 (the model's input channels), got {in_channels!r}")
-    if not isinstance(size, int) or size < 2:
-        raise DataError(f"size must be an integer ≥ 2 (crop side in pixels/voxels), got {size!r}")
-    if mode not in MODES:
-        raise DataError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if spatial_dims == 3 and mode != "random_crop":
-        raise DataError(f"mode {mode!r} is for 2D data; 3D training always uses random cubic patches "
-                        "(leave mode at random_crop)")
-    if modality not in MODALITIES:
-        raise DataError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
-    if mri_percentiles is not None and (
-            len(mri_percentiles) != 2 or not 0.0 <= mri_percentiles[0] < mri_percentiles[1] <= 100.0):
-        raise DataError(f"mri_percentiles must be (low, high) with 0 ≤ low < high ≤ 100, got {mri_percentiles}")
-    if not -1.0 <= float(pad_value) <= 1.0:
-        raise DataError(f"pad_value must lie in the model range [-1, 1], got {pad_value}")
+def _fraction_pair(pair: tuple[float, float]) -> tuple[float, float]:
+    if not 0.0 < pair[0] <= pair[1] <= 1.0:
+        raise ValueError("must satisfy 0 < low ≤ high ≤ 1 (fractions of the short side)")
+    return pair
+
+
+def _percentile_pair(pair: tuple[float, float]) -> tuple[float, float]:
+    if not 0.0 <= pair[0] < pair[1] <= 100.0:
+        raise ValueError("must be (low, high) with 0 ≤ low < high ≤ 100")
+    return pair
+
+
+@dataclass
+class DataConfig:
+    """Where the training images are and how they are cut into training samples (the ``data`` section).
+
+    The annotations are the rules (checked by pydantic when the section is built, :func:`check_fields`);
+    an :class:`ImageDataset` cuts its samples by the same object.
+    """
+
+    train: Annotated[str, BeforeValidator(_source)] = option(
+        help="REQUIRED. A folder (walked recursively; DICOM series become volumes) or a CSV manifest with columns "
+             "`path` (relative to the CSV's folder), optional `split` (train/val/test) and `modality` "
+             "(ct/mri/xray/other). A CSV with a `split` column trains on its `train` rows.")
+    val: Annotated[str | None, BeforeValidator(normalise_val)] = option(
+        "auto", "Validation images: `auto` (a CSV's `val` rows when it has a split column, else a seeded "
+                "`val_fraction` of the training files, held out from training and listed in `val_split.txt`); a "
+                "folder or CSV (its `val` rows when it has a split column); or `none` (also null) for no "
+                "validation.")
+    val_fraction: Annotated[float, Interval(ge=0.0, lt=1.0)] = option(
+        0.1, "With `val: auto` and no split column: the fraction of training files held out for validation (at "
+             "least one file when there are two or more; 0 holds none out).")
+    spatial_dims: Literal[2, 3] = option(2, "2 or 3 (the model's).")
+    in_channels: Literal[1, 3] = option(1, "The model's input channels (1 or 3); RGB files are averaged for 1, "
+                                           "gray repeated for 3.")
+    size: Annotated[int, Ge(2)] = option(256, "Crop side (2D) or cubic patch side (3D; 64 in the paper); a multiple "
+                                              "of the model's reduction.")
+    mode: Mode = option("random_crop", "2D only: `random_crop` (native resolution), `resize` (whole image to "
+                                       "size×size, as the official 2D fine-tuning), `random_resized_crop` or "
+                                       "`multiscale` (native-resolution crops to the downscaled whole image). 3D "
+                                       "always uses random patches.")
+    crop_side: Annotated[tuple[float, float], AfterValidator(_fraction_pair)] = option(
+        RESIZED_CROP_SIDE, "`random_resized_crop` only: range of the crop's side as a fraction of the image's "
+                           "short side (uniform).")
+    flips: bool = option(True, "Random flips (2D: horizontal and vertical; 3D: each axis), training only.")
+    invert: Annotated[float, Interval(ge=0.0, le=1.0)] = option(
+        0.0, "Probability of inverting a training sample's intensities (x → −x).")
+    modality: Modality = option("auto", "`auto` (from the file) or ct/mri/xray/other for every image without a "
+                                        "CSV modality.")
+    mri_percentiles: Annotated[tuple[float, float], AfterValidator(_percentile_pair)] | None = option(
+        None, "Clip 3D MRI to these percentiles before min–max, as at inference (null: plain min–max).")
+    slices_from_volumes: bool = option(True, "2D only: 3D files give random 2D slices (else a 3D file is an "
+                                             "error).")
+    cache: bool = option(True, "Keep each preprocessed image in memory (per loader worker); 4 bytes per "
+                               "pixel/voxel per worker.")
+    num_workers: NonNegativeInt = option(2, "Data loader processes (0: load in the training process).")
+    pad_value: Annotated[float, Interval(ge=-1.0, le=1.0)] = option(
+        -1.0, "Value of the padding around images smaller than the crop (-1: the bottom of the range).")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "data", DataError)
+        if self.spatial_dims == 3 and self.mode != "random_crop":
+            raise DataError(f"data.mode {self.mode!r} is for 2D data; 3D training always uses random cubic patches "
+                            "(leave it at random_crop)")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataConfig:
+        """Build from plain values (JSON/YAML); an unknown key is an error that names the closest valid key."""
+        check_keys(cls, d, "", DataError)
+        return cls(**d)
 
 
 # ------------------------------------------------------------------------------------------ sources
@@ -336,41 +308,39 @@ class ImageDataset(Dataset):
     ``ds[key]`` with ``key = (index, item_seed)`` (what :class:`EpochSampler` yields) or an ``int`` index
     (item_seed 0). A sample is a pure function of the key: every random choice (crop position, flips,
     slice, crop scale) comes from ``numpy.random.default_rng([index, item_seed])``. With ``train=False`` no
-    choice is random (centre crop/patch, middle axial slice, no flips) and the seed is ignored.
+    choice is random (centre crop/patch, middle axial slice, no flips or inversion) and the seed is ignored.
 
     Returns ``{"image": x, "index": index}`` where ``x`` is a float32 tensor in [-1, 1]: ``C×S×S`` (2D,
-    ``C = in_channels``) or ``1×S×S×S`` (3D; ``C = in_channels``), ``S = size``. The loader stacks these into
-    ``B×C×S×S`` / ``B×C×S×S×S`` batches and ``index`` into a ``B`` int64 tensor.
+    ``C = data.in_channels``) or ``1×S×S×S`` (3D; ``C = data.in_channels``), ``S = data.size``. The loader
+    stacks these into ``B×C×S×S`` / ``B×C×S×S×S`` batches and ``index`` into a ``B`` int64 tensor.
 
     Raises (from ``ds[key]``): :class:`medlatent.io.image.ImageReadError` or :class:`DataError` naming the
     file when it cannot be read or does not fit the model (e.g. a 2D image in a 3D set).
     """
 
-    def __init__(self, entries: list[Entry] | list[tuple[str | Path, str]], *, spatial_dims: int = 2,
-                 in_channels: int = 1, size: int = 256, mode: str = "random_crop", flips: bool = True,
-                 train: bool = True, mri_percentiles: tuple[float, float] | None = None,
-                 slices_from_volumes: bool = True, cache: bool = True, pad_value: float = -1.0,
-                 invert: float = 0.0, crop_side: tuple[float, float] = RESIZED_CROP_SIDE) -> None:
-        check_options(spatial_dims=spatial_dims, in_channels=in_channels, size=size, mode=mode, modality="auto",
-                      mri_percentiles=mri_percentiles, pad_value=pad_value)
+    def __init__(self, entries: list[Entry] | list[tuple[str | Path, str]], data: DataConfig | None = None, *,
+                 train: bool = True, **options: Any) -> None:
+        """
+        Args:
+            entries: the images (:class:`Entry`, or ``(path, modality)`` pairs).
+            data: how samples are cut (``size``, ``mode``, ``flips``, ``invert``, ...): the ``data`` section
+                of a training config, whose image sources (``train``, ``val``) are not used here. Default:
+                :class:`DataConfig`'s defaults.
+            train: random samples and augmentation (else deterministic validation samples).
+            **options: :class:`DataConfig` fields that replace those of ``data`` (``size=32, mode="resize"``).
+        """
+        if data is None:
+            data = DataConfig(train="", **options)
+        elif options:
+            data = dataclasses.replace(data, **options)  # checked again, as any DataConfig
+        self.data = data
         self.entries = [e if isinstance(e, Entry) else Entry(Path(e[0]), e[1]) for e in entries]
         if not self.entries:
             raise DataError("an ImageDataset needs at least one image")
         for e in self.entries:
             if e.modality not in MODALITIES:
                 raise DataError(f"{e.path}: modality must be one of {', '.join(MODALITIES)}, got {e.modality!r}")
-        self.spatial_dims = spatial_dims
-        self.in_channels = in_channels
-        self.size = size
-        self.mode = mode
-        self.crop_side = check_crop_side(crop_side)
-        self.flips = flips
-        self.invert = float(invert)
         self.train = train
-        self.mri_percentiles = mri_percentiles
-        self.slices_from_volumes = slices_from_volumes
-        self.cache = cache
-        self.pad_value = float(pad_value)
         self._cache: dict[int, np.ndarray] = {}
         #: how the images were chosen (validation sets: from the data config; shown in val_split.txt)
         self.selection = ""
@@ -384,14 +354,14 @@ class ImageDataset(Dataset):
             raise IndexError(f"index {index} out of range for a dataset of {len(self.entries)} images")
         x = self.array(index)
         rng = np.random.default_rng([index, item_seed]) if self.train else None
-        if self.spatial_dims == 3:
+        if self.data.spatial_dims == 3:
             out = self._patch3d(x, rng)
         else:
             if x.ndim == 4:  # a volume in a 2D set: one slice (1×A×B)
                 x = pick_slice(x, rng)
             out = self._view2d(x, rng)
-        if out.shape[0] != self.in_channels:  # gray file for an RGB model (RGB→gray is done by preprocess)
-            out = np.repeat(out, self.in_channels, axis=0)
+        if out.shape[0] != self.data.in_channels:  # gray file for an RGB model (RGB→gray is done by preprocess)
+            out = np.repeat(out, self.data.in_channels, axis=0)
         # always a copy: a crop can be a view of the cached image, which must not be changed through the batch
         return {"image": torch.from_numpy(np.array(out, dtype=np.float32, copy=True)), "index": index}
 
@@ -400,7 +370,7 @@ class ImageDataset(Dataset):
         if index in self._cache:
             return self._cache[index]
         x = self._load(self.entries[index])
-        if self.cache:
+        if self.data.cache:
             self._cache[index] = x
         return x
 
@@ -417,15 +387,15 @@ class ImageDataset(Dataset):
             else:
                 img = read_image(path, uneven="resample")
             dims = img.spatial_dims
-            if dims != self.spatial_dims:
-                if self.spatial_dims == 3:
+            if dims != self.data.spatial_dims:
+                if self.data.spatial_dims == 3:
                     raise DataError(f"{path}: a 2D image (shape {img.array.shape}) in a 3D training set; "
                                     "train a 2D model on it, or remove it from the set")
-                if not self.slices_from_volumes:
+                if not self.data.slices_from_volumes:
                     raise DataError(f"{path}: a 3D volume (shape {img.array.shape}) in a 2D training set; set "
                                     "slices_from_volumes=true to train on its slices, or remove it")
-            x, _ = preprocess(img, spatial_dims=dims, in_channels=self.in_channels, downsample=1,
-                              modality=entry.modality, mri_percentiles=self.mri_percentiles)
+            x, _ = preprocess(img, spatial_dims=dims, in_channels=self.data.in_channels, downsample=1,
+                              modality=entry.modality, mri_percentiles=self.data.mri_percentiles)
         except (ImageReadError, PreprocessingError, DataError):
             raise  # these name the file already
         except Exception as e:
@@ -433,40 +403,40 @@ class ImageDataset(Dataset):
         return x
 
     def _view2d(self, x: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
-        """``C×H×W`` → ``C×S×S`` per :attr:`mode`; then random flips (training)."""
-        s = self.size
-        if self.mode == "resize":
+        """``C×H×W`` → ``C×S×S`` per ``data.mode``; then random flips (training)."""
+        s = self.data.size
+        if self.data.mode == "resize":
             y = resize2d(x, s)
-        elif self.mode == "random_resized_crop" and rng is not None:
+        elif self.data.mode == "random_resized_crop" and rng is not None:
             h, w = x.shape[1:]
-            side = max(2, min(h, w, round(min(h, w) * rng.uniform(*self.crop_side))))
+            side = max(2, min(h, w, round(min(h, w) * rng.uniform(*self.data.crop_side))))
             y = resize2d(crop(x, crop_starts((h, w), side, rng), side), s)
-        elif self.mode == "multiscale" and rng is not None:
+        elif self.data.mode == "multiscale" and rng is not None:
             h, w = x.shape[1:]
             short = min(h, w)
             side = s if short <= s else round(math.exp(rng.uniform(math.log(s), math.log(short))))
             if side <= s:  # native resolution (padded when the image is smaller)
-                x = pad_to(x, s, self.pad_value)
+                x = pad_to(x, s, self.data.pad_value)
                 y = crop(x, crop_starts(x.shape[1:], s, rng), s)
             else:
                 y = resize2d(crop(x, crop_starts((h, w), side, rng), side), s)
         else:  # random_crop, and validation of random_resized_crop / multiscale: native resolution
-            x = pad_to(x, s, self.pad_value)
+            x = pad_to(x, s, self.data.pad_value)
             y = crop(x, crop_starts(x.shape[1:], s, rng), s)
         return self._flip(y, rng)
 
     def _patch3d(self, x: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
-        x = pad_to(x, self.size, self.pad_value)
-        return self._flip(crop(x, crop_starts(x.shape[1:], self.size, rng), self.size), rng)
+        x = pad_to(x, self.data.size, self.data.pad_value)
+        return self._flip(crop(x, crop_starts(x.shape[1:], self.data.size, rng), self.data.size), rng)
 
     def _flip(self, y: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
         """Training augmentation: random flips, then (with probability ``invert``) an intensity inversion."""
         if rng is None:
             return y
-        if self.flips:
+        if self.data.flips:
             axes = tuple(ax for ax in range(1, y.ndim) if rng.random() < 0.5)
             y = np.flip(y, axes) if axes else y
-        if self.invert and rng.random() < self.invert:  # no draw when off: samples stay as before
+        if self.data.invert and rng.random() < self.data.invert:  # no draw when off: samples stay as before
             y = -y
         return y
 
@@ -619,14 +589,8 @@ def build_datasets(cfg: DataConfig, *, downsample: int, seed: int = 0) -> tuple[
                         f"e.g. {max(downsample, cfg.size // downsample * downsample)}")
     train_entries, val_entries, how = split_sources(cfg, seed)
 
-    def dataset(entries: list[Entry], train: bool) -> ImageDataset:
-        return ImageDataset(entries, train=train, spatial_dims=cfg.spatial_dims, in_channels=cfg.in_channels,
-                            size=cfg.size, mode=cfg.mode, flips=cfg.flips, mri_percentiles=cfg.mri_percentiles,
-                            slices_from_volumes=cfg.slices_from_volumes, cache=cfg.cache, pad_value=cfg.pad_value,
-                            invert=cfg.invert if train else 0.0, crop_side=cfg.crop_side)
-
-    train = dataset(train_entries, True)
-    val = dataset(val_entries, False) if val_entries else None
+    train = ImageDataset(train_entries, cfg, train=True)
+    val = ImageDataset(val_entries, cfg, train=False) if val_entries else None  # no augmentation: no invert
     if val is not None:
         val.selection = how
     logger.info("training images: %d from %s; validation: %s", len(train), cfg.train, how)
