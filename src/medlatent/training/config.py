@@ -21,9 +21,9 @@ import yaml
 from annotated_types import Interval
 from pydantic import AfterValidator, BeforeValidator, NonNegativeInt, PositiveFloat, PositiveInt
 
-from medlatent.training.data import DataConfig, DataError
+from medlatent.training.data_config import DataConfig, DataError
 from medlatent.training.losses import LossConfig
-from medlatent.training.options import check_fields, check_keys, coerce, option
+from medlatent.training.options import ConfigError, check_fields, check_keys, option
 from medlatent.training.schedule import SCHEDULES
 
 #: model.inflate_resample values (see medlatent.training.build.inflate)
@@ -34,10 +34,6 @@ STAGES: tuple[str, ...] = get_args(Stage)
 Schedule = Literal[SCHEDULES]  # type: ignore[valid-type]  # the names medlatent.training.schedule implements
 #: ``train.log_with`` values and the module each needs
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
-
-
-class ConfigError(ValueError):
-    """A training configuration that cannot run; the message names the key and what to do."""
 
 
 def _as_list(value: Any) -> Any:
@@ -225,19 +221,15 @@ _UNSET = {"data": {"train": ""}}
 
 
 def _section(cls: type, values: Any, where: str) -> Any:
-    """One section from plain values: unknown keys refused, values converted and checked by pydantic."""
+    """One section from plain values: unknown keys refused; the section converts and checks its values itself
+    (pydantic, in its ``__post_init__``), raising :class:`ConfigError` that names ``section.key``."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where} must be a mapping of keys (e.g. {where}: {{...}}), got {values!r}")
     check_keys(cls, values, where, ConfigError)
-    values = {**_UNSET.get(where, {}), **values}
-    # converted here for every section: the loss section checks its values itself, but reads YAML's 1e-6 as text
-    values = coerce(cls, values, where, ConfigError)
     try:
-        return cls(**values)
+        return cls(**{**_UNSET.get(where, {}), **values})
     except DataError as e:
         raise ConfigError(str(e)) from None  # names data.key already
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {e}") from e
 
 
 def from_dict(d: dict[str, Any]) -> TrainConfig:

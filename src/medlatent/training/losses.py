@@ -16,25 +16,35 @@ the autoencoder on even steps, the discriminator on odd steps (see :meth:`Stage1
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import Annotated, Literal, get_args
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, MinLen
+from pydantic import AfterValidator, FiniteFloat
 from torch import nn
 
 from medlatent.model.posterior import DiagonalGaussian
 from medlatent.training.clip import BIOMEDCLIP, ClipConsistency, load_biomedclip
 from medlatent.training.discriminator import PatchDiscriminator
-from medlatent.training.options import option
+from medlatent.training.options import ConfigError, check_fields, option
 from medlatent.training.perceptual import MSSSIMLoss, load_lpips, over_slices
 
-PERCEPTUAL_CHOICES = ("lpips", "ms_ssim", "none")
+Perceptual = Literal["lpips", "ms_ssim", "none"]
+PERCEPTUAL_CHOICES: tuple[str, ...] = get_args(Perceptual)
 #: ``alternate``: once the GAN is on, even steps train the autoencoder and odd steps the discriminator (the
 #: official loop); ``every_batch``: both optimisers step on every batch
-DISC_SCHEDULES = ("alternate", "every_batch")
+DiscSchedule = Literal["alternate", "every_batch"]
+DISC_SCHEDULES: tuple[str, ...] = get_args(DiscSchedule)
 #: the old way of switching the GAN off was a ``disc_start`` no run reaches; from this value on it means off (null)
 DISC_START_OFF = 10**9
+#: the weight of a loss term (a finite number ≥ 0)
+Weight = Annotated[FiniteFloat, Ge(0)]
+
+
+def _off_when_unreachable(step: int | None) -> int | None:
+    return None if step is not None and step >= DISC_START_OFF else step
 
 
 @dataclass
@@ -45,63 +55,41 @@ class LossConfig:
     ``use_biomedclip_loss`` is on. That flag defaults to off and no released config sets it;
     ``medvae_finetune.py`` only adds a BiomedCLIP metric slot for the LoRA members ``medvae_4_3_2d`` /
     ``medvae_8_4_2d``, while the paper lists the term for all four 2D stage-1 base models.
+
+    The annotations are the rules (checked by pydantic when the section is built, :func:`check_fields`).
     """
 
-    perceptual: str = option("lpips", "`lpips` (official; needs the lpips + torchvision weights), `ms_ssim` "
-                                      "(offline, no pretrained weights) or `none`.")
-    perceptual_weight: float = option(1.0, "Weight of the perceptual term inside the reconstruction loss.")
-    lpips_weights: str | None = option(
+    perceptual: Perceptual = option(
+        "lpips", "`lpips` (official; needs the lpips + torchvision weights), `ms_ssim` (offline, no pretrained "
+                 "weights) or `none`.")
+    perceptual_weight: Weight = option(1.0, "Weight of the perceptual term inside the reconstruction loss.")
+    lpips_weights: Annotated[str, MinLen(1)] | None = option(
         "auto", "LPIPS weights file, or `auto` (the lpips + torchvision packages); null: random weights (tests "
                 "only).")
-    kl_weight: float = option(1e-6, "KL penalty weight (paper and official: 1e-6).")
-    disc_weight: float = option(0.5, "Scale of the adaptive adversarial weight (official 0.5).")
-    disc_start: int | None = option(
+    kl_weight: Weight = option(1e-6, "KL penalty weight (paper and official: 1e-6).")
+    disc_weight: Weight = option(0.5, "Scale of the adaptive adversarial weight (official 0.5).")
+    disc_start: Annotated[Annotated[int, Ge(0)] | None, AfterValidator(_off_when_unreachable)] = option(
         3125, "Step from which the PatchGAN terms are on (official experiments: 3125); null switches the GAN off: "
               "no discriminator, no discriminator optimiser, nothing of it in checkpoints (values ≥ 1e9, the old "
               "spelling of off, mean the same).")
-    disc_layers: int = option(3, "Stride-2 layers of the PatchGAN (official 3, which needs sides ≥ 24; 1 suits "
-                                 "tiny crops).")
+    disc_layers: Annotated[int, Ge(1)] = option(
+        3, "Stride-2 layers of the PatchGAN (official 3, which needs sides ≥ 24; 1 suits tiny crops).")
     adaptive_disc_weight: bool = option(
         True, "Balance the adversarial gradient against the reconstruction gradient at the decoder's last layer; "
               "false uses a fixed weight 1.0, as the official code does for LoRA training.")
-    disc_schedule: str = option(
+    disc_schedule: DiscSchedule = option(
         "every_batch", "Once the GAN is on: `alternate` steps the autoencoder on even steps and the discriminator on "
                        "odd ones, each on its own batch (the official loop; the paper presets use it); "
                        "`every_batch` steps both on every batch.")
     learn_logvar: bool = option(False, "Train the scalar log-variance that scales the reconstruction loss.")
-    clip_weight: float = option(
+    clip_weight: Weight = option(
         0.0, "Weight of the BiomedCLIP reconstruction-consistency term; 0 turns it off (the default outside the "
              "presets, so a run needs no BiomedCLIP download). The paper uses it for all four 2D stage-1 models and "
              "the 2D stage-1 presets set 100, the official criterion's weight.")
-    clip_model: str = option(BIOMEDCLIP, "open_clip source of the BiomedCLIP encoder.")
+    clip_model: Annotated[str, MinLen(1)] = option(BIOMEDCLIP, "open_clip source of the BiomedCLIP encoder.")
 
     def __post_init__(self) -> None:
-        if self.perceptual not in PERCEPTUAL_CHOICES:
-            raise ValueError(f"perceptual must be one of {', '.join(PERCEPTUAL_CHOICES)}, got {self.perceptual!r}")
-        for name in ("perceptual_weight", "kl_weight", "disc_weight", "clip_weight"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
-            setattr(self, name, float(value))
-        if self.disc_start is not None and not isinstance(self.disc_start, bool) \
-                and isinstance(self.disc_start, int) and self.disc_start >= DISC_START_OFF:
-            self.disc_start = None
-        for name, low in (("disc_start", 0), ("disc_layers", 1)):
-            value = getattr(self, name)
-            if name == "disc_start" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                off = " or null (GAN off)" if name == "disc_start" else ""
-                raise ValueError(f"{name} must be an integer ≥ {low}{off}, got {value!r}")
-        if self.disc_schedule not in DISC_SCHEDULES:
-            raise ValueError(f"disc_schedule must be one of {', '.join(DISC_SCHEDULES)}, got {self.disc_schedule!r}")
-        for name in ("adaptive_disc_weight", "learn_logvar"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.lpips_weights is not None and (not isinstance(self.lpips_weights, str) or not self.lpips_weights):
-            raise ValueError(f"lpips_weights must be 'auto' or a file path, got {self.lpips_weights!r}")
-        if not isinstance(self.clip_model, str) or not self.clip_model:
-            raise ValueError(f"clip_model must be an open_clip model name, got {self.clip_model!r}")
+        check_fields(self, "loss", ConfigError)
 
     @property
     def adversarial(self) -> bool:

@@ -6,8 +6,10 @@ The help strings are the single source of the configuration reference (``medlate
 A field's annotation says everything a value must satisfy (``PositiveInt``, ``Literal[...]``, an ``Interval``,
 a validator for a pair's order), and pydantic enforces it: :func:`coerce` turns plain YAML values into the
 typed ones (YAML 1.1 reads ``2e-4`` as a string; ``[0.5, 0.9]`` becomes a tuple) and refuses the rest with a
-message that names the key (``optim.base_lr must be a number > 0, got 'fast'``). Each section's
-``__post_init__`` runs :func:`check_fields`, so a section is valid however it was built.
+message that names the key and the broken rule: the type for a value of the wrong kind (``optim.base_lr must be
+a number, got 'fast'``), the whole rule for one out of bounds (``optim.base_lr must be a number > 0, got 0``).
+Each section's ``__post_init__`` runs :func:`check_fields`, so a section is valid however it was built; and
+:func:`describe` writes the rule of every key into the configuration reference.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import typing
 from typing import Annotated, Any, Callable, Literal, Union
 
 import annotated_types
-from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic import AllowInfNan, ConfigDict, TypeAdapter, ValidationError
 from pydantic_core import ErrorDetails
 
 HELP = "help"
@@ -28,6 +30,13 @@ HELP = "help"
 # a number where text is expected (a run folder named 2024, `export_name: 7`) is the text it reads as
 _PYDANTIC = ConfigDict(coerce_numbers_to_str=True)
 _SCALARS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+# pydantic error types of a value that is not of the field's type at all (as opposed to one out of its bounds)
+_WRONG_KIND = ("_type", "_parsing", "int_from_float")
+
+
+class ConfigError(ValueError):
+    """A training configuration that cannot run; the message names the key and what to do (defined beside the
+    field helpers so that every section raises it; :mod:`medlatent.training.config` exports it)."""
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *,
@@ -86,20 +95,34 @@ def check_fields(obj: Any, section: str, error: type[Exception]) -> None:
 
 
 def _message(key: str, hint: Any, err: ErrorDetails) -> str:
-    # a validator's own ValueError says the rule ("must satisfy 0 < low ≤ high ≤ 1"); otherwise the annotation does
+    # a validator's own ValueError says the rule ("must satisfy 0 < low ≤ high ≤ 1"); otherwise the annotation
+    # does: its type alone for a value of the wrong kind ('heavy' for a weight), with its bounds for the rest
     ctx = err.get("ctx") or {}
-    rule = str(ctx["error"]) if err["type"] == "value_error" else f"must be {describe(hint)}"
+    if err["type"] == "value_error":
+        rule = str(ctx["error"])
+    else:
+        rule = f"must be {describe(hint, bounds=not err['type'].endswith(_WRONG_KIND))}"
     return f"{key} {rule}, got {err['input']!r}"
 
 
-def describe(hint: Any) -> str:
-    """What a field's annotation accepts, in words: ``Annotated[int, Ge(1)] | None`` → ``an integer ≥ 1 or null``."""
+def describe(hint: Any, *, bounds: bool = True) -> str:
+    """What a field's annotation accepts, in words: ``Annotated[int, Ge(1)] | None`` → ``an integer ≥ 1 or null``
+    (``bounds=False``: the type alone, ``an integer or null``)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Annotated:
-        return describe(args[0]) + _bounds(hint.__metadata__)
+        base, meta = args[0], hint.__metadata__
+        if not bounds:
+            return describe(base, bounds=False)
+        if base is float and any(isinstance(m, AllowInfNan) and not m.allow_inf_nan for m in meta):
+            text = "a finite number"
+        elif base is str and any(isinstance(m, annotated_types.MinLen) and m.min_length > 0 for m in meta):
+            text = "non-empty text"
+        else:
+            text = describe(base)
+        return text + _bounds(meta)
     if origin in (Union, types.UnionType):
         some = [a for a in args if a is not type(None)]
-        text = " or ".join(describe(a) for a in some)
+        text = " or ".join(describe(a, bounds=bounds) for a in some)
         return f"{text} or null" if len(some) < len(args) else text
     if origin is Literal:
         return "one of " + ", ".join(str(a) for a in args)
