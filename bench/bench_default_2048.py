@@ -1,7 +1,7 @@
 """Encode + decode of a 2048² image with the bundled 2D default on this CPU: wall time, achieved FLOP/s and peak
 memory (issue target: ≤ 20 s and ≤ 2 GB on the 2-core CPU).
 
-    python bench/bench_default_2048.py [--size 2048] [--precision fp32|bf16]
+    python bench/bench_default_2048.py [--size 2048] [--precision fp32|bf16] [--plan balanced|fixed]
 
 The image is a real radiograph (pydicom-data RG1, resized); the run goes through the tiling engine as
 `medlatent encode`/`decode` do (automatic tiles). FLOPs are counted once, on the whole image, with
@@ -37,7 +37,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--plan", choices=("balanced", "fixed"), default="balanced",
+                    help="balanced tiles (the engine), or fixed tiles of the maximum size (before session 8)")
     args = ap.parse_args()
+    if args.plan == "fixed":
+        from medlatent.engine import tiling
+
+        tiling.balanced_tile = lambda size, tile, overlap, multiple=1: min(tile, size)
     from bench_seams import real_image
 
     x = F.interpolate(real_image(512), size=(args.size, args.size), mode="bicubic").clamp(-1, 1)
@@ -55,7 +61,7 @@ def main() -> None:
 
     quality = psnr(y.float().clamp(-1, 1), x, 2.0)  # against the (resized) original
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
-    print(json.dumps({"model": DEFAULT_MODEL, "size": args.size, "precision": args.precision,
+    print(json.dumps({"model": DEFAULT_MODEL, "size": args.size, "precision": args.precision, "plan": args.plan,
                       "threads": torch.get_num_threads(), "encode_s": round(t1 - t0, 2),
                       "decode_s": round(t2 - t1, 2), "total_s": round(t2 - t0, 2), "gflop": round(total / 1e9, 1),
                       "gflop_per_s": round(total / 1e9 / (t2 - t0), 1), "peak_rss_gib": round(rss, 2),
