@@ -159,6 +159,26 @@ def make_checkpoint(name: str, directory: Path) -> Path:
     return path
 
 
+def summary(rows: list[dict], impls: list[str]) -> str:
+    """Markdown table: per case, each implementation's best time over the rounds and its speed-up against the first
+    implementation (e.g. official)."""
+    best: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if "seconds" in r:
+            cell = best.setdefault((r["model"], r["size"], r["op"]), {})
+            cell[r["impl"]] = min(cell.get(r["impl"], float("inf")), r["seconds"])
+    lines = ["| model | size | op | " + " | ".join(impls) + " |", "|---" * (3 + len(impls)) + "|"]
+    for (model, size, op), cell in best.items():
+        base = cell.get(impls[0])
+        cells = []
+        for impl in impls:
+            t = cell.get(impl)
+            ratio = f" ({base / t:.2f}×)" if t and base and impl != impls[0] else ""
+            cells.append("-" if t is None else f"{t:.2f} s{ratio}")
+        lines.append(f"| {model} | {size} | {op} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
@@ -167,6 +187,7 @@ def main() -> int:
     ap.add_argument("--ops", nargs="+", default=["encode", "decode"])
     ap.add_argument("--impls", nargs="+", default=["official", "medlatent"])
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=1, help="run every case this many times, interleaved; best kept")
     ap.add_argument("--limit-gb", type=float, default=20.0)
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--python", default=sys.executable)
@@ -178,21 +199,26 @@ def main() -> int:
         return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
-            ckpt = make_checkpoint(name, Path(tmp))
-            for size in args.sizes:
-                for op in args.ops:
-                    for impl in args.impls:
-                        row = run_case(args.python, impl, name, size, op, ckpt, args.repeats, args.limit_gb,
-                                       args.timeout)
-                        rows.append(row)
-                        secs = f"{row['seconds']:.2f} s" if "seconds" in row else "-"
-                        peak = f"{row.get('peak_gb', row['watched_peak_gb']):.2f} GB"
-                        case = f"{name} {size}{'³' if '3d' in name else '²'} {op:6s} {impl:9s}"
-                        print(f"{case} {row['status']:>20s} {secs:>10s} peak {peak}", flush=True)
-                        if args.out:
-                            args.out.parent.mkdir(parents=True, exist_ok=True)
-                            args.out.write_text(json.dumps(rows, indent=2) + "\n")
+        ckpts = {name: make_checkpoint(name, Path(tmp)) for name in args.models}
+        # rounds outermost: each case's implementations run back to back in every round, so a change of machine
+        # load between cases hits them alike; the summary takes each one's best round
+        for rnd in range(args.rounds):
+            for name in args.models:
+                for size in args.sizes:
+                    for op in args.ops:
+                        for impl in args.impls:
+                            row = run_case(args.python, impl, name, size, op, ckpts[name], args.repeats,
+                                           args.limit_gb, args.timeout)
+                            row["round"] = rnd
+                            rows.append(row)
+                            secs = f"{row['seconds']:.2f} s" if "seconds" in row else "-"
+                            peak = f"{row.get('peak_gb', row['watched_peak_gb']):.2f} GB"
+                            case = f"{name} {size}{'³' if '3d' in name else '²'} {op:6s} {impl:14s} r{rnd}"
+                            print(f"{case} {row['status']:>20s} {secs:>10s} peak {peak}", flush=True)
+                            if args.out:
+                                args.out.parent.mkdir(parents=True, exist_ok=True)
+                                args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    print(summary(rows, args.impls))
     return 0
 
 
