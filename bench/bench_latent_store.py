@@ -6,13 +6,18 @@ into a store, then reads both ways:
 - ``bytes``: one process reads every item's bytes (files: open/read/close; store: one ``pread`` + SHA-256
   per item; store stream: each shard front to back with ``tarfile``, as from object storage);
 - ``epoch``: a ``DataLoader`` (shuffled, ``--workers`` workers, ``--batch-size``), each run in a fresh process
-  whose peak RSS (its own and its workers') is reported, over: :class:`~medlatent.data.LatentDataset` of the files
-  and of the store (items with ``meta``); the store with ``meta=False`` (z + label, one read + view per item); and
-  :class:`~medlatent.data.LatentStream` (whole batches per worker, read window by window).
+  whose peak RSS (its own and its workers') and CPU time (main process and workers, which on a shared machine
+  varies less than the rate) are reported, over: :class:`~medlatent.data.LatentDataset` of the files and of the
+  store (items with ``meta``); the store with ``meta=False`` (z + label, one read + view per item); and
+  :class:`~medlatent.data.LatentStream` (whole batches per worker, read window by window; ``z`` as float32, and
+  as stored, float16). Every batch's ``z`` reaches the main process as a tensor.
+
+The layouts take turns in each of ``--repeats`` rounds; the median and the best round are reported, and the ratios
+to the files' epoch are of the medians.
 
 Example (the numbers in bench/RESULTS.md)::
 
-    python bench/bench_latent_store.py --count 40000 --out bench/results/latent_store_stream_40000.json
+    python bench/bench_latent_store.py --count 100000 --repeats 3 --out bench/results/latent_store_100000.json
 """
 
 from __future__ import annotations
@@ -86,7 +91,7 @@ def bytes_stream(store: Path) -> float:
     return n / (time.perf_counter() - t)
 
 
-MODES = ("dataset", "nometa", "stream")
+MODES = ("dataset", "nometa", "stream", "stream_f16")
 
 
 def epoch(root: str, workers: int, batch_size: int, mode: str = "dataset") -> dict:
@@ -95,10 +100,13 @@ def epoch(root: str, workers: int, batch_size: int, mode: str = "dataset") -> di
 
     from medlatent.data import LatentDataset, LatentStream
 
+    stream = mode.startswith("stream")
     t0 = time.perf_counter()
-    ds = LatentStream(root, batch_size, seed=0) if mode == "stream" else LatentDataset(root, meta=mode != "nometa")
+    ds = LatentStream(root, batch_size, seed=0, dtype=None if mode == "stream_f16" else torch.float32) if stream \
+        else LatentDataset(root, meta=mode != "nometa")
     t1 = time.perf_counter()
-    if mode == "stream":  # the stream batches (and shuffles) itself
+    c1 = time.process_time()
+    if stream:  # the stream batches (and shuffles) itself
         loader = DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False)
     else:
         loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
@@ -107,10 +115,25 @@ def epoch(root: str, workers: int, batch_size: int, mode: str = "dataset") -> di
     for b in loader:
         n += b["z"].shape[0]
     t2 = time.perf_counter()
-    assert n == (len(ds.store) if mode == "stream" else len(ds))
+    main_cpu = time.process_time() - c1
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers, joined at the end of the epoch
+    assert n == (len(ds.store) if stream else len(ds))
     return {"items": n, "index_s": t1 - t0, "epoch_s": t2 - t1, "items_per_s": n / (t2 - t1),
-            "peak_rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+            "cpu_main_s": main_cpu, "cpu_workers_s": kids.ru_utime + kids.ru_stime,
+            "cpu_us_per_item": (main_cpu + kids.ru_utime + kids.ru_stime) / n * 1e6,
+            "peak_rss_main_mb": peak_rss_mb(), "peak_rss_worker_mb": kids.ru_maxrss / 1024}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. Not ``getrusage``: on Linux its peak carries over an exec from the process that
+    forked, here the driver that created the latents; ``VmHWM`` starts afresh with the program."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_epoch(root: Path, args, mode: str = "dataset") -> dict:
@@ -127,7 +150,7 @@ def main() -> None:
     ap.add_argument("--shard-size", type=int, default=10_000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=2, help="epochs per layout (the best is reported)")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of epochs (median and best reported)")
     ap.add_argument("--workdir", type=Path, default=None, help="where to create the data (default: a temp folder)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the results")
     ap.add_argument("--epoch", default=None, help=argparse.SUPPRESS)
@@ -164,23 +187,29 @@ def main() -> None:
             res[name] = max(fn(work / where) for _ in range(args.repeats))
             print(f"{name}: {res[name]:,.0f} items/s", flush=True)
         layouts = (("files", "files", "dataset"), ("store", "store", "dataset"), ("store_nometa", "store", "nometa"),
-                   ("store_stream", "store", "stream"))
+                   ("store_stream", "store", "stream"), ("store_stream_f16", "store", "stream_f16"))
         # the layouts take turns in each round, so a change of the background load hits them alike
         runs: dict[str, list[dict]] = {name: [] for name, _, _ in layouts}
         for _ in range(args.repeats):
             for name, where, mode in layouts:
                 runs[name].append(run_epoch(work / where, args, mode))
         for name, _, _ in layouts:
-            res[f"epoch_{name}"] = best = max(runs[name], key=lambda r: r["items_per_s"])
-            print(f"epoch_{name}: {best['items_per_s']:,.0f} items/s (index {best['index_s']:.1f} s, peak RSS main "
-                  f"{best['peak_rss_main_mb']:.0f} MB, worker {best['peak_rss_worker_mb']:.0f} MB)", flush=True)
+            ranked = sorted(runs[name], key=lambda r: r["items_per_s"])
+            res[f"epoch_{name}"] = med = ranked[len(ranked) // 2]
+            res[f"epoch_{name}_best"] = best = ranked[-1]
+            res[f"epoch_{name}_rounds"] = [r["items_per_s"] for r in runs[name]]
+            print(f"epoch_{name}: median {med['items_per_s']:,.0f} items/s, best {best['items_per_s']:,.0f} (CPU "
+                  f"{med['cpu_us_per_item']:.1f} µs/item: main {med['cpu_main_s']:.2f} s, workers "
+                  f"{med['cpu_workers_s']:.2f} s; index {med['index_s']:.1f} s, peak RSS main "
+                  f"{med['peak_rss_main_mb']:.0f} MB, worker {med['peak_rss_worker_mb']:.0f} MB)", flush=True)
         files = res["epoch_files"]["items_per_s"]
         for name, _, _ in layouts[1:]:
             res[f"ratio_epoch_{name}"] = res[f"epoch_{name}"]["items_per_s"] / files
         res["ratio_epoch"] = res["ratio_epoch_store"]
         res["ratio_bytes"] = res["read_bytes_store"] / res["read_bytes_files"]
         print(f"store / files: epoch {res['ratio_epoch']:.1f}× (meta=False {res['ratio_epoch_store_nometa']:.1f}×, "
-              f"stream {res['ratio_epoch_store_stream']:.1f}×), bytes {res['ratio_bytes']:.1f}×")
+              f"stream {res['ratio_epoch_store_stream']:.1f}×, as float16 {res['ratio_epoch_store_stream_f16']:.1f}×), "
+              f"bytes {res['ratio_bytes']:.1f}×")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.out:

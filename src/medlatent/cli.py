@@ -289,6 +289,9 @@ def encode(
                                                                "to; inputs it holds are skipped)."),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="--store: items per new shard "
                                                                                "(default 10000)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="--store: CSV with a name (or path: the image, "
+                                                                 "relative to the CSV) column and labels, packed "
+                                                                 "with the latents as medlatent pack --labels does."),
     model: Optional[str] = MODEL_OPT,
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Official checkpoint file."),
     modality: str = typer.Option("auto", help="ct, mri, xray, other, or auto (from the file; 3D ≤-900 → CT)."),
@@ -318,6 +321,8 @@ def encode(
         _fail("give either --output (a folder of latent files) or --store (a latent store)")
     if shard_size is not None and store is None:
         _fail("--shard-size applies to --store")
+    if labels is not None and store is None:
+        _fail("--labels applies to --store (for latent files, give the CSV to the dataset or to medlatent pack)")
     if latent_dtype not in ("float16", "float32"):
         _fail(f"--latent-dtype must be float16 or float32, got {latent_dtype!r}")
     part = _shard(shard)
@@ -330,7 +335,8 @@ def encode(
     if store is None:
         _finish(console, _run(console, encode_files, inputs, output, after_load=backend_line, **kw))
         return
-    result = _run(console, encode_to_store, inputs, store, shard_size=shard_size, after_load=backend_line, **kw)
+    result = _run(console, encode_to_store, inputs, store, shard_size=shard_size, labels=labels,
+                  after_load=backend_line, **kw)
     held = f", {result.in_store} of them were in the store already" if result.in_store else ""
     console.print(f"store {store}: {result.packed} latent(s) added in {len(result.shards)} new shard(s){held}",
                   highlight=False, markup=False)

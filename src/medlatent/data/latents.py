@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from medlatent.data.labels import LatentDataError, labels_from_rows, read_label_rows
+from medlatent.data.remote import is_url
 from medlatent.data.store import LatentStore, StoreError, is_store
 from medlatent.distributed import Shard
 from medlatent.io.discover import find_latents
@@ -81,7 +82,9 @@ class LatentDataset(Dataset):
     is the order this class lists the folder in).
 
     Args:
-        roots: folders, latent files and/or store folders.
+        roots: folders, latent files and/or stores: store folders, stores by fsspec URL (``s3://…``,
+            :mod:`medlatent.data.remote`) or open :class:`~medlatent.data.LatentStore` objects (for a URL that
+            needs ``storage_options``).
         labels: optional CSV with a ``path`` (relative to the CSV) or ``name`` column (the file's path relative to
             its folder, without ``.latent.safetensors``; store items are matched by ``name``) and label columns.
             Without it, labels packed into the stores are used.
@@ -104,14 +107,15 @@ class LatentDataset(Dataset):
         LatentFileError (from ``__getitem__``): a damaged, edited or foreign file, naming it.
     """
 
-    def __init__(self, roots: str | Path | Sequence[str | Path], labels: str | Path | None = None, *,
+    def __init__(self, roots: str | Path | LatentStore | Sequence[str | Path | LatentStore],
+                 labels: str | Path | None = None, *,
                  label_columns: Sequence[str] | None = None, tensor: str = "z", unlabelled: str = "error",
                  transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None, meta: bool = True) -> None:
         if tensor not in TENSORS:
             raise ValueError(f"tensor must be one of {', '.join(TENSORS)}, got {tensor!r}")
         if unlabelled not in ("error", "skip"):
             raise ValueError(f"unlabelled must be 'error' or 'skip', got {unlabelled!r}")
-        roots = [Path(roots)] if isinstance(roots, (str, Path)) else [Path(r) for r in roots]
+        roots = [roots] if isinstance(roots, (str, Path, LatentStore)) else list(roots)
         self.tensor, self.transform, self.meta = tensor, transform, meta
         self._stores: list[LatentStore] = []
         items = self._find(roots)
@@ -131,20 +135,21 @@ class LatentDataset(Dataset):
         self._store = np.array([it.store for it in items], dtype=np.int32)
         self._pos = np.array([it.pos for it in items], dtype=np.int64)
 
-    def _find(self, roots: list[Path]) -> list[_Item]:
+    def _find(self, roots: list[str | Path | LatentStore]) -> list[_Item]:
         """Items of folders (searched recursively), latent files and stores, in the order given."""
         items: list[_Item] = []
         missing, problems = [], []
-        for root in roots:
-            if not root.exists():
+        for r in roots:
+            root = r if isinstance(r, LatentStore) or is_url(r) else Path(r)
+            if isinstance(root, Path) and not root.exists():
                 missing.append((root, "does not exist"))
-            elif is_store(root):
+            elif not isinstance(root, Path) or is_store(root):  # a store: open, by URL, or a folder
                 try:
-                    st = LatentStore(root)
+                    st = root if isinstance(root, LatentStore) else LatentStore(root)
                 except StoreError as e:
                     raise LatentDataError(str(e)) from e
                 if not len(st):
-                    problems.append((root, "latent store holds no items"))
+                    problems.append((st.root, "latent store holds no items"))
                 s = len(self._stores)
                 self._stores.append(st)
                 items += [_Item(n, st.where(j), st.where(j), s, j) for j, n in enumerate(st.names)]

@@ -21,7 +21,10 @@ kept, and items already in the store are skipped), so a resumed pack gives the s
 
 Reading: each item's bytes are checked against the SHA-256 its shard's index recorded when they were packed
 (after they passed every check of :func:`~medlatent.latentfile.read_latent`), so the per-read cost is one digest
-instead of re-validating the metadata; :func:`verify` checks whole shards against ``store.json``.
+instead of re-validating the metadata; :func:`verify` checks whole shards against ``store.json``. A store is also
+read where it lies by fsspec URL (``LatentStore("s3://…")``: manifest and indexes whole, shards by byte range;
+:mod:`medlatent.data.remote`); it is written on a local or network file system (copy it whole to object storage:
+its shards never change once listed).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import json
 import math
 import os
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medlatent.data.remote import RemoteFolder, is_url
 from medlatent.io.atomic import atomic_write, temporary_path
 from medlatent.latentfile import SUFFIX, LatentFile, LatentFileError, latent_from_bytes
 
@@ -58,8 +62,14 @@ class StoreError(ValueError):
     """A store cannot be written or read: bad input, a damaged shard, or a folder that is not a store."""
 
 
-def is_store(path: str | Path) -> bool:
-    """Whether ``path`` is a latent store folder (it holds ``store.json``)."""
+def is_store(path: str | Path | RemoteFolder) -> bool:
+    """Whether ``path`` (a folder, or an fsspec URL: :mod:`medlatent.data.remote`) is a latent store: it holds
+    ``store.json``."""
+    if is_url(path) or isinstance(path, RemoteFolder):
+        try:
+            return (path if isinstance(path, RemoteFolder) else RemoteFolder(str(path))).exists(MANIFEST)
+        except (OSError, ValueError):
+            return False
     return (Path(path) / MANIFEST).is_file()
 
 
@@ -97,11 +107,20 @@ def _shard_names(k: int) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------ manifest
-def _read_manifest(store: Path) -> dict[str, Any]:
-    path = store / MANIFEST
+def _read_file(store: Path | RemoteFolder, name: str) -> tuple[str, bytes]:
+    """A file of the store folder (local or by URL): how messages name it, and its bytes."""
+    where = str(store / name) if isinstance(store, Path) else store.name(name)
     try:
-        m = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return where, (store / name).read_bytes() if isinstance(store, Path) else store.read(name)
+    except OSError as e:
+        raise StoreError(f"{where}: cannot be read ({e.strerror or e})") from e
+
+
+def _read_manifest(store: Path | RemoteFolder) -> dict[str, Any]:
+    path, data = _read_file(store, MANIFEST)
+    try:
+        m = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as e:
         raise StoreError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise StoreError(f"{path}: not a medlatent latent store manifest (format {m.get('format')!r})"
@@ -143,12 +162,8 @@ class _Index:
     tensors: dict[str, dict[str, list]] = field(default_factory=dict)  # see _tensor_layout; absent in older stores
 
 
-def _read_index(store: Path, entry: dict[str, Any], label_columns: list[str]) -> _Index:
-    path = store / entry["index"]
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise StoreError(f"{path}: cannot be read ({e.strerror or e})") from e
+def _read_index(store: Path | RemoteFolder, entry: dict[str, Any], label_columns: list[str]) -> _Index:
+    path, data = _read_file(store, entry["index"])
     if _sha256(data) != entry["index_sha256"]:
         raise StoreError(f"{path}: SHA-256 does not match {MANIFEST} (index damaged or edited)")
     d = json.loads(data)
@@ -168,17 +183,26 @@ class LatentStore:
     Holds the index (names, offsets, sizes, digests, labels as written) in compact arrays and no open files
     when pickled: each process (DataLoader worker, torchrun rank) opens the shards it reads itself.
 
+    Args:
+        root: the store folder, or its fsspec URL (``s3://bucket/latents.store``, :mod:`medlatent.data.remote`):
+            then the manifest and indexes are read whole, and shards by byte range, where they lie.
+        storage_options: for a URL, the filesystem's options (credentials, endpoint …), as fsspec takes them.
+
     Raises:
         StoreError: a missing or damaged manifest or index (naming the file).
     """
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        if not is_store(self.root):
+    def __init__(self, root: str | Path, *, storage_options: dict[str, Any] | None = None) -> None:
+        self.root: Path | str = str(root).rstrip("/") if is_url(root) else Path(root)
+        self._remote = RemoteFolder(str(root), storage_options) if is_url(root) else None
+        where = self._remote or Path(root)
+        if not is_store(where):
             raise StoreError(f"{self.root}: not a latent store (no {MANIFEST})")
-        m = _read_manifest(self.root)
+        m = _read_manifest(where)
         self.label_columns: list[str] = list(m["label_columns"])
-        self.shard_files = [self.root / s["tar"] for s in m["shards"]]
+        self.shard_tars: list[str] = [s["tar"] for s in m["shards"]]
+        self.shard_files: list[Path | str] = [where / t if isinstance(where, Path) else where.name(t)
+                                              for t in self.shard_tars]
         names: list[str] = []
         shard, offsets, sizes, digests = [], [], [], []
         self.labels: dict[str, list[str]] = {c: [] for c in self.label_columns}
@@ -186,7 +210,7 @@ class LatentStore:
         kinds: dict[tuple, tuple[str, tuple[int, ...]] | None] = {}
         layout: dict[str, tuple[list, list[int]]] = {t: ([], []) for t in TENSOR_NAMES}
         for k, entry in enumerate(m["shards"]):
-            idx = _read_index(self.root, entry, self.label_columns)
+            idx = _read_index(where, entry, self.label_columns)
             names += idx.names
             shard.append(np.full(len(idx.names), k, dtype=np.int32))
             offsets += idx.offsets
@@ -238,10 +262,26 @@ class LatentStore:
                 raise StoreError(f"{self.shard_files[k]}: cannot be opened ({e.strerror or e})") from e
         return fd
 
+    def read_into(self, k: int, offset: int, buf: memoryview | bytearray) -> int:
+        """Read shard ``k``'s bytes from ``offset`` into ``buf`` (as many as fit); returns how many were read."""
+        if self._remote is None:
+            return os.preadv(self._fd(k), [buf], offset)
+        data = self._read_range(k, offset, len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+    def _read_range(self, k: int, offset: int, size: int) -> bytes:
+        if self._remote is None:
+            return os.pread(self._fd(k), size, offset)
+        try:
+            return self._remote.read_range(self.shard_tars[k], offset, size)
+        except OSError as e:
+            raise StoreError(f"{self.shard_files[k]}: cannot be read ({e.strerror or e})") from e
+
     def read_bytes(self, j: int) -> bytes:
         """Item ``j``'s latent file, bit for bit, checked against its recorded SHA-256."""
         size = int(self._size[j])
-        data = os.pread(self._fd(int(self._shard[j])), size, int(self._offset[j]))
+        data = self._read_range(int(self._shard[j]), int(self._offset[j]), size)
         if len(data) != size or hashlib.sha256(data).digest() != self._digest[j].tobytes():
             raise LatentFileError(self.where(j), "bytes do not match the SHA-256 in the store's index (shard "
                                                  "damaged or truncated); run verify on the store")
@@ -251,7 +291,7 @@ class LatentStore:
         """Item ``j``'s bytes in a writable buffer (tensors can view it without a copy), digest checked."""
         size = int(self._size[j])
         buf = bytearray(size)
-        got = os.preadv(self._fd(int(self._shard[j])), [buf], int(self._offset[j]))
+        got = self.read_into(int(self._shard[j]), int(self._offset[j]), buf)
         if got != size or hashlib.sha256(buf).digest() != self._digest[j].tobytes():
             raise LatentFileError(self.where(j), "bytes do not match the SHA-256 in the store's index (shard "
                                                  "damaged or truncated); run verify on the store")
@@ -337,10 +377,37 @@ def check_target(store: Path) -> None:
         raise StoreError(f"{store}: a folder that is not empty and is not a latent store (no {MANIFEST})")
 
 
-def _inputs(latent_dir: Path, labels_csv: Path | None,
-            label_columns: Sequence[str] | None) -> tuple[list[tuple[str, Path]], list[str], dict[str, dict[str, str]]]:
-    """The latent files under ``latent_dir`` (dataset order) and their labels as written, keyed by name."""
+@dataclass(frozen=True)
+class ItemLabels:
+    """Labels to pack, as written in a label CSV: ``rows[name][column]``, read by :func:`read_item_labels`."""
+
+    source: str  # the CSV, for messages
+    columns: list[str]
+    rows: dict[str, dict[str, str]]
+
+
+def read_item_labels(labels_csv: str | Path, items: Mapping[str, Sequence[str | Path]],
+                     label_columns: Sequence[str] | None = None) -> ItemLabels:
+    """The rows of a label CSV for ``items`` (item name → the files it was made from): a row names its item by
+    ``name`` or by the ``path`` of one of those files, relative to the CSV (what :class:`~medlatent.data.
+    LatentDataset` takes; :func:`pack` passes the latent files, ``encode --store`` the images).
+
+    Raises:
+        StoreError: the CSV does not fit the items (naming its line), or cannot be read.
+    """
     from medlatent.data.labels import LatentDataError, read_label_rows
+
+    files = {os.path.realpath(p): name for name, paths in items.items() for p in paths}
+    try:
+        wanted, rows = read_label_rows(Path(labels_csv), files, {n: n for n in items}, label_columns)
+    except LatentDataError as e:
+        raise StoreError(str(e)) from e
+    return ItemLabels(str(labels_csv), wanted, rows)
+
+
+def _inputs(latent_dir: Path, labels: str | Path | ItemLabels | None, label_columns: Sequence[str] | None,
+            ) -> tuple[list[tuple[str, Path]], list[str], dict[str, dict[str, str]]]:
+    """The latent files under ``latent_dir`` (dataset order) and their labels as written, keyed by name."""
     from medlatent.io.discover import find_latents
 
     if not latent_dir.is_dir():
@@ -350,20 +417,15 @@ def _inputs(latent_dir: Path, labels_csv: Path | None,
     if problems:
         raise StoreError(f"{problems[0][0]}: {problems[0][1]}")
     items = [(it.name, it.paths[0]) for it in found.items]
-    if labels_csv is None:
+    if labels is None:
         return items, [], {}
-    by_real = {os.path.realpath(p): n for n, p in items}
-    try:
-        wanted, raw = read_label_rows(labels_csv, {r: r for r in by_real}, {n: os.path.realpath(p) for n, p in items},
-                                      label_columns)
-    except LatentDataError as e:
-        raise StoreError(str(e)) from e
-    labels = {by_real[r]: row for r, row in raw.items()}
-    unlabelled = [p for n, p in items if n not in labels]
+    if not isinstance(labels, ItemLabels):
+        labels = read_item_labels(labels, {n: [p] for n, p in items}, label_columns)
+    unlabelled = [p for n, p in items if n not in labels.rows]
     if unlabelled:
-        raise StoreError(f"{labels_csv}: {len(unlabelled)} latent file(s) have no label row (first: "
+        raise StoreError(f"{labels.source}: {len(unlabelled)} latent file(s) have no label row (first: "
                          f"{unlabelled[0]}); every packed item needs its labels")
-    return items, wanted, labels
+    return items, labels.columns, labels.rows
 
 
 def _plan(items: list[tuple[str, Path]], labels: dict[str, dict[str, str]], held: dict[str, tuple[str, dict]],
@@ -467,7 +529,21 @@ def _held(store: Path, manifest: dict[str, Any]) -> dict[str, tuple[str, dict[st
     return held
 
 
-def pack(latent_dir: str | Path, store: str | Path, labels_csv: str | Path | None = None, *,
+def check_label_columns(store: Path, columns: Sequence[str], source: str | Path) -> None:
+    """:class:`StoreError` unless ``store`` (when it holds items) has these label columns: a store's items all have
+    the same (``source``: what gave the columns, for the message)."""
+    if is_store(store):
+        _check_columns(store, _read_manifest(store), list(columns), source)
+
+
+def _check_columns(store: Path, manifest: dict[str, Any], columns: list[str], source: str | Path) -> None:
+    if manifest["shards"] and manifest["label_columns"] != columns:
+        have = ", ".join(manifest["label_columns"]) or "no labels"
+        raise StoreError(f"{source}: the store {store} has {have}; packing into it needs the same label columns "
+                         f"(got {', '.join(columns) or 'no labels'})")
+
+
+def pack(latent_dir: str | Path, store: str | Path, labels_csv: str | Path | ItemLabels | None = None, *,
          shard_size: int = DEFAULT_SHARD_SIZE, shard_bytes: int = DEFAULT_SHARD_BYTES,
          label_columns: Sequence[str] | None = None) -> PackReport:
     """Pack the latent files under ``latent_dir`` (recursively, dataset order) into ``store`` (new or existing).
@@ -476,8 +552,9 @@ def pack(latent_dir: str | Path, store: str | Path, labels_csv: str | Path | Non
     shards: that appends a folder, and resumes an interrupted pack of the same folder (see the module docstring).
 
     Args:
-        labels_csv: a CSV as :class:`~medlatent.data.LatentDataset` takes (``path`` or ``name`` column); every
-            item needs a row. Its label values are kept as written, and the dataset reads them from the store.
+        labels_csv: a CSV as :class:`~medlatent.data.LatentDataset` takes (``path`` or ``name`` column), or
+            labels read already (:func:`read_item_labels`); every item needs a row. Its label values are kept as
+            written, and the dataset reads them from the store.
         shard_size: at most this many items per shard; ``shard_bytes``: a shard closes before passing this size.
 
     Raises:
@@ -488,12 +565,10 @@ def pack(latent_dir: str | Path, store: str | Path, labels_csv: str | Path | Non
     if shard_size < 1 or shard_bytes < 1:
         raise StoreError(f"shard size must be at least 1 item and 1 byte, got {shard_size} items, {shard_bytes} B")
     check_target(store)
-    items, columns, labels = _inputs(latent_dir, None if labels_csv is None else Path(labels_csv), label_columns)
+    items, columns, labels = _inputs(latent_dir, labels_csv, label_columns)
+    source = labels_csv.source if isinstance(labels_csv, ItemLabels) else labels_csv
     manifest = _read_manifest(store) if is_store(store) else _new_manifest(columns)
-    if manifest["shards"] and manifest["label_columns"] != columns:
-        have = ", ".join(manifest["label_columns"]) or "no labels"
-        raise StoreError(f"{labels_csv or latent_dir}: the store {store} has {have}; packing into it needs the same "
-                         f"label columns (got {', '.join(columns) or 'no labels'})")
+    _check_columns(store, manifest, columns, source or latent_dir)
     todo, already = _plan(items, labels, _held(store, manifest))
     store.mkdir(parents=True, exist_ok=True)
     report = PackReport(store, already=already)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from medlatent.model.autoencoder import MedVAE
 from medlatent.pipeline import EncodeOptions, Prepared, encode_prepared, prepare
 from medlatent.runs.common import RunListener, RunResult, find_inputs, record_skipped, run_batch
 from medlatent.runs.models import ModelChoice, check_run_options
+
+if TYPE_CHECKING:
+    from medlatent.data.store import ItemLabels
 
 LATENT_DTYPES = ("float16", "float32")
 IN_STORE = "held by the store"  # reason of an input not encoded because its latent is in the store already
@@ -161,14 +165,22 @@ class StoreRunResult(RunResult):
 
 
 def encode_to_store(inputs: list[Path], store: Path, *, shard_size: int | None = None, resume: bool = True,
-                    nifti: bool = False, shard: Shard | None = None, **encode_kw: Any) -> StoreRunResult:
+                    nifti: bool = False, shard: Shard | None = None, labels: str | Path | None = None,
+                    **encode_kw: Any) -> StoreRunResult:
     """Encode images straight into a latent store (:mod:`medlatent.data.store`), new or existing.
 
     The latents are written as files into ``store/.encode`` (one per input, as :func:`encode_files` writes them,
     so an interrupted run resumes per input), then packed into new shards and the packed files removed. Inputs
     whose item name the store already holds are not encoded again, so running the same command again after an
-    interruption, or with more inputs, only adds what is missing. The store keeps no labels: give them at training
-    time (``LatentDataset(store, labels=CSV)`` with a ``name`` column).
+    interruption, or with more inputs, only adds what is missing.
+
+    With ``labels``, a CSV as ``medlatent pack --labels`` takes, whose rows name inputs by ``name`` (the item name:
+    the input's path in its folder, without suffix) or by ``path`` (the image file or DICOM series folder, relative
+    to the CSV), the labels are packed with the latents (:func:`~medlatent.data.store.pack`), and
+    ``LatentDataset(store)`` and ``LatentStream(store)`` read them from the store. They are checked before anything
+    is encoded: every input the store lacks needs a row, the store's label columns must be the CSV's, and items it
+    holds must have the labels it has. Without ``labels`` the store has none (give them at training time,
+    ``LatentDataset(store, labels=CSV)``), and a store with label columns is refused.
 
     Under torchrun every rank encodes its part into the staging folder and rank 0 packs after all have finished;
     with ``--shard R/N`` runs outside torchrun, each run packs at its end only on rank 0, so run the command once
@@ -176,11 +188,12 @@ def encode_to_store(inputs: list[Path], store: Path, *, shard_size: int | None =
 
     Args:
         shard_size: items per new shard (default :data:`~medlatent.data.store.DEFAULT_SHARD_SIZE`).
+        labels: a label CSV (see above).
         encode_kw: as :func:`encode_files` (model, device, latent_dtype, ...).
 
     Raises:
-        RunError: the store is unusable (not a store, damaged, being written by another pack), ``--overwrite``
-            or ``--nifti`` were asked for, or as :func:`encode_files`.
+        RunError: the store is unusable (not a store, damaged, being written by another pack), the labels do not
+            fit the inputs or the store, ``--overwrite`` or ``--nifti`` were asked for, or as :func:`encode_files`.
     """
     from medlatent.data.store import DEFAULT_SHARD_SIZE, LatentStore, StoreError, check_target, is_store, pack
     from medlatent.io.discover import find_latents
@@ -193,19 +206,20 @@ def encode_to_store(inputs: list[Path], store: Path, *, shard_size: int | None =
     if nifti:
         raise RunError(f"{store}: --nifti writes files next to latent files; a store holds latent files only")
     part = shard or Shard()
+    staging = store / STAGING
     try:
         check_target(store)
         held = set(LatentStore(store).names) if is_store(store) else set()
+        item_labels = _store_labels(inputs, store, staging, labels, held)
     except StoreError as e:
         raise RunError(str(e)) from e
-    staging = store / STAGING
     result = encode_files(inputs, staging, resume=True, shard=part, skip_names=held, **encode_kw)
     out = StoreRunResult(**vars(result), store=store, shards=[])
     out.in_store = sum(r.reason == IN_STORE for r in result.report.results)
     if part.rank != 0 or not find_latents([staging]).items:
         return out
     try:
-        rep = pack(staging, store, shard_size=shard_size or DEFAULT_SHARD_SIZE)
+        rep = pack(staging, store, item_labels, shard_size=shard_size or DEFAULT_SHARD_SIZE)
         packed = set(LatentStore(store).names)
     except (StoreError, LatentFileError, OSError) as e:
         raise RunError(f"{e} (the encoded latents stay in {staging}; run the command again to pack them)") from e
@@ -217,3 +231,31 @@ def encode_to_store(inputs: list[Path], store: Path, *, shard_size: int | None =
             d.rmdir()
     out.packed, out.shards = rep.added, rep.shards
     return out
+
+
+def _store_labels(inputs: list[Path], store: Path, staging: Path, labels: str | Path | None,
+                  held: set[str]) -> ItemLabels | None:
+    """The labels :func:`encode_to_store` packs, checked against the inputs and the store before any encoding
+    (:class:`~medlatent.data.store.StoreError` naming what does not fit)."""
+    from medlatent.data.store import LatentStore, StoreError, check_label_columns, read_item_labels
+
+    if labels is None:
+        check_label_columns(store, [], f"{store} (encode --store without --labels)")
+        return None
+    found = find_inputs(inputs, staging)
+    folders = Counter(it.source for it in found.items if it.kind == "dicom-series")
+    sources = {it.name: [*it.paths, *([it.source] if folders[it.source] == 1 else [])] for it in found.items}
+    lab = read_item_labels(labels, sources)  # a series folder names its series where it holds only one
+    check_label_columns(store, lab.columns, labels)
+    unlabelled = [it.source for it in found.items if it.name not in lab.rows and it.name not in held]
+    if unlabelled:
+        raise StoreError(f"{labels}: {len(unlabelled)} input(s) have no label row (first: {unlabelled[0]}); every "
+                         "item of the store needs its labels")
+    if held & lab.rows.keys():
+        st = LatentStore(store)
+        for j, name in enumerate(st.names):
+            have = {c: st.labels[c][j] for c in lab.columns}
+            if name in lab.rows and lab.rows[name] != have:
+                raise StoreError(f"{labels}: the store already holds {name!r} with other labels ({have}); a store's "
+                                 "labels do not change")
+    return lab
