@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medlatent.data.columns import StrColumn
 from medlatent.data.remote import RemoteFolder, is_url
 from medlatent.io.atomic import atomic_write, temporary_path
 from medlatent.latentfile import SUFFIX, LatentFile, LatentFileError, latent_from_bytes
@@ -177,6 +178,15 @@ def _read_index(store: Path | RemoteFolder, entry: dict[str, Any], label_columns
 
 
 # ------------------------------------------------------------------------------------------------- reading
+def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def _narrow(a: np.ndarray) -> np.ndarray:
+    """``int32`` when the values fit (tensor starts: a header's length), else as given."""
+    return a.astype(np.int32) if not len(a) or (a.min() >= -(1 << 31) and a.max() < (1 << 31)) else a
+
+
 class LatentStore:
     """Random access to the items of a store, for :class:`~medlatent.data.LatentDataset`.
 
@@ -203,34 +213,41 @@ class LatentStore:
         self.shard_tars: list[str] = [s["tar"] for s in m["shards"]]
         self.shard_files: list[Path | str] = [where / t if isinstance(where, Path) else where.name(t)
                                               for t in self.shard_tars]
-        names: list[str] = []
-        shard, offsets, sizes, digests = [], [], [], []
-        self.labels: dict[str, list[str]] = {c: [] for c in self.label_columns}
-        # per tensor: (dtype code, shape) per item, interned (one object per distinct layout), and data start
-        kinds: dict[tuple, tuple[str, tuple[int, ...]] | None] = {}
-        layout: dict[str, tuple[list, list[int]]] = {t: ([], []) for t in TENSOR_NAMES}
+        # per item only arrays and one buffer of names (no Python object per item: 10⁷ items fit in ~1 GB);
+        # built shard by shard, so only one shard's parsed JSON is alive at a time
+        names, shard, offsets, sizes, digests = [], [], [], [], []
+        labels: dict[str, list[StrColumn]] = {c: [] for c in self.label_columns}
+        kinds: dict[tuple, int] = {}  # (dtype code, *shape) → its number in self._kinds
+        layout: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {t: ([], []) for t in TENSOR_NAMES}
         for k, entry in enumerate(m["shards"]):
             idx = _read_index(where, entry, self.label_columns)
-            names += idx.names
-            shard.append(np.full(len(idx.names), k, dtype=np.int32))
-            offsets += idx.offsets
-            sizes += idx.sizes
-            digests += idx.sha256
+            n = len(idx.names)
+            names.append(StrColumn.from_strings(idx.names))
+            shard.append(np.full(n, k, dtype=np.int32))
+            offsets.append(np.asarray(idx.offsets, dtype=np.int64).reshape(n))
+            sizes.append(np.asarray(idx.sizes, dtype=np.int64).reshape(n))
+            digests.append(np.frombuffer(bytes.fromhex("".join(idx.sha256)), dtype=np.uint8).reshape(n, 32))
             for c in self.label_columns:
-                self.labels[c] += idx.labels[c]
-            for t, (kind, start) in layout.items():
+                labels[c].append(StrColumn.from_strings(idx.labels[c], coded=True))
+            for t, (code, start) in layout.items():
                 col = idx.tensors.get(t)  # older stores: unknown (-1), found by parsing the header when read
-                n = len(idx.names)
-                for dt, sh in zip(col["dtype"], col["shape"]) if col else [(None, None)] * n:
-                    key = (dt, *sh) if dt is not None else None
-                    kind.append(kinds.setdefault(key, (dt, tuple(sh)) if dt is not None else None))
-                start += [-1 if v is None else v for v in col["start"]] if col else [-1] * n
-        self._layout = {t: (kind, np.asarray(start, dtype=np.int64)) for t, (kind, start) in layout.items()}
-        self.names = names
-        self._shard = np.concatenate(shard) if shard else np.zeros(0, dtype=np.int32)
-        self._offset = np.asarray(offsets, dtype=np.int64)
-        self._size = np.asarray(sizes, dtype=np.int64)
-        self._digest = np.frombuffer(bytes.fromhex("".join(digests)), dtype=np.uint8).reshape(-1, 32)
+                code.append(np.fromiter((-1 if dt is None else kinds.setdefault((dt, *sh), len(kinds))
+                                         for dt, sh in zip(col["dtype"], col["shape"])), dtype=np.int32, count=n)
+                            if col else np.full(n, -1, dtype=np.int32))
+                start.append(np.array([-1 if v is None else v for v in col["start"]], dtype=np.int64).reshape(n)
+                             if col else np.full(n, -1, dtype=np.int64))
+            del idx
+        #: distinct tensor layouts (safetensors dtype code, shape); per tensor, each item's number here (-1: none
+        #: or not recorded) and where the tensor's data start in the item's bytes
+        self._kinds: list[tuple[str, tuple[int, ...]]] = [(key[0], tuple(key[1:])) for key in kinds]
+        self._layout = {t: (_cat(code, np.int32), _narrow(_cat(start, np.int64)))
+                        for t, (code, start) in layout.items()}
+        self.names: StrColumn = StrColumn.concat(names)
+        self.labels: dict[str, StrColumn] = {c: StrColumn.concat(v) for c, v in labels.items()}
+        self._shard = _cat(shard, np.int32)
+        self._offset = _cat(offsets, np.int64)
+        self._size = _cat(sizes, np.int64)
+        self._digest = np.concatenate(digests) if digests else np.zeros((0, 32), dtype=np.uint8)
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
 
@@ -300,8 +317,8 @@ class LatentStore:
     def layout(self, j: int, tensor: str = "z") -> tuple[str, tuple[int, ...], int] | None:
         """Where ``tensor`` lies in item ``j``'s bytes: (safetensors dtype code, shape, byte offset), from the
         index; ``None`` when the item has no such tensor, or the store was packed before indexes recorded it."""
-        kind, start = self._layout[tensor]
-        return None if kind[j] is None else (*kind[j], int(start[j]))  # type: ignore[return-value]
+        code, start = self._layout[tensor]
+        return None if code[j] < 0 else (*self._kinds[code[j]], int(start[j]))
 
     def read_tensor(self, j: int, tensor: str = "z") -> "torch.Tensor":
         """Item ``j``'s ``z`` (or ``stage2``) as stored (e.g. float16 ``C×…``): one read, the SHA-256 check, and a

@@ -37,7 +37,7 @@ def numeric_labels(store: LatentStore, label_columns: Sequence[str] | None = Non
     """The store's packed labels as numbers, as :class:`~medlatent.data.LatentDataset` gives them: numeric columns
     stay numbers, others become class indices (sorted names). Returns (columns, classes, ``N×k`` float64 or
     ``None`` without labels)."""
-    from medlatent.data.labels import labels_from_rows
+    from medlatent.data.labels import _is_number
 
     columns = list(label_columns or store.label_columns)
     missing = [c for c in columns if c not in store.label_columns]
@@ -46,9 +46,19 @@ def numeric_labels(store: LatentStore, label_columns: Sequence[str] | None = Non
                          f"{', '.join(store.label_columns) or 'none'})")
     if not columns:
         return [], {}, None
-    raw = {str(j): {c: store.labels[c][j] for c in columns} for j in range(len(store))}
-    lab = labels_from_rows(columns, raw)
-    return columns, lab.classes, np.array([lab.by_file[str(j)] for j in range(len(store))], dtype=np.float64)
+    # as labels_from_rows, on each column's distinct values (no Python object per item)
+    classes: dict[str, list[str]] = {}
+    out = np.zeros((len(store), len(columns)), dtype=np.float64)
+    for i, c in enumerate(columns):
+        uniq, codes = store.labels[c].factorize()
+        if all(_is_number(u) for u in uniq):
+            values = [float(u) for u in uniq]
+        else:
+            classes[c] = sorted(set(uniq))
+            rank = {v: float(r) for r, v in enumerate(classes[c])}
+            values = [rank[u] for u in uniq]
+        out[:, i] = np.asarray(values, dtype=np.float64)[codes]
+    return columns, classes, out
 
 
 def windows(store: LatentStore, window: int = DEFAULT_WINDOW) -> list[tuple[int, int]]:
@@ -81,27 +91,29 @@ def _read_window(store: LatentStore, lo: int, hi: int, tensor: str, buf: list[by
                    lo)
         raise LatentFileError(store.where(bad), "bytes do not match the SHA-256 in the store's index (shard damaged "
                                                 "or truncated); run verify on the store")
-    kinds = store._layout[tensor][0][lo:hi]
-    if kinds[0] is None or any(k is not kinds[0] for k in kinds):
+    codes = store._layout[tensor][0][lo:hi]
+    if codes[0] < 0 or (codes != codes[0]).any():
         _explain_layout(store, lo, hi, tensor)
-    dt, shape = kinds[0]
+    kind = store._kinds[codes[0]]
+    dt, shape = kind
     nbytes = math.prod(shape) * _ITEMSIZE[dt]
     starts = store._layout[tensor][1][lo:hi] + (store._offset[lo:hi] - first)
     if order is not None:
         starts = starts[order]
-    return [view[a:a + nbytes] for a in starts.tolist()], kinds[0]
+    return [view[a:a + nbytes] for a in starts.tolist()], kind
 
 
 def _explain_layout(store: LatentStore, lo: int, hi: int, tensor: str) -> None:
-    kinds = store._layout[tensor][0]
-    unknown = next((j for j in range(lo, hi) if kinds[j] is None), None)
+    codes = store._layout[tensor][0]
+    unknown = next((j for j in range(lo, hi) if codes[j] < 0), None)
     if unknown is not None:
         raise LatentFileError(store.where(unknown), f"the store's index records no {tensor!r} tensor for it (the "
                                                     f"item has none, or the store was packed by an older "
                                                     "medlatent: unpack and pack it again, or read it with "
                                                     "LatentDataset)")
-    other = next(j for j in range(lo, hi) if kinds[j] is not kinds[lo])
-    raise LatentFileError(store.where(other), f"{tensor} is {kinds[other]}, {store.where(lo)} is {kinds[lo]}: "
+    other = next(j for j in range(lo, hi) if codes[j] != codes[lo])
+    kind_other, kind_lo = store._kinds[codes[other]], store._kinds[codes[lo]]
+    raise LatentFileError(store.where(other), f"{tensor} is {kind_other}, {store.where(lo)} is {kind_lo}: "
                                               "batches need one latent shape and dtype; use LatentDataset with a "
                                               "resizing transform for mixed sizes")
 
