@@ -197,7 +197,7 @@ def test_damaged_item_in_a_worker_is_named(tmp_path):
     data = bytearray(shard.read_bytes())
     data[int(LatentStore(store)._offset[7]) + 300] ^= 0xFF
     shard.write_bytes(bytes(data))
-    # PyTorch raises it again as a RuntimeError holding the worker's message (LatentFileError takes two arguments)
-    with pytest.raises(RuntimeError, match=r"(?s)LatentFileError.*shard-000000.tar:case007.latent.safetensors: bytes "
-                                           "do not match"):
+    # PyTorch raises it again in the main process, as a LatentFileError holding the worker's message
+    with pytest.raises(LatentFileError, match=r"(?s)LatentFileError.*shard-000000.tar:case007.latent.safetensors: "
+                                              "bytes do not match"):
         list(DataLoader(LatentStream(store, 4, window=4), batch_size=None, num_workers=2))

@@ -43,9 +43,18 @@ _READABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class LatentFileError(ValueError):
     """A latent file is missing, damaged, or does not fit the model it is used with."""
 
-    def __init__(self, path: str | Path, problem: str) -> None:
-        self.path = str(path)
+    def __init__(self, path: str | Path, problem: str | None = None) -> None:
+        if problem is None:  # one finished message: how PyTorch re-raises a DataLoader worker's error in the main
+            self.path, self.problem = "", str(path)  # process (its text names the file and the worker)
+            super().__init__(str(path))
+            return
+        self.path, self.problem = str(path), problem
         super().__init__(f"{path}: {problem}")
+
+    def __reduce__(self) -> tuple[type[LatentFileError], tuple[str, str | None]]:
+        # rebuilt from both arguments, so the error crosses process boundaries (DataLoader workers, torchrun)
+        # as itself, not as the RuntimeError a failed unpickling becomes
+        return type(self), (self.path, self.problem) if self.path else (self.problem, None)
 
 
 @dataclass
