@@ -24,7 +24,7 @@ from medlatent.runs.common import RunListener, RunResult, find_inputs, record_sk
 from medlatent.runs.models import ModelChoice, check_run_options
 
 if TYPE_CHECKING:
-    from medlatent.data.store import ItemLabels
+    from medlatent.data.store import ItemLabels, LatentStore
 
 LATENT_DTYPES = ("float16", "float32")
 IN_STORE = "held by the store"  # reason of an input not encoded because its latent is in the store already
@@ -209,8 +209,9 @@ def encode_to_store(inputs: list[Path], store: Path, *, shard_size: int | None =
     staging = store / STAGING
     try:
         check_target(store)
-        held = set(LatentStore(store).names) if is_store(store) else set()
-        item_labels = _store_labels(inputs, store, staging, labels, held)
+        opened = LatentStore(store) if is_store(store) else None
+        held = set(opened.names) if opened is not None else set()
+        item_labels = _store_labels(inputs, store, staging, labels, opened, held)
     except StoreError as e:
         raise RunError(str(e)) from e
     result = encode_files(inputs, staging, resume=True, shard=part, skip_names=held, **encode_kw)
@@ -234,10 +235,11 @@ def encode_to_store(inputs: list[Path], store: Path, *, shard_size: int | None =
 
 
 def _store_labels(inputs: list[Path], store: Path, staging: Path, labels: str | Path | None,
-                  held: set[str]) -> ItemLabels | None:
-    """The labels :func:`encode_to_store` packs, checked against the inputs and the store before any encoding
+                  opened: LatentStore | None, held: set[str]) -> ItemLabels | None:
+    """The labels :func:`encode_to_store` packs, checked against the inputs and the store (``opened``: ``None``
+    while it does not exist yet; ``held``: its item names) before any encoding
     (:class:`~medlatent.data.store.StoreError` naming what does not fit)."""
-    from medlatent.data.store import LatentStore, StoreError, check_label_columns, read_item_labels
+    from medlatent.data.store import StoreError, check_label_columns, read_item_labels
 
     if labels is None:
         check_label_columns(store, [], f"{store} (encode --store without --labels)")
@@ -251,10 +253,9 @@ def _store_labels(inputs: list[Path], store: Path, staging: Path, labels: str | 
     if unlabelled:
         raise StoreError(f"{labels}: {len(unlabelled)} input(s) have no label row (first: {unlabelled[0]}); every "
                          "item of the store needs its labels")
-    if held & lab.rows.keys():
-        st = LatentStore(store)
-        for j, name in enumerate(st.names):
-            have = {c: st.labels[c][j] for c in lab.columns}
+    if opened is not None and held & lab.rows.keys():
+        for j, name in enumerate(opened.names):
+            have = {c: opened.labels[c][j] for c in lab.columns}
             if name in lab.rows and lab.rows[name] != have:
                 raise StoreError(f"{labels}: the store already holds {name!r} with other labels ({have}); a store's "
                                  "labels do not change")
