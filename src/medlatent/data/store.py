@@ -39,7 +39,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -187,6 +187,9 @@ def _narrow(a: np.ndarray) -> np.ndarray:
     return a.astype(np.int32) if not len(a) or (a.min() >= -(1 << 31) and a.max() < (1 << 31)) else a
 
 
+_Bytes = TypeVar("_Bytes", bytes, bytearray)
+
+
 class LatentStore:
     """Random access to the items of a store, for :class:`~medlatent.data.LatentDataset`.
 
@@ -299,20 +302,23 @@ class LatentStore:
         """Item ``j``'s latent file, bit for bit, checked against its recorded SHA-256."""
         size = int(self._size[j])
         data = self._read_range(int(self._shard[j]), int(self._offset[j]), size)
-        if len(data) != size or hashlib.sha256(data).digest() != self._digest[j].tobytes():
-            raise LatentFileError(self.where(j), "bytes do not match the SHA-256 in the store's index (shard "
-                                                 "damaged or truncated); run verify on the store")
-        return data
+        return self._checked(j, data, len(data))
 
     def _read_checked(self, j: int) -> bytearray:
         """Item ``j``'s bytes in a writable buffer (tensors can view it without a copy), digest checked."""
-        size = int(self._size[j])
-        buf = bytearray(size)
-        got = self.read_into(int(self._shard[j]), int(self._offset[j]), buf)
-        if got != size or hashlib.sha256(buf).digest() != self._digest[j].tobytes():
-            raise LatentFileError(self.where(j), "bytes do not match the SHA-256 in the store's index (shard "
-                                                 "damaged or truncated); run verify on the store")
-        return buf
+        buf = bytearray(int(self._size[j]))
+        return self._checked(j, buf, self.read_into(int(self._shard[j]), int(self._offset[j]), buf))
+
+    def _checked(self, j: int, data: _Bytes, got: int) -> _Bytes:
+        """``data`` (``got`` bytes read of item ``j``) when they are the item's, by size and SHA-256."""
+        if got != int(self._size[j]) or hashlib.sha256(data).digest() != self._digest[j].tobytes():
+            raise self.damaged(j)
+        return data
+
+    def damaged(self, j: int) -> LatentFileError:
+        """The error for item ``j`` whose bytes do not match the index (one message for every read path)."""
+        return LatentFileError(self.where(j), "bytes do not match the SHA-256 in the store's index (shard damaged "
+                                              "or truncated); run verify on the store")
 
     def layout(self, j: int, tensor: str = "z") -> tuple[str, tuple[int, ...], int] | None:
         """Where ``tensor`` lies in item ``j``'s bytes: (safetensors dtype code, shape, byte offset), from the

@@ -89,8 +89,7 @@ def _read_window(store: LatentStore, lo: int, hi: int, tensor: str, buf: list[by
     if digests != store._digest[lo:hi].tobytes():
         bad = next((lo + i for i in range(hi - lo) if digests[32 * i:32 * i + 32] != store._digest[lo + i].tobytes()),
                    lo)
-        raise LatentFileError(store.where(bad), "bytes do not match the SHA-256 in the store's index (shard damaged "
-                                                "or truncated); run verify on the store")
+        raise store.damaged(bad)
     codes = store._layout[tensor][0][lo:hi]
     if codes[0] < 0 or (codes != codes[0]).any():
         _explain_layout(store, lo, hi, tensor)
