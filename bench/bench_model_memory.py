@@ -13,7 +13,11 @@ Usage (the interpreter needs torch, and the official ``medvae`` package for the 
         --out bench/results/model_memory_3d_64.json
 
 ``--impls`` takes ``official``, ``medlatent`` (fp32) and ``medlatent-bf16`` (bf16 autocast, as ``--precision bf16``;
-only on CPUs with native bf16, see ``medlatent.deploy.cpu``).
+only on CPUs with native bf16, see ``medlatent.deploy.cpu``), and medlatent's exported graphs through its CPU
+deployment backends: ``medlatent-onnxruntime`` (fp32), ``medlatent-openvino`` (fp32) and ``medlatent-openvino-bf16``
+(as ``--backend openvino --precision bf16``; the graphs are exported and compiled before the timed call, as the CLI
+does once per model; set ``MEDLATENT_CACHE`` to keep them between workers). ``--warmup`` runs every implementation
+once, untimed, on a small input first (one-off primitive creation and graph compilation), the same for all.
 
 ``--sizes`` is the edge of a square image or cubic volume. Up to 160 voxels per axis, the official 3D
 inference (MONAI's sliding window with 160-voxel windows) is a single window, i.e. the model call timed here.
@@ -73,13 +77,18 @@ def _official_model(name: str, ckpt: str):
     return model.eval(), lambda x: model.encode(x).sample(), model.decode
 
 
-def _medlatent_model(name: str, ckpt: str, bf16: bool = False):
+def _medlatent_model(name: str, ckpt: str, bf16: bool = False, backend: str = "torch"):
     sys.path.insert(0, str(ROOT / "src"))
     import torch
 
     from medlatent import MedVAE
 
     model = MedVAE.from_pretrained(name, checkpoint=ckpt)
+    if backend != "torch":  # exported graphs: the deployment path, fp32 or bf16 by the backend's own precision hint
+        from medlatent.deploy import for_backend
+
+        graph = for_backend(model, backend, "bf16" if bf16 else "fp32")
+        return model, lambda x: graph.encode(x).mean, graph.decode
     if not bf16:
         return model, lambda x: model.encode(x).mean, model.decode
 
@@ -92,7 +101,11 @@ def _medlatent_model(name: str, ckpt: str, bf16: bool = False):
     return model, autocast(lambda x: model.encode(x).mean), autocast(model.decode)
 
 
-def worker(impl: str, name: str, size: int, op: str, ckpt: str, repeats: int) -> None:
+IMPLS = ("official", "medlatent", "medlatent-bf16", "medlatent-onnxruntime", "medlatent-openvino",
+         "medlatent-openvino-bf16")
+
+
+def worker(impl: str, name: str, size: int, op: str, ckpt: str, repeats: int, warmup: bool = False) -> None:
     import resource
 
     import torch
@@ -100,13 +113,18 @@ def worker(impl: str, name: str, size: int, op: str, ckpt: str, repeats: int) ->
     if impl == "official":
         model, enc, dec = _official_model(name, ckpt)
     else:
-        model, enc, dec = _medlatent_model(name, ckpt, bf16=impl == "medlatent-bf16")
+        backend = next((b for b in ("onnxruntime", "openvino") if b in impl), "torch")
+        model, enc, dec = _medlatent_model(name, ckpt, bf16=impl.endswith("bf16"), backend=backend)
     cfg_s = 2 ** (len(model.encoder.down) - 1)
     c = model.quant_conv.out_channels // 2
     g = torch.Generator().manual_seed(0)
     dims = model.quant_conv.weight.ndim - 2
     x = torch.rand((1, model.encoder.conv_in.in_channels, *(size,) * dims), generator=g) * 2 - 1
     z = torch.randn((1, c, *(size // cfg_s,) * dims), generator=g)
+    if warmup:  # untimed, at 4 latent voxels per axis: primitive creation / graph compilation happen here
+        with torch.no_grad():
+            small = (4 * cfg_s,) * dims
+            enc(x[(..., *(slice(0, n) for n in small))]) if op == "encode" else dec(z[(..., *(slice(0, 4),) * dims)])
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     times = []
     with torch.no_grad():
@@ -122,8 +140,8 @@ def worker(impl: str, name: str, size: int, op: str, ckpt: str, repeats: int) ->
 
 # ------------------------------------------------------------------------------------------ parent side
 def run_case(python: str, impl: str, name: str, size: int, op: str, ckpt: Path, repeats: int,
-             limit_gb: float, timeout: float) -> dict:
-    cmd = [python, __file__, "--worker", impl, name, str(size), op, str(ckpt), str(repeats)]
+             limit_gb: float, timeout: float, warmup: bool = False) -> dict:
+    cmd = [python, __file__, "--worker", impl, name, str(size), op, str(ckpt), str(repeats), str(int(warmup))]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     watched, status, t0 = 0.0, "ok", time.time()
     while proc.poll() is None:
@@ -181,11 +199,12 @@ def summary(rows: list[dict], impls: list[str]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     ap.add_argument("--models", nargs="+", default=["medvae_4_1_2d", "medvae_8_1_2d"])
     ap.add_argument("--sizes", nargs="+", type=int, default=[512, 1024])
     ap.add_argument("--ops", nargs="+", default=["encode", "decode"])
-    ap.add_argument("--impls", nargs="+", default=["official", "medlatent"])
+    ap.add_argument("--impls", nargs="+", default=["official", "medlatent"], choices=IMPLS)
+    ap.add_argument("--warmup", action="store_true", help="one untimed call on a small input before timing")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=1, help="run every case this many times, interleaved; best kept")
     ap.add_argument("--limit-gb", type=float, default=20.0)
@@ -194,8 +213,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.worker:
-        impl, name, size, op, ckpt, repeats = args.worker
-        worker(impl, name, int(size), op, ckpt, int(repeats))
+        impl, name, size, op, ckpt, repeats, warmup = args.worker
+        worker(impl, name, int(size), op, ckpt, int(repeats), warmup == "1")
         return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,12 +227,12 @@ def main() -> int:
                     for op in args.ops:
                         for impl in args.impls:
                             row = run_case(args.python, impl, name, size, op, ckpts[name], args.repeats,
-                                           args.limit_gb, args.timeout)
+                                           args.limit_gb, args.timeout, args.warmup)
                             row["round"] = rnd
                             rows.append(row)
                             secs = f"{row['seconds']:.2f} s" if "seconds" in row else "-"
                             peak = f"{row.get('peak_gb', row['watched_peak_gb']):.2f} GB"
-                            case = f"{name} {size}{'³' if '3d' in name else '²'} {op:6s} {impl:14s} r{rnd}"
+                            case = f"{name} {size}{'³' if '3d' in name else '²'} {op:6s} {impl:23s} r{rnd}"
                             print(f"{case} {row['status']:>20s} {secs:>10s} peak {peak}", flush=True)
                             if args.out:
                                 args.out.parent.mkdir(parents=True, exist_ok=True)
